@@ -1,0 +1,343 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) xvs.lb contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Typed access to the pinned maps: services, destinations, flows, counters.
+
+Writes follow one order so that a packet never sees a half-written table
+or a slot pointing at the wrong backend (DESIGN.md section 2, line 10):
+
+1. destinations that are new, or whose forwarding data (MAC, interface,
+   VLAN) changed, are written into free slots; live slots are only ever
+   rewritten with identical forwarding bytes;
+2. the Maglev table is written into the service's idle half;
+3. the service entry (one hash element, replaced atomically by the kernel)
+   switches to that half;
+4. only then are the slots of removed destinations cleared.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import os
+
+from ansible_collections.xvs.lb.plugins.module_utils import _bpf, _layout as L, _maglev
+
+
+class DataPlaneError(Exception):
+    pass
+
+
+class LimitError(DataPlaneError):
+    pass
+
+
+def _raw(struct_obj):
+    return bytes(struct_obj)
+
+
+def _u32(n):
+    return bytes(L.U32(n))
+
+
+def _fwd_bytes(d):
+    """The bytes the data plane reads to forward: everything but weight."""
+    return (d.addr, bytes(d.mac), bytes(d.src_mac), d.vlan, d.tx_port, d.ifindex)
+
+
+class DataPlane(object):
+    """The maps pinned under one bpffs root, checked against _layout."""
+
+    def __init__(self, root):
+        self.root = root
+        if not os.path.exists(os.path.join(root, "meta")):
+            raise DataPlaneError("no xvs data plane is pinned under %s (is the program attached?)"
+                                 % root)
+        self.maps = {}
+        try:
+            for name, (mtype, key, value) in L.MAPS.items():
+                m = _bpf.Map(os.path.join(root, name))
+                self.maps[name] = m
+                check_map(m, name, mtype, key, value)
+            meta = L.Meta.from_buffer_copy(self.maps["meta"].lookup(_u32(0)))
+            if meta.abi_version != L.ABI_VERSION:
+                raise DataPlaneError("%s holds maps of data-plane ABI %d, this control plane speaks %d"
+                                     % (root, meta.abi_version, L.ABI_VERSION))
+        except Exception:
+            self.close()
+            raise
+        self.meta = meta
+        self.max_services = meta.max_services
+        self.max_dests = meta.max_dests
+        self.maglev_size = meta.maglev_size
+        self.chunks = L.maglev_chunks(meta.maglev_size)
+
+    def close(self):
+        for m in self.maps.values():
+            m.close()
+        self.maps = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- reading ---------------------------------------------------------
+    def _services_raw(self):
+        out = {}
+        for k, v in self.maps["services"].items():
+            out[k] = L.SvcVal.from_buffer_copy(v)
+        return out
+
+    def _dest_slots(self, index):
+        """{slot: Dest} of the valid slots of service index."""
+        m = self.maps["dests"]
+        out = {}
+        base = index * self.max_dests
+        for slot in range(self.max_dests):
+            d = L.Dest.from_buffer_copy(m.lookup(_u32(base + slot)))
+            if d.flags & L.DEST_VALID:
+                out[slot] = d
+        return out
+
+    def services(self):
+        """Every service with its destinations, as plain dicts."""
+        result = []
+        names = {v: k for k, v in L.PROTOCOLS.items()}
+        for k, v in sorted(self._services_raw().items(), key=lambda kv: kv[1].index):
+            key = L.SvcKey.from_buffer_copy(k)
+            dests = [dest_dict(d, slot) for slot, d in sorted(self._dest_slots(v.index).items())]
+            dests.sort(key=lambda d: d["address"])
+            result.append({
+                "address": L.ip_str(key.vip), "port": L.be16(key.port),
+                "protocol": names.get(key.proto, str(key.proto)),
+                "sticky": bool(v.flags & L.SVC_STICKY), "index": v.index,
+                "destinations": dests,
+            })
+        return result
+
+    def service(self, address, port, protocol):
+        for s in self.services():
+            if (s["address"], s["port"], s["protocol"]) == (address, port, protocol):
+                return s
+        return None
+
+    def counters(self):
+        m = self.maps["counters"]
+        return {name: sum_u64(m, m.lookup(_u32(i))) for i, name in enumerate(L.COUNTERS)}
+
+    def _stats(self, mapname, index):
+        m = self.maps[mapname]
+        total = {"packets": 0, "bytes": 0, "new_flows": 0}
+        for cpu in m.per_cpu(m.lookup(_u32(index))):
+            s = L.Stats.from_buffer_copy(cpu)
+            for f in total:
+                total[f] += getattr(s, f)
+        return total
+
+    def service_stats(self, index):
+        return self._stats("svc_stats", index)
+
+    def dest_stats(self, index, slot):
+        return self._stats("dest_stats", index * self.max_dests + slot)
+
+    def prefix_counters(self):
+        """{'a.b.c.0/20': packets} for every source /20 that sent VIP traffic."""
+        m = self.maps["prefix_stats"]
+        out = {}
+        for k, v in m.lookup_batch():
+            n = sum_u64(m, v)
+            if n:
+                base = int.from_bytes(k[:4], "little") << 12
+                out["%s/20" % L.ip_str(int.from_bytes(base.to_bytes(4, "big"), "little"))] = n
+        return out
+
+    def flows(self):
+        out = []
+        for k, v in self.maps["flows"].items():
+            key, val = L.FlowKey.from_buffer_copy(k), L.FlowVal.from_buffer_copy(v)
+            out.append({"client": L.ip_str(key.saddr), "client_port": L.be16(key.sport),
+                        "vip": L.ip_str(key.daddr), "port": L.be16(key.dport),
+                        "proto": key.proto, "service_index": val.svc_index,
+                        "slot": val.dest_slot, "destination": L.ip_str(val.dest_addr),
+                        "last_seen_ns": val.last_seen})
+        return out
+
+    def tx_port(self, ifindex):
+        """The devmap slot that redirects to ifindex, or None."""
+        m = self.maps["tx_ports"]
+        for k, v in m.items():
+            if int.from_bytes(v[:4], "little") == ifindex:
+                return int.from_bytes(k, "little")
+        return None
+
+    # ---- writing ---------------------------------------------------------
+    def set_service(self, address, port, protocol, sticky, destinations):
+        """Make the service exist with exactly these destinations.
+
+        destinations: dicts with address, weight, mac, src_mac, vlan,
+        ifindex, tx_port (already resolved).  Returns True when anything
+        was written.
+        """
+        if len(destinations) > self.max_dests:
+            raise LimitError("service %s:%d/%s: %d destinations exceed max_destinations=%d"
+                             % (address, port, protocol, len(destinations), self.max_dests))
+        key = svc_key(address, port, protocol)
+        current = self._services_raw()
+        old = current.get(key)
+        if old is None:
+            used = {v.index for v in current.values()}
+            free = [i for i in range(self.max_services) if i not in used]
+            if not free:
+                raise LimitError("service %s:%d/%s: all max_services=%d service slots are in use"
+                                 % (address, port, protocol, self.max_services))
+            index, gen, live = free[0], 1, {}
+        else:
+            index, gen, live = old.index, old.gen, self._dest_slots(old.index)
+
+        wanted = {d["address"]: make_dest(d) for d in destinations}
+        by_addr = {L.ip_str(d.addr): (slot, d) for slot, d in live.items()}
+        plan, new_slots = {}, []
+        free_slots = [s for s in range(self.max_dests) if s not in live]
+        for addr, d in sorted(wanted.items()):
+            cur = by_addr.get(addr)
+            if cur and _fwd_bytes(cur[1]) == _fwd_bytes(d):
+                plan[addr] = cur[0]
+            else:
+                if not free_slots:
+                    raise LimitError("service %s:%d/%s: too many destination changes at once for "
+                                     "max_destinations=%d; apply them in two steps"
+                                     % (address, port, protocol, self.max_dests))
+                plan[addr] = free_slots.pop(0)
+                new_slots.append(plan[addr])
+        table = _maglev.build([(a, d.weight) for a, d in wanted.items()], self.maglev_size)
+        flags = L.SVC_STICKY if sticky else 0
+        ndest = len([d for d in wanted.values() if d.weight > 0])
+        removed = [s for s in live if s not in plan.values()]
+
+        unchanged = (old is not None and old.flags == flags and not new_slots and not removed
+                     and all(bytes(live[plan[a]]) == bytes(d) for a, d in wanted.items())
+                     and self._table_matches(index, gen, table, plan))
+        if unchanged:
+            return False
+
+        base = index * self.max_dests
+        dests = self.maps["dests"]
+        stats = self.maps["dest_stats"]
+        zero_stats = stats.pack_all_cpus(bytes(L.Stats()))
+        for addr, d in wanted.items():
+            slot = plan[addr]
+            if slot in new_slots:
+                stats.update(_u32(base + slot), zero_stats)
+            dests.update(_u32(base + slot), _raw(d))
+        if old is None:
+            self.maps["svc_stats"].update(_u32(index), self.maps["svc_stats"].pack_all_cpus(
+                bytes(L.Stats())))
+        new_gen = gen ^ 1
+        self._write_table(index, new_gen, table, plan)
+        val = L.SvcVal(index=index, flags=flags, gen=new_gen, ndest=ndest if table else 0)
+        self.maps["services"].update(key, _raw(val))
+        self._sync_vips()
+        for slot in removed:
+            dests.update(_u32(base + slot), _raw(L.Dest()))
+        return True
+
+    def delete_service(self, address, port, protocol):
+        key = svc_key(address, port, protocol)
+        old = self._services_raw().get(key)
+        if old is None:
+            return False
+        self.maps["services"].delete(key)
+        self._sync_vips()
+        dests = self.maps["dests"]
+        for slot in self._dest_slots(old.index):
+            dests.update(_u32(old.index * self.max_dests + slot), _raw(L.Dest()))
+        return True
+
+    def _table_slots(self, table, plan):
+        return [plan[a] for a in table] if table else [0] * self.maglev_size
+
+    def _chunk_keys(self, index, gen):
+        first = (index * 2 + gen) * self.chunks
+        return [_u32(first + i) for i in range(self.chunks)]
+
+    def _write_table(self, index, gen, table, plan):
+        slots = self._table_slots(table, plan)
+        slots += [0] * (self.chunks * L.MAGLEV_CHUNK - len(slots))
+        values = []
+        for i in range(self.chunks):
+            c = L.MaglevChunk()
+            c.slot[:] = slots[i * L.MAGLEV_CHUNK:(i + 1) * L.MAGLEV_CHUNK]
+            values.append(_raw(c))
+        self.maps["maglev"].update_batch(self._chunk_keys(index, gen), values)
+
+    def _table_matches(self, index, gen, table, plan):
+        want = self._table_slots(table, plan)
+        m = self.maps["maglev"]
+        got = []
+        for k in self._chunk_keys(index, gen):
+            got.extend(L.MaglevChunk.from_buffer_copy(m.lookup(k)).slot)
+        return got[:self.maglev_size] == want
+
+    def _sync_vips(self):
+        """Rebuild the VIP set from the services: which VIPs exist, and the
+        sticky service (lowest port) that owns each VIP's fragments."""
+        want = {}
+        for k, v in self._services_raw().items():
+            key = L.SvcKey.from_buffer_copy(k)
+            vv = want.setdefault(key.vip, L.VipVal())
+            if v.flags & L.SVC_STICKY:
+                field = "frag_port_tcp" if key.proto == L.PROTOCOLS["tcp"] else "frag_port_udp"
+                cur = getattr(vv, field)
+                if not cur or L.be16(key.port) < L.be16(cur):
+                    setattr(vv, field, key.port)
+        vips = self.maps["vips"]
+        have = dict(vips.items())
+        for vip, vv in want.items():
+            raw = _raw(vv)
+            if have.get(_u32(vip)) != raw:
+                vips.update(_u32(vip), raw)
+        for k in have:
+            if int.from_bytes(k, "little") not in want:
+                vips.delete(k)
+
+
+def check_map(m, name, mtype, key, value):
+    """Refuse a pinned map whose shape differs from _layout: reusing it
+    would silently corrupt it."""
+    want = (mtype, ctypesize(key), ctypesize(value))
+    got = (m.type, m.key_size, m.value_size)
+    if want != got:
+        raise DataPlaneError(
+            "pinned map %s has type/key/value sizes %s, this version expects %s: it was pinned "
+            "by an incompatible program version" % (m.path, got, want))
+
+
+def ctypesize(t):
+    import ctypes
+    return ctypes.sizeof(t)
+
+
+def sum_u64(m, value):
+    return sum(int.from_bytes(c[:8], "little") for c in m.per_cpu(value))
+
+
+def svc_key(address, port, protocol):
+    if protocol not in L.PROTOCOLS:
+        raise DataPlaneError("protocol %r: must be one of %s" % (protocol, ", ".join(L.PROTOCOLS)))
+    return _raw(L.SvcKey(vip=L.be32(address), port=L.be16(port), proto=L.PROTOCOLS[protocol]))
+
+
+def make_dest(d):
+    out = L.Dest(addr=L.be32(d["address"]), flags=L.DEST_VALID, vlan=d.get("vlan", 0),
+                 tx_port=d.get("tx_port", 0), ifindex=d["ifindex"], weight=d["weight"])
+    out.mac[:] = L.mac_bytes(d["mac"])
+    out.src_mac[:] = L.mac_bytes(d["src_mac"])
+    return out
+
+
+def dest_dict(d, slot):
+    return {"address": L.ip_str(d.addr), "weight": d.weight, "mac": L.mac_str(d.mac),
+            "src_mac": L.mac_str(d.src_mac), "vlan": d.vlan, "ifindex": d.ifindex,
+            "tx_port": d.tx_port, "slot": slot}

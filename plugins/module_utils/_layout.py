@@ -1,0 +1,199 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) xvs.lb contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The one Python description of the data plane's maps, sizes and counters.
+
+files/xdp_lb.c declares the same structs; the loader checks every pinned
+map's type, key size and value size against MAPS below before reusing it,
+and tests/unit/test_layout.py compares the counter names with the C enum.
+Change both together and bump ABI_VERSION.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import ctypes
+import ipaddress
+import socket
+import sys
+
+ABI_VERSION = 1
+MAGLEV_CHUNK = 16          # Maglev slots per array element
+PREFIX_SLOTS = 1 << 20     # one counter per source /20
+SVC_STICKY = 1
+DEST_VALID = 1
+PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+
+# Global counters, in the order of enum counter in xdp_lb.c.
+COUNTERS = (
+    "rx_packets", "rx_bytes", "pass", "tx", "redirect",
+    "drop_no_service", "drop_no_dest", "drop_fragment", "drop_icmp", "drop_vlan",
+    "icmp_echo_reply", "icmp_ptb_forwarded", "new_flows", "flow_reselect",
+)
+# Where a frame ends: every frame counted in rx_packets lands in exactly one.
+VERDICT_COUNTERS = ("pass", "tx", "redirect", "drop_no_service", "drop_no_dest",
+                    "drop_fragment", "drop_icmp", "drop_vlan", "icmp_echo_reply")
+
+
+class SvcKey(ctypes.Structure):
+    _fields_ = [("vip", ctypes.c_uint32), ("port", ctypes.c_uint16),
+                ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
+
+
+class SvcVal(ctypes.Structure):
+    _fields_ = [("index", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("gen", ctypes.c_uint32), ("ndest", ctypes.c_uint32)]
+
+
+class VipVal(ctypes.Structure):
+    _fields_ = [("frag_port_tcp", ctypes.c_uint16), ("frag_port_udp", ctypes.c_uint16),
+                ("pad", ctypes.c_uint32)]
+
+
+class Dest(ctypes.Structure):
+    _fields_ = [("addr", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("mac", ctypes.c_uint8 * 6), ("src_mac", ctypes.c_uint8 * 6),
+                ("vlan", ctypes.c_uint16), ("tx_port", ctypes.c_uint16),
+                ("ifindex", ctypes.c_uint32), ("weight", ctypes.c_uint32)]
+
+
+class MaglevChunk(ctypes.Structure):
+    _fields_ = [("slot", ctypes.c_uint16 * MAGLEV_CHUNK)]
+
+
+class FlowKey(ctypes.Structure):
+    _fields_ = [("saddr", ctypes.c_uint32), ("daddr", ctypes.c_uint32),
+                ("sport", ctypes.c_uint16), ("dport", ctypes.c_uint16),
+                ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3)]
+
+
+class FlowVal(ctypes.Structure):
+    _fields_ = [("last_seen", ctypes.c_uint64), ("svc_index", ctypes.c_uint32),
+                ("dest_slot", ctypes.c_uint32), ("dest_addr", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32)]
+
+
+class Stats(ctypes.Structure):
+    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64),
+                ("new_flows", ctypes.c_uint64)]
+
+
+class Meta(ctypes.Structure):
+    _fields_ = [("abi_version", ctypes.c_uint32), ("max_services", ctypes.c_uint32),
+                ("max_dests", ctypes.c_uint32), ("maglev_size", ctypes.c_uint32),
+                ("flow_table_size", ctypes.c_uint32), ("tcp_timeout", ctypes.c_uint32),
+                ("udp_timeout", ctypes.c_uint32), ("max_ifaces", ctypes.c_uint32)]
+
+
+U32 = ctypes.c_uint32
+U64 = ctypes.c_uint64
+
+# Sizes fixed at attach time: name -> (default, minimum, maximum, -D macro).
+SIZE_LIMITS = {
+    "max_services": (64, 1, 65536, "MAX_SERVICES"),
+    "max_destinations": (256, 1, 65535, "MAX_DESTS"),
+    "maglev_table_size": (65537, 251, 1 << 22, "MAGLEV_SIZE"),
+    "flow_table_size": (1 << 20, 1024, 1 << 26, "FLOW_TABLE_SIZE"),
+    "tcp_timeout": (300, 1, 86400, "TCP_TIMEOUT"),
+    "udp_timeout": (60, 1, 86400, "UDP_TIMEOUT"),
+    "max_interfaces": (64, 1, 4096, "MAX_IFACES"),
+}
+
+
+class SizeError(ValueError):
+    pass
+
+
+def is_prime(n):
+    if n < 2:
+        return False
+    i = 2
+    while i * i <= n:
+        if n % i == 0:
+            return False
+        i += 1
+    return True
+
+
+def sizes(**given):
+    """Validated sizes: defaults filled in, every value an int in range.
+
+    Being ints is what keeps them safe on the compiler's command line.
+    """
+    out = {}
+    for name, (default, lo, hi, _macro) in SIZE_LIMITS.items():
+        value = given.pop(name, None)
+        value = default if value is None else value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SizeError("%s=%r: must be an integer" % (name, value))
+        if not lo <= value <= hi:
+            raise SizeError("%s=%d: must be between %d and %d" % (name, value, lo, hi))
+        out[name] = value
+    if given:
+        raise SizeError("unknown size option(s): %s" % ", ".join(sorted(given)))
+    if not is_prime(out["maglev_table_size"]):
+        raise SizeError("maglev_table_size=%d: must be a prime" % out["maglev_table_size"])
+    if out["maglev_table_size"] <= out["max_destinations"]:
+        raise SizeError("maglev_table_size=%d: must exceed max_destinations=%d"
+                        % (out["maglev_table_size"], out["max_destinations"]))
+    for name, entries in map_entries(out).items():
+        if entries >= 1 << 32:
+            raise SizeError("the %s map would need %d entries: lower the sizes" % (name, entries))
+    return out
+
+
+def maglev_chunks(maglev_table_size):
+    return (maglev_table_size + MAGLEV_CHUNK - 1) // MAGLEV_CHUNK
+
+
+def map_entries(s):
+    """max_entries of every map for the given sizes."""
+    per_dest = s["max_services"] * s["max_destinations"]
+    return {
+        "meta": 1, "vips": s["max_services"], "services": s["max_services"],
+        "dests": per_dest,
+        "maglev": s["max_services"] * 2 * maglev_chunks(s["maglev_table_size"]),
+        "flows": s["flow_table_size"], "counters": len(COUNTERS),
+        "svc_stats": s["max_services"], "dest_stats": per_dest,
+        "prefix_stats": PREFIX_SLOTS, "tx_ports": s["max_interfaces"],
+    }
+
+
+# Pinned maps: name -> (bpf map type, key struct, value struct).
+MAPS = {
+    "meta": (2, U32, Meta),
+    "vips": (1, U32, VipVal),
+    "services": (1, SvcKey, SvcVal),
+    "dests": (2, U32, Dest),
+    "maglev": (2, U32, MaglevChunk),
+    "flows": (9, FlowKey, FlowVal),
+    "counters": (6, U32, U64),
+    "svc_stats": (6, U32, Stats),
+    "dest_stats": (6, U32, Stats),
+    "prefix_stats": (6, U32, U64),
+    "tx_ports": (14, U32, U32),
+}
+
+def be32(address):
+    """An IPv4 address as the u32 whose memory holds it in network order."""
+    return int.from_bytes(ipaddress.IPv4Address(address).packed, sys.byteorder)
+
+
+def ip_str(value):
+    return str(ipaddress.IPv4Address(value.to_bytes(4, sys.byteorder)))
+
+
+def be16(port):
+    return socket.htons(port)
+
+
+def mac_bytes(mac):
+    parts = mac.split(":")
+    if len(parts) != 6:
+        raise ValueError("%r is not a MAC address" % mac)
+    return bytes(int(p, 16) for p in parts)
+
+
+def mac_str(raw):
+    return ":".join("%02x" % b for b in bytes(raw))

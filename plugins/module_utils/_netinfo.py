@@ -1,0 +1,111 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) xvs.lb contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""What the kernel knows about interfaces, over netlink with pyroute2:
+indexes and MACs, XDP attachment state, on-link lookup of destinations
+(directly or through a VLAN of a trunk) and neighbour (ARP) resolution.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import ipaddress
+import socket
+import time
+
+from pyroute2 import IPRoute
+
+# IFLA_XDP_ATTACHED (include/uapi/linux/if_link.h), as numbers and as the
+# names pyroute2 decodes them to
+XDP_MODES = {1: "native", 2: "generic", 3: "offload",
+             "xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offload"}
+# NUD states that carry a usable link-layer address
+_NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE NOARP PERMANENT
+
+
+class NetInfoError(ValueError):
+    pass
+
+
+def interface(name):
+    """{'name', 'index', 'mac', 'networks': [IPv4Network], 'xdp_mode', 'xdp_prog_id'}."""
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=name)
+        if not idx:
+            raise NetInfoError("interface %s does not exist" % name)
+        link = ipr.get_links(idx[0])[0]
+        nets = [ipaddress.IPv4Interface("%s/%d" % (a.get_attr("IFA_ADDRESS"), a["prefixlen"])).network
+                for a in ipr.get_addr(index=idx[0], family=socket.AF_INET)]
+    xdp = link.get_attr("IFLA_XDP")
+    mode, prog_id = None, 0
+    if xdp is not None:
+        mode = XDP_MODES.get(xdp.get_attr("IFLA_XDP_ATTACHED") or 0)
+        prog_id = xdp.get_attr("IFLA_XDP_PROG_ID") or 0
+    return {"name": name, "index": idx[0], "mac": link.get_attr("IFLA_ADDRESS"),
+            "networks": nets, "xdp_mode": mode, "xdp_prog_id": prog_id}
+
+
+def name_of(index):
+    with IPRoute() as ipr:
+        links = ipr.get_links(index)
+    return links[0].get_attr("IFLA_IFNAME")
+
+
+def locate(address, interfaces, vlans=None):
+    """Where a destination is on-link for L2 DSR.
+
+    interfaces: the attached interface names; vlans: {vlan id: prefix} of
+    an 802.1Q trunk (the first interface).  Returns (interface dict, vlan
+    id); raises NetInfoError when no attached interface or VLAN holds it.
+    """
+    addr = ipaddress.IPv4Address(address)
+    infos = [interface(n) for n in interfaces]
+    for vid, prefix in sorted((vlans or {}).items()):
+        if addr in ipaddress.IPv4Network(prefix, strict=False) and infos:
+            return infos[0], int(vid)
+    for info in infos:
+        if any(addr in net for net in info["networks"]):
+            return info, 0
+    raise NetInfoError("destination %s is not on-link through any attached interface (%s)"
+                       % (address, ", ".join(interfaces) or "none attached"))
+
+
+def _neighbour(ipr, address, index):
+    for n in ipr.get_neighbours(family=socket.AF_INET, ifindex=index):
+        if n.get_attr("NDA_DST") == address and n["state"] & _NUD_USABLE:
+            mac = n.get_attr("NDA_LLADDR")
+            if mac and mac != "00:00:00:00:00:00":
+                return mac
+    return None
+
+
+def _probe(address, ifname):
+    """Make the kernel resolve the address: one datagram to the discard
+    port through the interface starts ARP, as any first packet would."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+        s.sendto(b"", (address, 9))
+    except OSError:
+        pass
+    finally:
+        s.close()
+
+
+def resolve_mac(address, info, timeout=3.0):
+    """The destination's MAC from the neighbour table, probing once if it
+    is missing; NetInfoError when it cannot be resolved within timeout."""
+    with IPRoute() as ipr:
+        mac = _neighbour(ipr, address, info["index"])
+        if mac:
+            return mac
+        _probe(address, info["name"])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            mac = _neighbour(ipr, address, info["index"])
+            if mac:
+                return mac
+    raise NetInfoError("cannot resolve the MAC address of %s on %s (no ARP reply within %.0fs)"
+                       % (address, info["name"], timeout))

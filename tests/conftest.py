@@ -1,0 +1,55 @@
+"""Shared fixtures: the collection on sys.path, a private bpffs, root checks.
+
+Tests that need root, bpf or network namespaces fail (never skip) when
+they cannot have them: CI must not pass on a machine that tested nothing.
+"""
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The repository root is the collection root; module_utils import it as
+# ansible_collections.xvs.lb, so give Python that path.
+_COLL = tempfile.mkdtemp(prefix="xvs-coll-")
+os.makedirs(os.path.join(_COLL, "ansible_collections", "xvs"))
+os.symlink(ROOT, os.path.join(_COLL, "ansible_collections", "xvs", "lb"))
+sys.path.insert(0, _COLL)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+
+def pytest_unconfigure(config):
+    try:
+        os.unlink(os.path.join(_COLL, "ansible_collections", "xvs", "lb"))
+        os.removedirs(os.path.join(_COLL, "ansible_collections", "xvs"))
+    except OSError:
+        pass
+
+
+def require_root():
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root (bpf(2), bpffs, network namespaces); run it as root")
+
+
+@pytest.fixture(scope="session")
+def bpffs():
+    """A bpffs mounted outside /sys for this test session, unmounted after."""
+    require_root()
+    path = tempfile.mkdtemp(prefix="xvs-test-", dir="/run")
+    subprocess.run(["mount", "-t", "bpf", "bpf", path], check=True)
+    yield path
+    subprocess.run(["umount", "-l", path], check=False)
+    os.rmdir(path)
+
+
+@pytest.fixture
+def pin_root(bpffs, request):
+    """A fresh pin root per test; every pin under it removed afterwards."""
+    from ansible_collections.xvs.lb.plugins.module_utils import _loader
+    root = os.path.join(bpffs, request.node.name.replace("[", "_").replace("]", "").replace("-", "_")
+                        .replace(".", "_"))[:200]
+    yield root
+    _loader.unpin_all(root)

@@ -1,0 +1,138 @@
+"""The loader: pins survive a reload of a changed program, mismatched pins
+are refused, and attach/detach work in native, generic and auto mode."""
+import os
+import time
+
+import pytest
+
+from ansible_collections.xvs.lb.plugins.module_utils import _bpf, _layout as L, _loader, _netinfo
+from xvstest.lab import Lab, inside
+from xvstest.packets import (CLIENT, TEST_SIZES, VIP, Harness, dest_of, dump_maps, expected_dest,
+                             harness)
+from test_contract import B1, B2, SIZE, tcp
+
+
+def changed_source(tmp_path):
+    """The collection's program with one extra, behaviour-neutral branch:
+    a different program (new tag) over the same maps."""
+    text = open(_loader.default_source()).read()
+    marker = "    count(C_RX_PACKETS, 1);\n"
+    assert marker in text
+    text = text.replace(marker, "    if (ctx->rx_queue_index == 0xfffffff0)\n"
+                                "        return XDP_ABORTED;\n" + marker, 1)
+    path = tmp_path / "xdp_lb_v2.c"
+    path.write_text(text)
+    return str(path)
+
+
+def test_reload_keeps_services_counters_and_live_flows(pin_root, tmp_path):
+    dests = [(B1, 1), (B2, 1)]
+    h = Harness(pin_root)
+    try:
+        h.dp.set_service(VIP, 80, "tcp", False, [h.dest(a, w) for a, w in dests])
+        # a live flow pinned to the destination Maglev would NOT pick now
+        sport = 43210
+        other = B2 if expected_dest(dests, SIZE, CLIENT, VIP, sport, 80) == B1 else B1
+        svc = h.dp.service(VIP, 80, "tcp")
+        slot = [d["slot"] for d in svc["destinations"] if d["address"] == other][0]
+        key = L.FlowKey(saddr=L.be32(CLIENT), daddr=L.be32(VIP), sport=L.be16(sport),
+                        dport=L.be16(80), proto=6)
+        val = L.FlowVal(last_seen=time.clock_gettime_ns(time.CLOCK_MONOTONIC),
+                        svc_index=svc["index"], dest_slot=slot, dest_addr=L.be32(other))
+        h.dp.maps["flows"].update(bytes(key), bytes(val))
+        assert dest_of(h.run(tcp(sport=sport, flags="A"))[1]) == other
+        services_before = h.dp.services()
+        counters_before = h.counters()
+        old_info = h.prog.info
+    finally:
+        h.close()
+
+    h2 = Harness(pin_root, source=changed_source(tmp_path))
+    try:
+        assert h2.prog.info["tag"] != old_info["tag"]
+        assert _loader.pinned_prog_id(pin_root) == h2.prog.info["id"]
+        assert h2.dp.services() == services_before
+        assert h2.counters() == counters_before
+        verdict, out = h2.run(tcp(sport=sport, flags="A"))
+        assert (verdict, dest_of(out)) == ("tx", other)
+        assert h2.counters()["rx_packets"] == counters_before["rx_packets"] + 1
+        assert h2.counters()["new_flows"] == counters_before["new_flows"]
+    finally:
+        h2.close()
+
+
+def test_size_change_refused_with_state_untouched(pin_root):
+    with harness(pin_root) as h:
+        h.dp.set_service(VIP, 80, "tcp", False, [h.dest(B1, 1)])
+        h.run(tcp())
+        before = dump_maps(pin_root)
+        prog_id = _loader.pinned_prog_id(pin_root)
+    with pytest.raises(_loader.LoaderError, match="flows map holds 4096 entries.*allow the flow"):
+        _loader.load(pin_root, dict(TEST_SIZES, flow_table_size=8192))
+    with pytest.raises(_loader.LoaderError, match="map holds 8 entries.*lose the configuration"):
+        _loader.load(pin_root, dict(TEST_SIZES, max_services=16))
+    assert dump_maps(pin_root) == before
+    assert _loader.pinned_prog_id(pin_root) == prog_id
+
+
+def test_flow_reset_when_allowed_keeps_services(pin_root):
+    with harness(pin_root) as h:
+        h.dp.set_service(VIP, 80, "tcp", False, [h.dest(B1, 1)])
+        h.run(tcp())
+        services = h.dp.services()
+    prog = _loader.load(pin_root, dict(TEST_SIZES, flow_table_size=8192), allow_flow_reset=True)
+    try:
+        with _bpf.Map(os.path.join(pin_root, "flows")) as m:
+            assert (m.max_entries, m.keys()) == (8192, [])
+        from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane
+        with DataPlane(pin_root) as dp:
+            assert dp.services() == services
+    finally:
+        prog.close()
+
+
+def test_map_of_another_program_version_refused(pin_root, bpffs):
+    from bcc import BPF
+    os.makedirs(pin_root)
+    b = BPF(text=('BPF_TABLE_PINNED("hash", u32, u32, services, 8, "%s/services");'
+                  'int f(struct xdp_md *c) { u32 k = 0; services.lookup(&k); return XDP_PASS; }'
+                  % pin_root).encode())
+    b.load_func(b"f", BPF.XDP)
+    b.cleanup()
+    with pytest.raises(Exception, match="incompatible program version"):
+        _loader.load(pin_root, TEST_SIZES)
+
+
+def test_pin_root_must_be_on_bpffs(tmp_path):
+    with pytest.raises(_loader.LoaderError, match="not on a mounted bpf filesystem"):
+        _loader.load(str(tmp_path / "xvs"), TEST_SIZES)
+
+
+@pytest.mark.parametrize("bad", [{"maglev_table_size": 1000}, {"max_services": 0},
+                                 {"flow_table_size": "big"}, {"tcp_timeout": True}])
+def test_bad_sizes_refused(bad):
+    with pytest.raises(L.SizeError, match=list(bad)[0]):
+        L.sizes(**bad)
+
+
+@pytest.mark.parametrize("mode,want", [("native", "native"), ("generic", "generic"),
+                                       ("auto", "native")])
+def test_attach_and_detach(pin_root, mode, want):
+    with Lab("xa") as lab:
+        ns = lab.add("bal")
+        lab.veth(ns, "lb0", ns, "lb1")
+        with inside(ns), harness(pin_root) as h:
+            assert _loader.attach(h.prog, "lb0", mode) == want
+            info = _netinfo.interface("lb0")
+            assert (info["xdp_mode"], info["xdp_prog_id"]) == (want, h.prog.info["id"])
+            assert _loader.attached(pin_root, ["lb0", "lb1"]) == {"lb0": want}
+            assert h.dp.tx_port(info["index"]) is not None
+            assert _loader.detach("lb0") is True
+            assert _netinfo.interface("lb0")["xdp_mode"] is None
+            assert _loader.detach("lb0") is False
+
+
+def test_attach_unknown_interface(pin_root):
+    with harness(pin_root) as h:
+        with pytest.raises(_netinfo.NetInfoError, match="interface nosuch0 does not exist"):
+            _loader.attach(h.prog, "nosuch0")
