@@ -184,7 +184,7 @@ static __always_inline u32 verdict(u32 c, u32 action)
 }
 
 /* murmur3's finaliser: cheap, and every input bit reaches every output
- * bit, which the Maglev index needs.  tests/dataplane/oracle.py mirrors
+ * bit, which the Maglev index needs.  tests/xvstest/packets.py mirrors
  * this to predict the selected destination. */
 static __always_inline u32 mix32(u32 h)
 {

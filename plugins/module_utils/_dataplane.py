@@ -19,6 +19,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import ctypes
 import os
 
 from ansible_collections.xvs.lb.plugins.module_utils import _bpf, _layout as L, _maglev
@@ -184,6 +185,11 @@ class DataPlane(object):
             raise LimitError("service %s:%d/%s: %d destinations exceed max_destinations=%d"
                              % (address, port, protocol, len(destinations), self.max_dests))
         key = svc_key(address, port, protocol)
+        addrs = [d["address"] for d in destinations]
+        dup = sorted(set(a for a in addrs if addrs.count(a) > 1))
+        if dup:
+            raise DataPlaneError("service %s:%d/%s: destination %s listed more than once"
+                                 % (address, port, protocol, ", ".join(dup)))
         current = self._services_raw()
         old = current.get(key)
         if old is None:
@@ -306,17 +312,12 @@ class DataPlane(object):
 def check_map(m, name, mtype, key, value):
     """Refuse a pinned map whose shape differs from _layout: reusing it
     would silently corrupt it."""
-    want = (mtype, ctypesize(key), ctypesize(value))
+    want = (mtype, ctypes.sizeof(key), ctypes.sizeof(value))
     got = (m.type, m.key_size, m.value_size)
     if want != got:
         raise DataPlaneError(
             "pinned map %s has type/key/value sizes %s, this version expects %s: it was pinned "
             "by an incompatible program version" % (m.path, got, want))
-
-
-def ctypesize(t):
-    import ctypes
-    return ctypes.sizeof(t)
 
 
 def sum_u64(m, value):

@@ -400,3 +400,11 @@ def test_redirect_to_other_interface(pin_root):
             assert verdict == "tx"
             c = h.counters()
             assert (c["redirect"], c["tx"]) == (1, 1)
+
+
+def test_duplicate_destination_refused_with_nothing_changed(h):
+    service(h, [(B1, 1)])
+    before = dump_maps(h.root)
+    with pytest.raises(_dataplane.DataPlaneError, match="192.0.2.22 listed more than once"):
+        h.dp.set_service(VIP, 80, "tcp", False, [h.dest(B1, 1), h.dest(B2, 1), h.dest(B2, 2)])
+    assert dump_maps(h.root) == before
