@@ -136,3 +136,28 @@ def test_attach_unknown_interface(pin_root):
     with harness(pin_root) as h:
         with pytest.raises(_netinfo.NetInfoError, match="interface nosuch0 does not exist"):
             _loader.attach(h.prog, "nosuch0")
+
+
+def test_reload_swaps_program_on_attached_interfaces_in_their_mode(pin_root, tmp_path):
+    with Lab("xl") as lab:
+        ns = lab.add("bal")
+        lab.veth(ns, "lb0", ns, "lb1")
+        lab.veth(ns, "lb2", ns, "lb3")
+        with inside(ns):
+            prog = _loader.load(pin_root, TEST_SIZES)
+            try:
+                assert _loader.attach(prog, "lb0", "generic") == "generic"
+                assert _loader.attach(prog, "lb2", "native") == "native"
+                old_id = prog.info["id"]
+            finally:
+                prog.close()
+            new, modes = _loader.reload(pin_root, ["lb0", "lb2"], TEST_SIZES,
+                                        source=changed_source(tmp_path))
+            try:
+                assert modes == {"lb0": "generic", "lb2": "native"}
+                assert new.info["id"] != old_id
+                assert _loader.attached(pin_root, ["lb0", "lb1", "lb2"]) == modes
+            finally:
+                new.close()
+                _loader.detach("lb0")
+                _loader.detach("lb2")
