@@ -126,6 +126,15 @@ struct meta {
     u32 tcp_timeout;
     u32 udp_timeout;
     u32 max_ifaces;
+    u32 build_id[4];   /* the loader's hash of source and options */
+};
+
+/* The balancer's prefix on each VLAN of an 802.1Q trunk, by VLAN id.  The
+ * program does not read it: it is kept here, pinned with the rest, so the
+ * control plane finds the whole configuration in one place. */
+struct vlan_net {
+    __be32 net;
+    u32 prefixlen;   /* 0: VLAN not configured */
 };
 
 /* Global counters; the names are listed in _layout.py in this order. */
@@ -157,6 +166,7 @@ BPF_TABLE_PINNED("percpu_array", u32, u64, counters, C_MAX, PIN("counters"));
 BPF_TABLE_PINNED("percpu_array", u32, struct stats, svc_stats, MAX_SERVICES, PIN("svc_stats"));
 BPF_TABLE_PINNED("percpu_array", u32, struct stats, dest_stats, MAX_SERVICES * MAX_DESTS, PIN("dest_stats"));
 BPF_TABLE_PINNED("percpu_array", u32, u64, prefix_stats, PREFIX_SLOTS, PIN("prefix_stats"));
+BPF_TABLE_PINNED("array", u32, struct vlan_net, vlans, 4096, PIN("vlans"));
 BPF_XDP_REDIRECT_MAP("devmap:" PIN("tx_ports"), int, tx_ports, MAX_IFACES);
 
 /* ---- helpers ---------------------------------------------------------- */

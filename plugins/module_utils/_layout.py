@@ -21,6 +21,7 @@ import sys
 ABI_VERSION = 1
 MAGLEV_CHUNK = 16          # Maglev slots per array element
 PREFIX_SLOTS = 1 << 20     # one counter per source /20
+VLAN_IDS = 4096            # 802.1Q ids, the index of the vlans map
 SVC_STICKY = 1
 DEST_VALID = 1
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
@@ -83,7 +84,12 @@ class Meta(ctypes.Structure):
     _fields_ = [("abi_version", ctypes.c_uint32), ("max_services", ctypes.c_uint32),
                 ("max_dests", ctypes.c_uint32), ("maglev_size", ctypes.c_uint32),
                 ("flow_table_size", ctypes.c_uint32), ("tcp_timeout", ctypes.c_uint32),
-                ("udp_timeout", ctypes.c_uint32), ("max_ifaces", ctypes.c_uint32)]
+                ("udp_timeout", ctypes.c_uint32), ("max_ifaces", ctypes.c_uint32),
+                ("build_id", ctypes.c_uint32 * 4)]
+
+
+class VlanNet(ctypes.Structure):
+    _fields_ = [("net", ctypes.c_uint32), ("prefixlen", ctypes.c_uint32)]
 
 
 U32 = ctypes.c_uint32
@@ -156,7 +162,7 @@ def map_entries(s):
         "maglev": s["max_services"] * 2 * maglev_chunks(s["maglev_table_size"]),
         "flows": s["flow_table_size"], "counters": len(COUNTERS),
         "svc_stats": s["max_services"], "dest_stats": per_dest,
-        "prefix_stats": PREFIX_SLOTS, "tx_ports": s["max_interfaces"],
+        "prefix_stats": PREFIX_SLOTS, "tx_ports": s["max_interfaces"], "vlans": VLAN_IDS,
     }
 
 
@@ -173,7 +179,11 @@ MAPS = {
     "dest_stats": (6, U32, Stats),
     "prefix_stats": (6, U32, U64),
     "tx_ports": (14, U32, U32),
+    "vlans": (2, U32, VlanNet),
 }
+# Maps that hold configuration (kept across a resize by copying it over)
+# rather than flows or counters.
+CONFIG_MAPS = ("meta", "vips", "services", "dests", "maglev", "tx_ports", "vlans")
 
 def be32(address):
     """An IPv4 address as the u32 whose memory holds it in network order."""

@@ -16,6 +16,8 @@ __metaclass__ = type
 
 import ctypes
 import errno
+import hashlib
+import ipaddress
 import os
 
 from ansible_collections.xvs.lb.plugins.module_utils import _bpf, _layout as L, _netinfo
@@ -26,6 +28,7 @@ PROG_PIN = "prog"
 ENTRY = "xdp_lb"
 # XDP_FLAGS_* from include/uapi/linux/if_link.h
 XDP_FLAGS = {"generic": 1 << 1, "native": 1 << 2}
+MODES = ("auto", "native", "generic")
 
 
 class LoaderError(Exception):
@@ -33,15 +36,30 @@ class LoaderError(Exception):
 
 
 def default_source():
-    """files/xdp_lb.c of this collection."""
+    """files/xdp_lb.c of this collection (in a checkout or on the controller)."""
     here = os.path.dirname(os.path.abspath(__file__))
     return os.path.normpath(os.path.join(here, "..", "..", "files", "xdp_lb.c"))
 
 
+def read_source(source=None):
+    source = source or default_source()
+    try:
+        with open(source) as f:
+            return f.read()
+    except (IOError, OSError) as e:
+        raise LoaderError("source=%s: %s" % (source, e.strerror))
+
+
+def check_root(root):
+    """The pin root goes into a C string literal: keep it plain."""
+    if not isinstance(root, str) or not root.startswith("/") or '"' in root or "\\" in root \
+            or "\n" in root:
+        raise LoaderError("bpffs=%s: must be an absolute path without quotes or backslashes" % root)
+    return root.rstrip("/") or "/"
+
+
 def check_bpffs(root):
     """root must be a directory on a bpf filesystem (created if missing)."""
-    if not os.path.isabs(root):
-        raise LoaderError("bpffs=%s: must be an absolute path" % root)
     parent = root if os.path.isdir(root) else os.path.dirname(root.rstrip("/"))
     if not _is_bpffs(parent):
         raise LoaderError("bpffs=%s: %s is not on a mounted bpf filesystem (mount -t bpf bpf %s)"
@@ -60,39 +78,6 @@ def _is_bpffs(path):
     return (buf.f_type & 0xFFFFFFFF) == BPF_FS_MAGIC
 
 
-def check_pins(root, sizes, allow_flow_reset=False):
-    """Compare every pinned map with what a program of these sizes declares.
-
-    A different type or key/value size means another program version:
-    refused.  A different max_entries means other sizes: the flow table may
-    be dropped (its flows re-select) when allow_flow_reset; resizing the
-    configuration maps is refused.  Returns the maps to unpin.
-    """
-    entries = L.map_entries(sizes)
-    unpin = []
-    for name, (mtype, key, value) in L.MAPS.items():
-        path = os.path.join(root, name)
-        if not os.path.exists(path):
-            continue
-        m = _bpf.Map(path)
-        try:
-            check_map(m, name, mtype, key, value)
-            if m.max_entries != entries[name]:
-                if name == "flows" and allow_flow_reset:
-                    unpin.append(path)
-                else:
-                    raise LoaderError(
-                        "the pinned %s map holds %d entries but the requested sizes need %d: "
-                        "changing it would lose %s; %s"
-                        % (name, m.max_entries, entries[name],
-                           "every live flow" if name == "flows" else "the configuration",
-                           "allow the flow table reset explicitly" if name == "flows"
-                           else "detach (removing the pins) and attach again"))
-        finally:
-            m.close()
-    return unpin
-
-
 def cflags(root, sizes):
     flags = ['-DXVS_PIN_ROOT="%s"' % root]
     for name, (_d, _lo, _hi, macro) in sorted(L.SIZE_LIMITS.items()):
@@ -100,102 +85,191 @@ def cflags(root, sizes):
     return flags
 
 
-def load(root, sizes=None, source=None, allow_flow_reset=False):
+def build_id(text, root, sizes):
+    """What identifies a build: the program text and every -D option.
+    Equal ids mean reloading would change nothing."""
+    h = hashlib.sha256(text.encode())
+    h.update("\0".join(cflags(root, sizes)).encode())
+    return h.hexdigest()[:32]
+
+
+def check_pins(root, sizes):
+    """Compare every pinned map with what a program of these sizes declares.
+
+    A different type or key/value size means another program version:
+    refused here.  Returns the names of the maps whose max_entries differ
+    (the sizes changed).
+    """
+    entries = L.map_entries(sizes)
+    resized = []
+    for name, (mtype, key, value) in L.MAPS.items():
+        path = os.path.join(root, name)
+        if not os.path.exists(path):
+            continue
+        with _bpf.Map(path) as m:
+            check_map(m, name, mtype, key, value)
+            if m.max_entries != entries[name]:
+                resized.append(name)
+    return resized
+
+
+def resize_refusal(resized, sizes):
+    return ("the requested sizes change the pinned %s map%s; a reload with new sizes re-creates "
+            "the maps, so every live flow re-selects its destination (and counters restart): "
+            "allow the flow table reset explicitly to do it"
+            % (", ".join(resized), "s" if len(resized) > 1 else ""))
+
+
+def _snapshot(root, sizes):
+    """The configuration to carry into maps of new sizes; refuses sizes
+    the current configuration does not fit in."""
+    with DataPlane(root) as dp:
+        services = dp.services()
+        ports = [(k, v) for k, v in dp.maps["tx_ports"].items()]
+        vlans = read_vlans(dp)
+    if len(services) > sizes["max_services"]:
+        raise LoaderError("max_services=%d: %d services are configured"
+                          % (sizes["max_services"], len(services)))
+    for s in services:
+        if len(s["destinations"]) > sizes["max_destinations"]:
+            raise LoaderError("max_destinations=%d: service %s:%d/%s has %d destinations"
+                              % (sizes["max_destinations"], s["address"], s["port"],
+                                 s["protocol"], len(s["destinations"])))
+    for k, _ in ports:
+        if int.from_bytes(k, "little") >= sizes["max_interfaces"]:
+            raise LoaderError("max_interfaces=%d: redirect slot %d is in use"
+                              % (sizes["max_interfaces"], int.from_bytes(k, "little")))
+    return services, ports, vlans
+
+
+def load(root, sizes=None, source=None, allow_flow_reset=False, text=None):
     """Compile and load the program with its maps pinned under root.
 
-    Returns a Program; the maps are pinned, the program is pinned at
-    root/prog, nothing is attached yet.
+    Where the pins exist with other sizes, the maps are re-created and the
+    configuration copied over, only with allow_flow_reset (live flows and
+    counters do not survive that).  Returns a Program: maps and program
+    pinned, nothing attached yet.
     """
     sizes = L.sizes(**(sizes or {}))
-    root = root.rstrip("/") or "/"
-    if '"' in root or "\\" in root or not root.startswith("/"):
-        raise LoaderError("bpffs=%s: must be an absolute path without quotes or backslashes" % root)
-    source = source or default_source()
-    try:
-        with open(source) as f:
-            text = f.read()
-    except OSError as e:
-        raise LoaderError("source=%s: %s" % (source, e.strerror))
+    root = check_root(root)
+    text = text if text is not None else read_source(source)
     check_bpffs(root)
-    for path in check_pins(root, sizes, allow_flow_reset):
-        os.unlink(path)
+    resized = check_pins(root, sizes)
+    snapshot = None
+    if resized:
+        if not allow_flow_reset:
+            raise LoaderError(resize_refusal(resized, sizes))
+        snapshot = _snapshot(root, sizes)
+        for name in L.MAPS:
+            if os.path.exists(os.path.join(root, name)):
+                os.unlink(os.path.join(root, name))
 
     from bcc import BPF  # only here: reading state must not need a compiler
     try:
         b = BPF(text=text.encode(), cflags=cflags(root, sizes))
         fn = b.load_func(ENTRY.encode(), BPF.XDP)
     except Exception as e:
-        raise LoaderError("compiling or loading %s failed: %s" % (source, e))
+        raise LoaderError("compiling or loading %s failed: %s" % (source or "the program", e))
     meta = L.Meta(abi_version=L.ABI_VERSION, max_services=sizes["max_services"],
                   max_dests=sizes["max_destinations"], maglev_size=sizes["maglev_table_size"],
                   flow_table_size=sizes["flow_table_size"], tcp_timeout=sizes["tcp_timeout"],
                   udp_timeout=sizes["udp_timeout"], max_ifaces=sizes["max_interfaces"])
+    meta.build_id[:] = [int(build_id(text, root, sizes)[i:i + 8], 16) for i in range(0, 32, 8)]
     with _bpf.Map(os.path.join(root, "meta")) as m:
         m.update(bytes(L.U32(0)), bytes(meta))
+    if snapshot:
+        _restore(root, *snapshot)
     pin = os.path.join(root, PROG_PIN)
     tmp = pin + "_new"  # bpffs reserves names with dots
     if os.path.exists(tmp):
         os.unlink(tmp)
     _bpf.obj_pin(fn.fd, tmp)
     os.rename(tmp, pin)      # the pinned program is replaced atomically
-    return Program(root, b, fn, sizes)
+    return Program(root, fn.fd, b)
+
+
+def _restore(root, services, ports, vlans):
+    with DataPlane(root) as dp:
+        for k, v in ports:
+            dp.maps["tx_ports"].update(k, v)
+        write_vlans(dp, vlans)
+        for s in services:
+            dp.set_service(s["address"], s["port"], s["protocol"], s["sticky"], s["destinations"])
 
 
 class Program(object):
-    def __init__(self, root, bpf, fn, sizes):
+    """A loaded program: from load(), or the pinned one (open_pinned)."""
+
+    def __init__(self, root, fd, bpf=None):
         self.root = root
+        self.fd = fd
         self.bpf = bpf
-        self.fn = fn
-        self.fd = fn.fd
-        self.sizes = sizes
-        self.info = _bpf.prog_info(self.fd)
+        self.info = _bpf.prog_info(fd)
 
     def close(self):
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
+        elif self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_pinned(root):
+    path = os.path.join(root, PROG_PIN)
+    if not os.path.exists(path):
+        raise LoaderError("no program is pinned at %s" % path)
+    return Program(root, _bpf.obj_get(path))
 
 
 def pinned_prog_id(root):
-    path = os.path.join(root, PROG_PIN)
-    if not os.path.exists(path):
+    if not os.path.exists(os.path.join(root, PROG_PIN)):
         return None
-    fd = _bpf.obj_get(path)
-    try:
-        return _bpf.prog_info(fd)["id"]
-    finally:
-        os.close(fd)
+    with open_pinned(root) as p:
+        return p.info["id"]
 
 
 def attach(prog, ifname, mode="auto"):
     """Attach prog to ifname in native, generic or auto mode (native where
     the driver supports it, else generic).  Replaces whatever XDP program
     is there atomically.  Returns the mode used."""
-    if mode not in ("auto", "native", "generic"):
-        raise LoaderError("mode=%s: must be auto, native or generic" % mode)
+    if mode not in MODES:
+        raise LoaderError("mode=%s: must be one of %s" % (mode, ", ".join(MODES)))
     info = _netinfo.interface(ifname)
-    if info["xdp_mode"] and mode != "auto" and info["xdp_mode"] != mode:
-        # the kernel refuses to switch modes in place
-        detach(ifname)
-    elif info["xdp_mode"] and mode == "auto":
+    if info["xdp_mode"] and mode == "auto":
         mode = info["xdp_mode"]
+    elif info["xdp_mode"] and info["xdp_mode"] != mode:
+        detach(ifname)   # the kernel refuses to switch modes in place
     from bcc import BPF
     tried = ["native", "generic"] if mode == "auto" else [mode]
     last = None
     for m in tried:
         try:
-            BPF.attach_xdp(ifname.encode(), prog.fn, XDP_FLAGS[m])
+            BPF.attach_xdp(ifname.encode(), BPF.Function(None, ENTRY.encode(), prog.fd),
+                           XDP_FLAGS[m])
         except Exception as e:  # bcc raises a bare Exception
             last = e
             continue
         _set_tx_port(prog.root, info["index"])
         return m
-    raise LoaderError("cannot attach XDP to %s in %s mode: %s" % (ifname, "/".join(tried), last))
+    raise LoaderError("cannot attach XDP to %s in %s mode: %s" % (ifname, " or ".join(tried), last))
 
 
-def detach(ifname):
-    """Remove whatever XDP program is attached to ifname; False if none."""
+def detach(ifname, root=None):
+    """Remove whatever XDP program is attached to ifname (and its redirect
+    slot under root); False if none was attached."""
     info = _netinfo.interface(ifname)
+    if root and os.path.exists(os.path.join(root, "tx_ports")):
+        with _bpf.Map(os.path.join(root, "tx_ports")) as m:
+            for k, v in m.items():
+                if int.from_bytes(v[:4], "little") == info["index"]:
+                    m.delete(k)
     if not info["xdp_mode"]:
         return False
     from bcc import BPF
@@ -221,15 +295,16 @@ def _set_tx_port(root, ifindex):
             # XDP_TX out of its ingress still works
 
 
-def attached(root, interfaces):
-    """{ifname: mode} of the given interfaces running the pinned program."""
+def attached(root, interfaces=None):
+    """{ifname: mode} of the interfaces (all, by default) running the
+    pinned program."""
     prog_id = pinned_prog_id(root)
-    out = {}
-    for name in interfaces:
-        info = _netinfo.interface(name)
-        if prog_id and info["xdp_prog_id"] == prog_id:
-            out[name] = info["xdp_mode"]
-    return out
+    if not prog_id:
+        return {}
+    found = _netinfo.xdp_interfaces(prog_id)
+    if interfaces is not None:
+        found = dict((k, v) for k, v in found.items() if k in interfaces)
+    return found
 
 
 def reload(root, interfaces, sizes=None, source=None, allow_flow_reset=False):
@@ -244,9 +319,76 @@ def reload(root, interfaces, sizes=None, source=None, allow_flow_reset=False):
     return prog, modes
 
 
+def read_vlans(dp):
+    """{vlan id: 'net/len'} from the pinned vlans map."""
+    out = {}
+    for k, v in dp.maps["vlans"].lookup_batch():
+        val = L.VlanNet.from_buffer_copy(v)
+        if val.prefixlen:
+            out[int.from_bytes(k, "little")] = "%s/%d" % (L.ip_str(val.net), val.prefixlen)
+    return out
+
+
+def write_vlans(dp, vlans):
+    """Make the vlans map hold exactly vlans ({id: prefix}); True if changed."""
+    want = normalise_vlans(vlans)
+    have = read_vlans(dp)
+    if want == have:
+        return False
+    for vid in set(have) | set(want):
+        val = L.VlanNet()
+        if vid in want:
+            net = ipaddress.IPv4Network(want[vid])
+            val = L.VlanNet(net=L.be32(str(net.network_address)), prefixlen=net.prefixlen)
+        dp.maps["vlans"].update(bytes(L.U32(vid)), bytes(val))
+    return True
+
+
+def normalise_vlans(vlans):
+    """Validate {vlan id: prefix}: ids 1-4094, IPv4 prefixes; the balancer's
+    own address in the prefix is allowed (192.0.2.2/24 means 192.0.2.0/24)."""
+    out = {}
+    for vid, prefix in (vlans or {}).items():
+        try:
+            n = int(vid)
+        except (TypeError, ValueError):
+            n = -1
+        if not 1 <= n <= 4094:
+            raise LoaderError("vlans: %r is not a VLAN id (1-4094)" % (vid,))
+        try:
+            net = ipaddress.IPv4Network(str(prefix), strict=False)
+        except ValueError:
+            raise LoaderError("vlans: %s: %r is not an IPv4 prefix" % (vid, prefix))
+        if net.prefixlen == 0:
+            raise LoaderError("vlans: %s: %s is not an on-link prefix" % (vid, prefix))
+        out[n] = str(net)
+    return out
+
+
+def status(root):
+    """The pinned program and its attachment, or None when nothing is pinned.
+    Reads only: no compiler involved."""
+    if not os.path.exists(os.path.join(root, "meta")) or \
+            not os.path.exists(os.path.join(root, PROG_PIN)):
+        return None
+    with DataPlane(root) as dp:
+        meta = dp.meta
+        vlans = read_vlans(dp)
+    with open_pinned(root) as p:
+        info = p.info
+    sizes = {"max_services": meta.max_services, "max_destinations": meta.max_dests,
+             "maglev_table_size": meta.maglev_size, "flow_table_size": meta.flow_table_size,
+             "tcp_timeout": meta.tcp_timeout, "udp_timeout": meta.udp_timeout,
+             "max_interfaces": meta.max_ifaces}
+    return {"program": {"id": info["id"], "tag": info["tag"], "name": info["name"]},
+            "build_id": "".join("%08x" % w for w in meta.build_id),
+            "interfaces": _netinfo.xdp_interfaces(info["id"]),
+            "sizes": sizes, "vlans": vlans, "bpffs": root}
+
+
 def unpin_all(root):
     """Remove every pin under root (the maps go when nothing holds them)."""
-    for name in list(L.MAPS) + [PROG_PIN]:
+    for name in list(L.MAPS) + [PROG_PIN, PROG_PIN + "_new"]:
         path = os.path.join(root, name)
         if os.path.exists(path):
             os.unlink(path)

@@ -14,7 +14,11 @@ import ipaddress
 import socket
 import time
 
-from pyroute2 import IPRoute
+try:
+    from pyroute2 import IPRoute
+    HAS_PYROUTE2 = True
+except ImportError:  # reported by the modules with missing_required_lib
+    HAS_PYROUTE2 = False
 
 # IFLA_XDP_ATTACHED (include/uapi/linux/if_link.h), as numbers and as the
 # names pyroute2 decodes them to
@@ -37,19 +41,28 @@ def interface(name):
         link = ipr.get_links(idx[0])[0]
         nets = [ipaddress.IPv4Interface("%s/%d" % (a.get_attr("IFA_ADDRESS"), a["prefixlen"])).network
                 for a in ipr.get_addr(index=idx[0], family=socket.AF_INET)]
-    xdp = link.get_attr("IFLA_XDP")
-    mode, prog_id = None, 0
-    if xdp is not None:
-        mode = XDP_MODES.get(xdp.get_attr("IFLA_XDP_ATTACHED") or 0)
-        prog_id = xdp.get_attr("IFLA_XDP_PROG_ID") or 0
+    mode, prog_id = _xdp(link)
     return {"name": name, "index": idx[0], "mac": link.get_attr("IFLA_ADDRESS"),
             "networks": nets, "xdp_mode": mode, "xdp_prog_id": prog_id}
 
 
-def name_of(index):
+def _xdp(link):
+    xdp = link.get_attr("IFLA_XDP")
+    if xdp is None:
+        return None, 0
+    return (XDP_MODES.get(xdp.get_attr("IFLA_XDP_ATTACHED") or 0),
+            xdp.get_attr("IFLA_XDP_PROG_ID") or 0)
+
+
+def xdp_interfaces(prog_id):
+    """{ifname: mode} of every interface in this namespace running prog_id."""
+    out = {}
     with IPRoute() as ipr:
-        links = ipr.get_links(index)
-    return links[0].get_attr("IFLA_IFNAME")
+        for link in ipr.get_links():
+            mode, pid = _xdp(link)
+            if pid == prog_id and mode:
+                out[link.get_attr("IFLA_IFNAME")] = mode
+    return out
 
 
 def locate(address, interfaces, vlans=None):

@@ -67,28 +67,39 @@ def test_size_change_refused_with_state_untouched(pin_root):
         h.run(tcp())
         before = dump_maps(pin_root)
         prog_id = _loader.pinned_prog_id(pin_root)
-    with pytest.raises(_loader.LoaderError, match="flows map holds 4096 entries.*allow the flow"):
+    with pytest.raises(_loader.LoaderError, match="change the pinned flows map.*allow the flow"):
         _loader.load(pin_root, dict(TEST_SIZES, flow_table_size=8192))
-    with pytest.raises(_loader.LoaderError, match="map holds 8 entries.*lose the configuration"):
+    with pytest.raises(_loader.LoaderError, match="change the pinned vips, services, .* maps"):
         _loader.load(pin_root, dict(TEST_SIZES, max_services=16))
     assert dump_maps(pin_root) == before
     assert _loader.pinned_prog_id(pin_root) == prog_id
 
 
-def test_flow_reset_when_allowed_keeps_services(pin_root):
+@pytest.mark.parametrize("change", [{"flow_table_size": 8192}, {"max_services": 16},
+                                    {"max_destinations": 4, "maglev_table_size": 257}])
+def test_resize_when_allowed_keeps_configuration(pin_root, change):
     with harness(pin_root) as h:
-        h.dp.set_service(VIP, 80, "tcp", False, [h.dest(B1, 1)])
+        h.dp.set_service(VIP, 80, "tcp", False, [h.dest(B1, 1), h.dest(B2, 2)])
+        h.dp.set_service(VIP, 53, "udp", True, [h.dest(B2, 1)])
         h.run(tcp())
         services = h.dp.services()
-    prog = _loader.load(pin_root, dict(TEST_SIZES, flow_table_size=8192), allow_flow_reset=True)
-    try:
-        with _bpf.Map(os.path.join(pin_root, "flows")) as m:
-            assert (m.max_entries, m.keys()) == (8192, [])
-        from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane
-        with DataPlane(pin_root) as dp:
-            assert dp.services() == services
-    finally:
-        prog.close()
+    with harness(pin_root, sizes=dict(change), allow_flow_reset=True) as h:
+        assert h.dp.flows() == []
+        assert h.dp.services() == services
+        assert h.dp.maps["flows"].max_entries == change.get("flow_table_size", 4096)
+        verdict, out = h.run(tcp(sport=50505))
+        want = expected_dest([(B1, 1), (B2, 2)], change.get("maglev_table_size", SIZE),
+                             CLIENT, VIP, 50505, 80)
+        assert (verdict, dest_of(out)) == ("tx", want)
+
+
+def test_resize_that_does_not_fit_refused(pin_root):
+    with harness(pin_root) as h:
+        h.dp.set_service(VIP, 80, "tcp", False, [h.dest(B1, 1), h.dest(B2, 2)])
+        before = dump_maps(pin_root)
+    with pytest.raises(_loader.LoaderError, match="max_destinations=1: service 203.0.113.10:80/tcp"):
+        _loader.load(pin_root, dict(TEST_SIZES, max_destinations=1), allow_flow_reset=True)
+    assert dump_maps(pin_root) == before
 
 
 def test_map_of_another_program_version_refused(pin_root, bpffs):

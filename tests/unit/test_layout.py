@@ -23,7 +23,7 @@ def test_verdict_counters_are_counters():
 @pytest.mark.parametrize("struct,cname", [
     (L.SvcKey, "svc_key"), (L.SvcVal, "svc_val"), (L.VipVal, "vip_val"), (L.Dest, "dest"),
     (L.MaglevChunk, "maglev_chunk"), (L.FlowKey, "flow_key"), (L.FlowVal, "flow_val"),
-    (L.Stats, "stats"), (L.Meta, "meta")])
+    (L.Stats, "stats"), (L.Meta, "meta"), (L.VlanNet, "vlan_net")])
 def test_struct_fields_in_c_order(struct, cname):
     body = re.search(r"struct %s \{(.*?)\};" % cname, C, re.S).group(1)
     fields = re.findall(r"^\s*\w+\s+(\w+)(?:\[\w+\])?;", body, re.M)

@@ -47,8 +47,8 @@ def expected_dest(dests, size, saddr, daddr, sport, dport, proto=6):
 class Harness(object):
     """One loaded program under a pin root, with its DataPlane."""
 
-    def __init__(self, root, sizes=None, source=None):
-        self.prog = _loader.load(root, dict(TEST_SIZES, **(sizes or {})), source)
+    def __init__(self, root, sizes=None, source=None, allow_flow_reset=False):
+        self.prog = _loader.load(root, dict(TEST_SIZES, **(sizes or {})), source, allow_flow_reset)
         self.dp = _dataplane.DataPlane(root)
         self.root = root
 
