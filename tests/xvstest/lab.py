@@ -80,3 +80,69 @@ def wait_for(predicate, timeout=10.0, what="condition"):
             return
         time.sleep(0.1)
     raise AssertionError("timed out after %.0fs waiting for %s" % (timeout, what))
+
+
+VIP = "203.0.113.10"
+CLIENT = "192.0.2.10"
+BALANCER = "192.0.2.2"
+ECHO_PORT = 9000
+BIG = 256 * 1024  # bytes of the backends' /big: DSR keeps these off the balancer
+_ECHO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "echo.py")
+
+
+@contextlib.contextmanager
+def dsr_lab(tag, tmp_path, backends):
+    """A client, the balancer and backends on one bridge (in namespace
+    "sw"); each backend has the VIP on lo with the ARP sysctls DSR needs,
+    and serves HTTP on 80 (/whoami, /big) and the echo service."""
+    with Lab(tag) as lab:
+        sw = lab.add("sw")
+        lab.sh(sw, "ip link add br0 type bridge && ip link set br0 up")
+        hosts = {"cli": CLIENT, "bal": BALANCER}
+        hosts.update(backends)
+        for short, addr in hosts.items():
+            ns = lab.add(short)
+            lab.veth(ns, "eth0", sw, "p-" + short)
+            lab.sh(sw, "ip link set p-%s master br0" % short)
+            lab.sh(ns, "ip addr add %s/24 dev eth0" % addr)
+        # A veth hands its peer TCP segments with the checksum left to
+        # "hardware" (CHECKSUM_PARTIAL); native XDP drops that note, so a
+        # frame the balancer forwards would reach the backend with a bad
+        # checksum.  Real NICs deliver complete checksums: make the client's
+        # veth compute them too.
+        lab.sh(lab.name("cli"), "ip route add %s/32 via %s && ethtool -K eth0 tx off >/dev/null"
+               % (VIP, BALANCER))
+        for short in backends:
+            ns = lab.name(short)
+            lab.sh(ns, "ip addr add %s/32 dev lo && sysctl -qw net.ipv4.conf.all.arp_ignore=1 "
+                       "net.ipv4.conf.all.arp_announce=2 net.ipv4.conf.eth0.arp_ignore=1 "
+                       "net.ipv4.conf.eth0.arp_announce=2" % VIP)
+            www = tmp_path / short
+            www.mkdir()
+            (www / "whoami").write_text(short)
+            (www / "big").write_bytes(b"x" * BIG)
+            lab.bg(ns, "/usr/bin/python3 -m http.server 80 --bind 0.0.0.0 --directory %s" % www)
+            lab.bg(ns, "/usr/bin/python3 %s %s %d" % (_ECHO, short, ECHO_PORT))
+        for short in backends:
+            wait_for(lambda: lab.sh(lab.name(short), "curl -sf -o /dev/null http://127.0.0.1/whoami",
+                                    check=False).returncode == 0, what="http server in " + short)
+        xdp_pass_on_peer(lab)
+        yield lab
+
+
+def xdp_pass_on_peer(lab):
+    """Native XDP_TX on a veth needs an XDP program on the peer to take the
+    frames (DESIGN.md section 5): give the switch side an XDP_PASS one."""
+    from bcc import BPF
+    b = BPF(text=b"int pass(struct xdp_md *ctx) { return XDP_PASS; }")
+    fn = b.load_func(b"pass", BPF.XDP)
+    with inside(lab.name("sw")):
+        BPF.attach_xdp(b"p-bal", fn, 1 << 2)  # XDP_FLAGS_DRV_MODE
+    b.cleanup()
+
+
+def curl(lab, path, port=None, timeout=5):
+    """GET http://VIP/path from the client (from a given source port)."""
+    local = "--local-port %d " % port if port else ""
+    return lab.sh(lab.name("cli"), "curl -s --max-time %d %shttp://%s/%s" % (timeout, local, VIP, path),
+                  check=False)

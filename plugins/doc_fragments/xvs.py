@@ -1,0 +1,52 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) xvs.lb contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+
+class ModuleDocFragment(object):
+
+    # Options every xvs.lb module takes.
+    DOCUMENTATION = r'''
+options:
+  bpffs:
+    description:
+      - The directory on a mounted bpf filesystem where the program and its maps are pinned.
+      - Every module of one balancer must use the same path.
+      - Inside a network namespace entered with C(ip netns exec), C(/sys) is remounted, so use a
+        bpffs mounted elsewhere (for example C(/run/xvs)).
+    type: path
+    default: /sys/fs/bpf/xvs
+requirements:
+  - Linux with XDP and a mounted bpf filesystem.
+  - pyroute2 and, for M(xvs.lb.xvs_attach), bcc (C(python3-bpfcc)) for the target's Python.
+notes:
+  - Runs of xvs.lb modules on one host are serialised with the lock file C(/run/lock/xvs-lb.lock).
+  - Only reading and writing the pinned maps is done without a compiler; only M(xvs.lb.xvs_attach)
+    compiles.
+'''
+
+    # The identity of a service, shared by xvs_service and xvs_destination.
+    PROTOCOL = r'''
+options:
+  protocol:
+    description:
+      - The service's layer-4 protocol.
+    type: str
+    choices: [tcp, udp]
+    default: tcp
+'''
+
+    ATTRIBUTES = r'''
+attributes:
+  check_mode:
+    description: Can run in check_mode and return changed status prediction without modifying target.
+  diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in --diff mode).
+  platform:
+    description: Target OS/families that can be operated against.
+    support: N/A
+'''

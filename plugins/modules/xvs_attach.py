@@ -1,0 +1,237 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright (c) xvs.lb contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r'''
+module: xvs_attach
+short_description: Load the xvs.lb XDP load balancer and attach it to interfaces
+version_added: 0.1.0
+description:
+  - Compiles the XDP program with bcc, with the table sizes given, pins it and its maps under
+    O(bpffs), and attaches it to O(interfaces).
+  - With the same options on an attached host nothing is compiled and nothing changes. A new
+    program version or changed options reload it; services, destinations, counters and live
+    flows are kept.
+  - Changing sizes re-creates the maps and copies the configuration over; live flows then
+    select their destination again and counters restart, so it is refused unless
+    O(allow_flow_table_reset=true).
+  - Without O(source) the collection's own program (C(files/xdp_lb.c)) is copied to the target
+    by the action plugin and used.
+extends_documentation_fragment:
+  - xvs.lb.xvs
+  - xvs.lb.xvs.attributes
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+  platform:
+    platforms: linux
+  action:
+    description: Indicates this has a corresponding action plugin, so some parts of the options
+      can be executed on the controller.
+    support: full
+options:
+  interfaces:
+    description:
+      - The interfaces to attach to. Required with O(state=present); the program ends attached
+        to exactly these, and detached from other interfaces it ran on.
+      - With O(state=absent), the interfaces to detach from; all when omitted.
+    type: list
+    elements: str
+  mode:
+    description:
+      - C(native) runs in the driver, C(generic) in the kernel's generic XDP path (works on any
+        interface, slower), C(auto) native where the driver supports it, else generic.
+      - The mode used is returned per interface.
+    type: str
+    choices: [auto, native, generic]
+    default: auto
+  sizes:
+    description:
+      - Table sizes and timeouts, fixed when the program is loaded.
+    type: dict
+    suboptions:
+      flow_table_size:
+        description:
+          - Entries in the flow table (an LRU hash). About 90 bytes each, preallocated; the
+            default takes about 90 MB.
+        type: int
+        default: 1048576
+      max_services:
+        description:
+          - Services the balancer can hold. Each takes two Maglev tables of about 131 KB at
+            the default table size (16.8 MB for the default 64 services).
+        type: int
+        default: 64
+      max_destinations:
+        description:
+          - Destinations per service (up to 65535).
+        type: int
+        default: 256
+      maglev_table_size:
+        description:
+          - Slots in each service's Maglev table, a prime larger than O(sizes.max_destinations)
+            (ideally 100 times larger, for even shares).
+        type: int
+        default: 65537
+      tcp_timeout:
+        description:
+          - Seconds a TCP flow may idle before it selects its destination again.
+        type: int
+        default: 300
+      udp_timeout:
+        description:
+          - Seconds a UDP flow may idle before it selects its destination again.
+        type: int
+        default: 60
+      max_interfaces:
+        description:
+          - Interfaces that can be redirect targets between attached interfaces.
+        type: int
+        default: 64
+  vlans:
+    description:
+      - For an 802.1Q trunk (the first of O(interfaces)), the balancer's prefix on each VLAN,
+        by VLAN id. Destinations in these prefixes are reached through the trunk with that
+        VLAN id.
+    type: dict
+  source:
+    description:
+      - Path on the target of a program to load instead of the collection's own.
+    type: path
+  allow_flow_table_reset:
+    description:
+      - Allow a size change, which re-creates the maps (the configuration is copied over; live
+        flows select again and counters restart).
+    type: bool
+    default: false
+  state:
+    description:
+      - C(present) loads and attaches; C(absent) detaches, and removes every pin once the
+        program is attached nowhere.
+    type: str
+    choices: [present, absent]
+    default: present
+seealso:
+  - module: xvs.lb.xvs_service
+  - module: xvs.lb.xvs_info
+author:
+  - xvs.lb contributors
+'''
+
+EXAMPLES = r'''
+- name: Attach the balancer to eth0
+  xvs.lb.xvs_attach:
+    interfaces: [eth0]
+
+- name: A trunk with two VLANs, a smaller flow table, in generic mode
+  xvs.lb.xvs_attach:
+    interfaces: [eth1]
+    mode: generic
+    vlans:
+      10: 192.0.2.0/24
+      20: 198.51.100.0/24
+    sizes:
+      flow_table_size: 262144
+
+- name: Detach everywhere and remove the pins
+  xvs.lb.xvs_attach:
+    state: absent
+'''
+
+RETURN = r'''
+program:
+  description: The loaded program (null once removed).
+  returned: always
+  type: dict
+  contains:
+    id:
+      description: The kernel's program id.
+      type: int
+      sample: 42
+    tag:
+      description: The kernel's program tag (a hash of its instructions).
+      type: str
+      sample: 298628d272f25179
+interfaces:
+  description: The interfaces the program is attached to, with the XDP mode of each.
+  returned: always
+  type: dict
+  sample: {"eth0": "native"}
+bpffs:
+  description: The pin root.
+  returned: always
+  type: str
+  sample: /sys/fs/bpf/xvs
+sizes:
+  description: The sizes the program was loaded with.
+  returned: always
+  type: dict
+  sample: {"flow_table_size": 1048576, "max_services": 64, "max_destinations": 256,
+           "maglev_table_size": 65537, "tcp_timeout": 300, "udp_timeout": 60, "max_interfaces": 64}
+vlans:
+  description: VLAN id to prefix, for a trunk.
+  returned: always
+  type: dict
+  sample: {}
+'''
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+from ansible_collections.xvs.lb.plugins.module_utils import _control as C, _layout as L, _loader
+from ansible_collections.xvs.lb.plugins.module_utils._netinfo import HAS_PYROUTE2
+
+# defaults and limits live in _layout.SIZE_LIMITS
+SIZE_OPTIONS = dict((name, dict(type="int", default=limits[0]))
+                    for name, limits in L.SIZE_LIMITS.items())
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            interfaces=dict(type="list", elements="str"),
+            mode=dict(type="str", default="auto", choices=list(_loader.MODES)),
+            sizes=dict(type="dict", options=SIZE_OPTIONS),
+            vlans=dict(type="dict"),
+            source=dict(type="path"),
+            allow_flow_table_reset=dict(type="bool", default=False),
+            state=dict(type="str", default="present", choices=["present", "absent"]),
+            bpffs=dict(type="path", default=C.DEFAULT_BPFFS),
+        ),
+        required_if=[("state", "present", ["interfaces"])],
+        supports_check_mode=True,
+    )
+    if not HAS_PYROUTE2:
+        module.fail_json(msg=missing_required_lib("pyroute2"))
+    params = module.params
+    try:
+        text = _loader.read_source(params["source"]) if params["state"] == "present" else ""
+        with C.host_lock():
+            p = C.AttachPlan(params, text)
+            if not module.check_mode:
+                p.apply()
+            if module.check_mode:
+                result = dict(p.after or {}, program=p.status["program"] if p.status else None)
+            else:
+                result = p.result()
+    except (C.XvsError,) + C.EXPECTED_ERRORS as e:
+        module.fail_json(msg=str(e))
+    result.setdefault("interfaces", {})
+    result.setdefault("bpffs", p.root)
+    result.setdefault("sizes", p.sizes)
+    result.setdefault("vlans", p.vlans)
+    result.pop("build_id", None)
+    result["changed"] = p.changed
+    if module._diff:
+        result["diff"] = {"before": p.before, "after": p.after}
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright (c) xvs.lb contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r'''
+module: xvs_info
+short_description: Read the state and counters of the xvs.lb XDP load balancer
+version_added: 0.1.0
+description:
+  - Returns the attachment (interfaces, modes, program, sizes), every service with its
+    destinations, and the counters, read from the pinned maps. Changes nothing and needs no
+    compiler.
+extends_documentation_fragment:
+  - xvs.lb.xvs
+  - xvs.lb.xvs.attributes
+  - ansible.builtin.action_common_attributes.info_module
+attributes:
+  check_mode:
+    support: full
+    details: Reads only; the same in check mode.
+  diff_mode:
+    support: none
+  platform:
+    platforms: linux
+seealso:
+  - module: xvs.lb.xvs_attach
+author:
+  - xvs.lb contributors
+'''
+
+EXAMPLES = r'''
+- name: Read the balancer
+  xvs.lb.xvs_info:
+  register: lb
+
+- name: Show new flows per destination
+  ansible.builtin.debug:
+    msg: "{{ item.address }}: {{ item.counters.new_flows }}"
+  loop: "{{ lb.services | map(attribute='destinations') | flatten }}"
+'''
+
+RETURN = r'''
+attachment:
+  description: Where and how the program runs.
+  returned: success
+  type: dict
+  contains:
+    interfaces:
+      description: Attached interfaces and their XDP mode.
+      type: dict
+      sample: {"eth0": "native"}
+    program:
+      description: The kernel's program id, tag and name.
+      type: dict
+      sample: {"id": 42, "tag": "298628d272f25179", "name": "xdp_lb"}
+    sizes:
+      description: The sizes the program was loaded with.
+      type: dict
+      sample: {"max_services": 64}
+    vlans:
+      description: VLAN id to prefix, for a trunk.
+      type: dict
+      sample: {}
+    bpffs:
+      description: The pin root.
+      type: str
+      sample: /sys/fs/bpf/xvs
+services:
+  description: Every service, its destinations, and their counters (packets, bytes, new flows).
+  returned: success
+  type: list
+  elements: dict
+  sample:
+    - address: 203.0.113.10
+      port: 80
+      protocol: tcp
+      sticky: false
+      counters: {"packets": 10, "bytes": 1200, "new_flows": 2}
+      destinations:
+        - address: 192.0.2.21
+          weight: 1
+          mac: "02:00:c0:00:02:15"
+          interface: eth0
+          vlan: 0
+          counters: {"packets": 10, "bytes": 1200, "new_flows": 2}
+counters:
+  description:
+    - Global counters, summed over CPUs. C(rx_packets) equals the sum of C(pass), C(tx),
+      C(redirect), C(icmp_echo_reply) and the C(drop_*) reasons.
+  returned: success
+  type: dict
+  sample: {"rx_packets": 12, "rx_bytes": 868, "pass": 9, "tx": 3, "redirect": 0,
+           "drop_no_service": 0, "drop_no_dest": 0, "drop_fragment": 0, "drop_icmp": 0,
+           "drop_vlan": 0, "icmp_echo_reply": 0, "icmp_ptb_forwarded": 0, "new_flows": 1,
+           "flow_reselect": 0}
+'''
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+from ansible_collections.xvs.lb.plugins.module_utils import _control as C
+from ansible_collections.xvs.lb.plugins.module_utils._netinfo import HAS_PYROUTE2
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(bpffs=dict(type="path", default=C.DEFAULT_BPFFS)),
+        supports_check_mode=True,
+    )
+    if not HAS_PYROUTE2:
+        module.fail_json(msg=missing_required_lib("pyroute2"))
+    try:
+        with C.host_lock():   # a consistent read: no run is half-way through a change
+            result = C.info(module.params["bpffs"])
+    except (C.XvsError,) + C.EXPECTED_ERRORS as e:
+        module.fail_json(msg=str(e))
+    module.exit_json(changed=False, **result)
+
+
+if __name__ == "__main__":
+    main()

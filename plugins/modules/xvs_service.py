@@ -1,0 +1,211 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright (c) xvs.lb contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r'''
+module: xvs_service
+short_description: Manage a virtual service of the xvs.lb XDP load balancer
+version_added: 0.1.0
+description:
+  - Creates, changes or removes a virtual service (VIP, port and protocol) of the XDP load
+    balancer attached with M(xvs.lb.xvs_attach), and optionally its destinations.
+  - New flows pick a destination from a weighted Maglev table; established flows keep theirs.
+  - Destinations are resolved on the balancer to the attached interface (or trunk VLAN) they
+    are on-link through and to their MAC address (from the neighbour table, probing once).
+extends_documentation_fragment:
+  - xvs.lb.xvs
+  - xvs.lb.xvs.protocol
+  - xvs.lb.xvs.attributes
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+  platform:
+    platforms: linux
+options:
+  address:
+    description:
+      - The virtual IP address (IPv4) of the service.
+    type: str
+    required: true
+  port:
+    description:
+      - The service's port, 1 to 65535.
+    type: int
+    required: true
+  sticky:
+    description:
+      - Select destinations by client and VIP address only, so every connection of one client
+        goes to the same destination, and fragments of the service's traffic can be forwarded.
+    type: bool
+    default: false
+  destinations:
+    description:
+      - Destinations to make present with these weights.
+      - Destinations of the service not listed are kept, unless O(purge_destinations=true).
+      - Omit to leave the destinations as they are.
+    type: list
+    elements: dict
+    suboptions:
+      address:
+        description:
+          - The destination's IPv4 address; it must be on-link through an attached interface.
+        type: str
+        required: true
+      weight:
+        description:
+          - Share of new flows, relative to the other destinations; 0 drains (no new flows,
+            established flows continue).
+        type: int
+        default: 1
+  purge_destinations:
+    description:
+      - With O(destinations) given, remove every destination not listed.
+    type: bool
+    default: false
+  state:
+    description:
+      - Whether the service should exist.
+    type: str
+    choices: [present, absent]
+    default: present
+seealso:
+  - module: xvs.lb.xvs_destination
+  - module: xvs.lb.xvs_attach
+author:
+  - xvs.lb contributors
+'''
+
+EXAMPLES = r'''
+- name: HTTP on a VIP, balanced over three web servers
+  xvs.lb.xvs_service:
+    address: 203.0.113.10
+    port: 80
+    destinations:
+      - address: 192.0.2.21
+      - address: 192.0.2.22
+      - address: 192.0.2.23
+        weight: 2
+    purge_destinations: true
+
+- name: A sticky UDP service
+  xvs.lb.xvs_service:
+    address: 203.0.113.10
+    port: 53
+    protocol: udp
+    sticky: true
+
+- name: Remove a service
+  xvs.lb.xvs_service:
+    address: 203.0.113.10
+    port: 8080
+    state: absent
+'''
+
+RETURN = r'''
+service:
+  description: The service after the run (null when absent).
+  returned: always
+  type: dict
+  contains:
+    address:
+      description: The VIP.
+      type: str
+      sample: 203.0.113.10
+    port:
+      description: The port.
+      type: int
+      sample: 80
+    protocol:
+      description: The protocol.
+      type: str
+      sample: tcp
+    sticky:
+      description: Whether selection uses addresses only.
+      type: bool
+      sample: false
+    destinations:
+      description: The destinations, by address.
+      type: list
+      elements: dict
+      sample:
+        - address: 192.0.2.21
+          weight: 1
+          mac: "02:00:c0:00:02:15"
+          interface: eth0
+          vlan: 0
+'''
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+from ansible_collections.xvs.lb.plugins.module_utils import _control as C
+from ansible_collections.xvs.lb.plugins.module_utils._netinfo import HAS_PYROUTE2
+
+
+def plan(bal, p):
+    address = C.ipv4("address", p["address"])
+    port = C.port("port", p["port"])
+    proto = C.protocol("protocol", p["protocol"])
+    if p["state"] == "absent":
+        return C.ServicePlan(bal, address, port, proto, False, [], remove=True)
+    current = bal.dp.service(address, port, proto)
+    existing = C.existing_destinations(current)
+    listed = p["destinations"]
+    wanted = {} if (p["purge_destinations"] and listed is not None) else dict(existing)
+    seen = set()
+    for i, item in enumerate(listed or []):
+        label = "destinations[%d].address" % i
+        addr = C.ipv4(label, item["address"])
+        if addr in seen:
+            raise C.XvsError("%s=%s: listed more than once" % (label, addr))
+        seen.add(addr)
+        w = C.weight("destinations[%d].weight" % i, item["weight"])
+        base = existing.get(addr) or bal.resolve(label, addr)
+        wanted[addr] = dict(base, weight=w)
+    return C.ServicePlan(bal, address, port, proto, p["sticky"], list(wanted.values()))
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            address=dict(type="str", required=True),
+            port=dict(type="int", required=True),
+            protocol=dict(type="str", default="tcp", choices=["tcp", "udp"]),
+            sticky=dict(type="bool", default=False),
+            destinations=dict(type="list", elements="dict", options=dict(
+                address=dict(type="str", required=True),
+                weight=dict(type="int", default=1),
+            )),
+            purge_destinations=dict(type="bool", default=False),
+            state=dict(type="str", default="present", choices=["present", "absent"]),
+            bpffs=dict(type="path", default=C.DEFAULT_BPFFS),
+        ),
+        supports_check_mode=True,
+    )
+    if not HAS_PYROUTE2:
+        module.fail_json(msg=missing_required_lib("pyroute2"))
+    try:
+        with C.host_lock():
+            bal = C.Balancer(module.params["bpffs"])
+            try:
+                p = plan(bal, module.params)
+                if not module.check_mode:
+                    p.apply()
+            finally:
+                bal.close()
+    except (C.XvsError,) + C.EXPECTED_ERRORS as e:
+        module.fail_json(msg=str(e))
+    result = dict(changed=p.changed, service=p.after)
+    if module._diff:
+        result["diff"] = p.diff()
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

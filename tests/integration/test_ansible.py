@@ -1,0 +1,134 @@
+"""End to end with real ansible-core and real traffic: ansible-playbook and
+ansible run the modules inside the balancer's namespace (bpffs root outside
+/sys), and a client in its own namespace talks to the VIP."""
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from xvstest.lab import ECHO_PORT, VIP, curl, dsr_lab, inside
+from xvstest.packets import dump_maps
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BACKENDS = {"b1": "192.0.2.21", "b2": "192.0.2.22", "b3": "192.0.2.23"}
+BIN = os.path.dirname(sys.executable)
+
+
+def collections_path():
+    import ansible_collections.xvs.lb as lb
+    return os.path.dirname(os.path.dirname(os.path.dirname(lb.__path__[0])))
+
+
+class Ansible(object):
+    def __init__(self, lab, root):
+        self.lab, self.root = lab, root
+        self.env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=collections_path(),
+                        ANSIBLE_PYTHON_INTERPRETER="/usr/bin/python3",
+                        ANSIBLE_LOCALHOST_WARNING="false", ANSIBLE_NOCOLOR="1",
+                        ANSIBLE_INVENTORY_UNPARSED_WARNING="false")
+
+    def _run(self, argv):
+        return subprocess.run(["ip", "netns", "exec", self.lab.name("bal")] + argv, env=self.env,
+                              capture_output=True, text=True, timeout=300)
+
+    def playbook(self, destinations, *flags):
+        extra = json.dumps({"bpffs": self.root, "vip": VIP, "destinations": destinations})
+        r = self._run([os.path.join(BIN, "ansible-playbook"), "-i", "localhost,", "-c", "local",
+                       "-e", extra, os.path.join(HERE, "playbooks", "balancer.yml")] + list(flags))
+        assert r.returncode == 0, r.stdout + r.stderr
+        return int(re.search(r"localhost\s+:.*changed=(\d+)", r.stdout).group(1)), r.stdout
+
+    def module(self, name, args, ok=True):
+        args = dict(args, bpffs=self.root)
+        r = self._run([os.path.join(BIN, "ansible"), "localhost", "-i", "localhost,", "-c", "local",
+                       "-m", "xvs.lb." + name, "-a", json.dumps(args), "-o"])
+        assert (r.returncode == 0) == ok, r.stdout + r.stderr
+        return r.stdout
+
+
+def dests(**weights):
+    return [{"address": BACKENDS[n], "weight": weights.get(n, 1)} for n in sorted(BACKENDS)]
+
+
+def echo_connect(lab):
+    """A connection to the echo service: (socket, backend name)."""
+    with inside(lab.name("cli")):
+        s = socket.create_connection((VIP, ECHO_PORT), timeout=5)
+    f = s.makefile("rb")
+    return s, f, f.readline().strip().decode()
+
+
+@pytest.fixture
+def lab(tmp_path):
+    with dsr_lab("xa", tmp_path, BACKENDS) as lab:
+        yield lab
+
+
+def test_playbook_attach_serve_drain_remove_detach(lab, bpffs):
+    root = os.path.join(bpffs, "ansible")
+    ans = Ansible(lab, root)
+    held = []
+    try:
+        changed, _ = ans.playbook(dests())
+        assert changed == 2   # attach, and the services (one looped task)
+
+        seen = {curl(lab, "whoami", 21000 + i).stdout for i in range(30)}
+        assert seen == set(BACKENDS)
+
+        # idempotent: the same playbook changes nothing
+        assert ans.playbook(dests())[0] == 0
+
+        # check mode with diff: reports the change, shows it, changes nothing
+        with inside(lab.name("bal")):
+            before = dump_maps(root)
+        changed, out = ans.playbook(dests(b3=2), "--check", "--diff")
+        assert changed == 1
+        assert re.search(r'^\+\s+"weight": 2', out, re.M), out
+        with inside(lab.name("bal")):
+            assert dump_maps(root) == before
+
+        # drain b1 on the echo service: a held connection to it keeps working
+        conns = [echo_connect(lab) for _ in range(12)]
+        held = [c for c in conns if c[2] == "b1"]
+        assert held, "no connection reached b1: %s" % [c[2] for c in conns]
+        s, f, _ = held[0]
+        drain = {"service_address": VIP, "service_port": ECHO_PORT, "address": BACKENDS["b1"]}
+        out = ans.module("xvs_destination", dict(drain, weight=0))
+        assert "CHANGED" in out and '"weight": 0' in out
+        s.sendall(b"still here\n")
+        assert f.readline() == b"still here\n"
+        fresh = [echo_connect(lab) for _ in range(20)]
+        assert "b1" not in {c[2] for c in fresh}
+        assert {c[2] for c in fresh} == {"b2", "b3"}
+        for c in conns + fresh:
+            c[0].close()
+
+        # remove it: new connections never reach it
+        out = ans.module("xvs_destination", dict(drain, state="absent"))
+        assert "CHANGED" in out
+        assert "b1" not in {echo_connect(lab)[2] for _ in range(20)}
+
+        # the info module sees two destinations on the echo service and counts
+        info = ans.module("xvs_info", {})
+        data = json.loads(info.split("=>", 1)[1])
+        echo = [s for s in data["services"] if s["port"] == ECHO_PORT][0]
+        assert sorted(d["address"] for d in echo["destinations"]) == [BACKENDS["b2"], BACKENDS["b3"]]
+        assert data["counters"]["new_flows"] >= 30 + 12 + 20 + 20
+        assert data["attachment"]["interfaces"] == {"eth0": "native"}
+
+        # detach: the VIP stops answering and the pins are gone
+        out = ans.module("xvs_attach", {"state": "absent"})
+        assert "CHANGED" in out
+        assert curl(lab, "whoami", timeout=2).returncode != 0
+        assert not os.path.exists(root)
+    finally:
+        for c in held:
+            c[0].close()
+        with inside(lab.name("bal")):
+            from ansible_collections.xvs.lb.plugins.module_utils import _loader
+            _loader.detach("eth0")
+            _loader.unpin_all(root)
