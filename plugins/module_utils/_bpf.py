@@ -91,14 +91,14 @@ def possible_cpus():
         spec = f.read().strip()
     count = 0
     for part in spec.split(","):
-        lo, _, hi = part.partition("-")
+        lo, dummy, hi = part.partition("-")
         count += int(hi or lo) - int(lo) + 1
     return count
 
 
 def obj_get(path):
     data = ctypes.create_string_buffer(os.fsencode(path))
-    fd, _ = bpf(OBJ_GET, "=QII", (_addr(data), 0, 0), "open pinned object %s" % path)
+    fd = bpf(OBJ_GET, "=QII", (_addr(data), 0, 0), "open pinned object %s" % path)[0]
     return fd
 
 
@@ -108,7 +108,7 @@ def obj_pin(fd, path):
 
 
 def prog_get_fd_by_id(prog_id):
-    fd, _ = bpf(PROG_GET_FD_BY_ID, "=III", (prog_id, 0, 0), "open program id %d" % prog_id)
+    fd = bpf(PROG_GET_FD_BY_ID, "=III", (prog_id, 0, 0), "open program id %d" % prog_id)[0]
     return fd
 
 
@@ -149,11 +149,11 @@ def prog_test_run(fd, data, ctx=b"", repeat=1, out_size=None):
     din = ctypes.create_string_buffer(bytes(data), len(data))
     dout = ctypes.create_string_buffer(out_size)
     cin = ctypes.create_string_buffer(bytes(ctx), len(ctx)) if ctx else None
-    _, attr = bpf(PROG_TEST_RUN, "=IIIIQQIIIIQQ",
-                  (fd, 0, len(data), out_size, _addr(din), _addr(dout), repeat, 0,
-                   len(ctx), 0, _addr(cin), 0),
-                  "test run of program fd %d" % fd)
-    _, retval, _, size_out = struct.unpack_from("=IIII", attr, 0)
+    attr = bpf(PROG_TEST_RUN, "=IIIIQQIIIIQQ",
+               (fd, 0, len(data), out_size, _addr(din), _addr(dout), repeat, 0,
+                len(ctx), 0, _addr(cin), 0),
+               "test run of program fd %d" % fd)[1]
+    retval, size_out = struct.unpack_from("=I4xI", attr, 4)
     duration = struct.unpack_from("=I", attr, 36)[0]
     return retval, dout.raw[:size_out], duration
 

@@ -181,9 +181,7 @@ MAPS = {
     "tx_ports": (14, U32, U32),
     "vlans": (2, U32, VlanNet),
 }
-# Maps that hold configuration (kept across a resize by copying it over)
-# rather than flows or counters.
-CONFIG_MAPS = ("meta", "vips", "services", "dests", "maglev", "tx_ports", "vlans")
+
 
 def be32(address):
     """An IPv4 address as the u32 whose memory holds it in network order."""

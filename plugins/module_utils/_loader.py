@@ -125,7 +125,7 @@ def _snapshot(root, sizes):
     the current configuration does not fit in."""
     with DataPlane(root) as dp:
         services = dp.services()
-        ports = [(k, v) for k, v in dp.maps["tx_ports"].items()]
+        ports = dp.maps["tx_ports"].items()
         vlans = read_vlans(dp)
     if len(services) > sizes["max_services"]:
         raise LoaderError("max_services=%d: %d services are configured"
@@ -135,7 +135,7 @@ def _snapshot(root, sizes):
             raise LoaderError("max_destinations=%d: service %s:%d/%s has %d destinations"
                               % (sizes["max_destinations"], s["address"], s["port"],
                                  s["protocol"], len(s["destinations"])))
-    for k, _ in ports:
+    for k, dummy in ports:
         if int.from_bytes(k, "little") >= sizes["max_interfaces"]:
             raise LoaderError("max_interfaces=%d: redirect slot %d is in use"
                               % (sizes["max_interfaces"], int.from_bytes(k, "little")))
@@ -282,7 +282,8 @@ def _set_tx_port(root, ifindex):
         if dp.tx_port(ifindex) is not None:
             return
         m = dp.maps["tx_ports"]
-        used = {int.from_bytes(k, "little") for k, _ in m.items()}
+        # a devmap walk lists every index; only the ones holding a device are used
+        used = set(int.from_bytes(kv[0], "little") for kv in m.items())
         free = [i for i in range(m.max_entries) if i not in used]
         if not free:
             raise LoaderError("all max_interfaces=%d redirect slots are in use" % m.max_entries)

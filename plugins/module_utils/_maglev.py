@@ -37,14 +37,14 @@ def build(destinations, size):
     eligible = sorted((a, w) for a, w in destinations if w > 0)
     if not eligible:
         return None
-    names = [a for a, _ in eligible]
+    names = [e[0] for e in eligible]
     if len(set(names)) != len(names):
         raise ValueError("duplicate destination in Maglev input")
-    weights = [w for _, w in eligible]
+    weights = [e[1] for e in eligible]
     top = max(weights)
     perms = [_permutation(a, size) for a in names]
-    pos = [off for off, _ in perms]      # each destination's next candidate
-    skips = [sk for _, sk in perms]
+    pos = [p[0] for p in perms]      # each destination's next candidate
+    skips = [p[1] for p in perms]
     credit = [0] * len(names)
     table = [-1] * size
     filled = 0

@@ -122,7 +122,7 @@ seealso:
   - module: xvs.lb.xvs_service
   - module: xvs.lb.xvs_info
 author:
-  - xvs.lb contributors
+  - xvs.lb contributors (@xvs-lb)
 '''
 
 EXAMPLES = r'''

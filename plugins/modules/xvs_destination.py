@@ -64,7 +64,7 @@ options:
 seealso:
   - module: xvs.lb.xvs_service
 author:
-  - xvs.lb contributors
+  - xvs.lb contributors (@xvs-lb)
 '''
 
 EXAMPLES = r'''

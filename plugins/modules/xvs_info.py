@@ -18,7 +18,6 @@ description:
 extends_documentation_fragment:
   - xvs.lb.xvs
   - xvs.lb.xvs.attributes
-  - ansible.builtin.action_common_attributes.info_module
 attributes:
   check_mode:
     support: full
@@ -30,7 +29,7 @@ attributes:
 seealso:
   - module: xvs.lb.xvs_attach
 author:
-  - xvs.lb contributors
+  - xvs.lb contributors (@xvs-lb)
 '''
 
 EXAMPLES = r'''

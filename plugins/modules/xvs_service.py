@@ -79,7 +79,7 @@ seealso:
   - module: xvs.lb.xvs_destination
   - module: xvs.lb.xvs_attach
 author:
-  - xvs.lb contributors
+  - xvs.lb contributors (@xvs-lb)
 '''
 
 EXAMPLES = r'''

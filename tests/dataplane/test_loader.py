@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from ansible_collections.xvs.lb.plugins.module_utils import _bpf, _layout as L, _loader, _netinfo
+from ansible_collections.xvs.lb.plugins.module_utils import _layout as L, _loader, _netinfo
 from xvstest.lab import Lab, inside
 from xvstest.packets import (CLIENT, TEST_SIZES, VIP, Harness, dest_of, dump_maps, expected_dest,
                              harness)

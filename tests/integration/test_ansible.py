@@ -19,7 +19,7 @@ BIN = os.path.dirname(sys.executable)
 
 
 def collections_path():
-    import ansible_collections.xvs.lb as lb
+    from ansible_collections.xvs import lb
     return os.path.dirname(os.path.dirname(os.path.dirname(lb.__path__[0])))
 
 
@@ -33,7 +33,7 @@ class Ansible(object):
 
     def _run(self, argv):
         return subprocess.run(["ip", "netns", "exec", self.lab.name("bal")] + argv, env=self.env,
-                              capture_output=True, text=True, timeout=300)
+                              capture_output=True, text=True, timeout=300, check=False)
 
     def playbook(self, destinations, *flags):
         extra = json.dumps({"bpffs": self.root, "vip": VIP, "destinations": destinations})
@@ -43,7 +43,7 @@ class Ansible(object):
         return int(re.search(r"localhost\s+:.*changed=(\d+)", r.stdout).group(1)), r.stdout
 
     def module(self, name, args, ok=True):
-        args = dict(args, bpffs=self.root)
+        args = dict({"bpffs": self.root}, **args)
         r = self._run([os.path.join(BIN, "ansible"), "localhost", "-i", "localhost,", "-c", "local",
                        "-m", "xvs.lb." + name, "-a", json.dumps(args), "-o"])
         assert (r.returncode == 0) == ok, r.stdout + r.stderr
@@ -73,7 +73,7 @@ def test_playbook_attach_serve_drain_remove_detach(lab, bpffs):
     ans = Ansible(lab, root)
     held = []
     try:
-        changed, _ = ans.playbook(dests())
+        changed = ans.playbook(dests())[0]
         assert changed == 2   # attach, and the services (one looped task)
 
         seen = {curl(lab, "whoami", 21000 + i).stdout for i in range(30)}
@@ -81,6 +81,31 @@ def test_playbook_attach_serve_drain_remove_detach(lab, bpffs):
 
         # idempotent: the same playbook changes nothing
         assert ans.playbook(dests())[0] == 0
+
+        # bad input: a one-line error naming the option and value, nothing changed
+        with inside(lab.name("bal")):
+            before = dump_maps(root)
+        svc = {"address": VIP, "port": 80}
+        for args, msg in [
+                (dict(svc, address="203.0.113.300"), "address=203.0.113.300: not an IPv4"),
+                (dict(svc, port=70000), "port=70000: must be a port number"),
+                (dict(svc, destinations=[{"address": "198.51.100.9"}]),
+                 "destinations[0].address=198.51.100.9: destination 198.51.100.9 is not on-link"),
+                (dict(svc, destinations=[{"address": "192.0.2.99"}]),
+                 "destinations[0].address=192.0.2.99: cannot resolve the MAC address")]:
+            assert msg in ans.module("xvs_service", args, ok=False)
+        attach = {"interfaces": ["eth0"], "sizes": {"flow_table_size": 65536, "max_services": 8}}
+        assert "interfaces: nosuch0 does not exist" in ans.module(
+            "xvs_attach", dict(attach, interfaces=["eth0", "nosuch0"]), ok=False)
+        assert "allow the flow table reset explicitly" in ans.module(
+            "xvs_attach", dict(attach, sizes={"flow_table_size": 8192, "max_services": 8}),
+            ok=False)
+        assert "maglev_table_size=65536: must be a prime" in ans.module(
+            "xvs_attach", dict(attach, sizes={"maglev_table_size": 65536}), ok=False)
+        with inside(lab.name("bal")):
+            assert dump_maps(root) == before
+        assert "is not attached here" in ans.module(
+            "xvs_service", dict(svc, bpffs=root + "_none"), ok=False)
 
         # check mode with diff: reports the change, shows it, changes nothing
         with inside(lab.name("bal")):
@@ -92,16 +117,16 @@ def test_playbook_attach_serve_drain_remove_detach(lab, bpffs):
             assert dump_maps(root) == before
 
         # drain b1 on the echo service: a held connection to it keeps working
-        conns = [echo_connect(lab) for _ in range(12)]
+        conns = [echo_connect(lab) for i in range(12)]
         held = [c for c in conns if c[2] == "b1"]
         assert held, "no connection reached b1: %s" % [c[2] for c in conns]
-        s, f, _ = held[0]
+        s, f = held[0][:2]
         drain = {"service_address": VIP, "service_port": ECHO_PORT, "address": BACKENDS["b1"]}
         out = ans.module("xvs_destination", dict(drain, weight=0))
         assert "CHANGED" in out and '"weight": 0' in out
         s.sendall(b"still here\n")
         assert f.readline() == b"still here\n"
-        fresh = [echo_connect(lab) for _ in range(20)]
+        fresh = [echo_connect(lab) for i in range(20)]
         assert "b1" not in {c[2] for c in fresh}
         assert {c[2] for c in fresh} == {"b2", "b3"}
         for c in conns + fresh:
@@ -110,7 +135,7 @@ def test_playbook_attach_serve_drain_remove_detach(lab, bpffs):
         # remove it: new connections never reach it
         out = ans.module("xvs_destination", dict(drain, state="absent"))
         assert "CHANGED" in out
-        assert "b1" not in {echo_connect(lab)[2] for _ in range(20)}
+        assert "b1" not in {echo_connect(lab)[2] for i in range(20)}
 
         # the info module sees two destinations on the echo service and counts
         info = ans.module("xvs_info", {})

@@ -29,14 +29,14 @@ def test_locate_and_resolve_by_probe(pair):
 
 
 def test_locate_through_vlan_of_trunk(pair):
-    _, bal, _ = pair
+    bal = pair[1]
     with inside(bal):
         info, vlan = _netinfo.locate("198.51.100.40", ["eth0"], {20: "198.51.100.0/24"})
         assert (info["name"], vlan) == ("eth0", 20)
 
 
 def test_not_on_link_is_a_clear_error(pair):
-    _, bal, _ = pair
+    bal = pair[1]
     with inside(bal):
         with pytest.raises(_netinfo.NetInfoError,
                            match=r"destination 198\.51\.100\.9 is not on-link .*\(eth0\)"):
@@ -44,9 +44,9 @@ def test_not_on_link_is_a_clear_error(pair):
 
 
 def test_unresolvable_mac_is_a_clear_error(pair):
-    _, bal, _ = pair
+    bal = pair[1]
     with inside(bal):
-        info, _ = _netinfo.locate("192.0.2.99", ["eth0"])
+        info = _netinfo.locate("192.0.2.99", ["eth0"])[0]
         with pytest.raises(_netinfo.NetInfoError,
                            match=r"cannot resolve the MAC address of 192\.0\.2\.99 on eth0"):
             _netinfo.resolve_mac("192.0.2.99", info, timeout=1.0)

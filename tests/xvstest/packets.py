@@ -1,7 +1,6 @@
 """Packet-test harness: a loaded program, BPF_PROG_TEST_RUN with a fresh
 input buffer per run, and an oracle for the program's flow hash."""
 import contextlib
-import ctypes
 import os
 import struct
 
@@ -60,7 +59,7 @@ class Harness(object):
         """(verdict name, output bytes) for one frame, fresh buffer."""
         raw = bytes(frame)
         ctx = struct.pack("=6I", 0, len(raw), 0, ifindex, 0, 0) if ifindex else b""
-        ret, out, _ = _bpf.prog_test_run(self.prog.fd, raw, ctx=ctx)
+        ret, out = _bpf.prog_test_run(self.prog.fd, raw, ctx=ctx)[:2]
         return VERDICT.get(ret, ret), out
 
     def counters(self):
