@@ -21,6 +21,8 @@ import os
 import re
 import time
 
+from ansible.module_utils.basic import missing_required_lib
+
 from ansible_collections.xvs.lb.plugins.module_utils import _bpf, _layout as L, _loader, _netinfo
 from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane, DataPlaneError
 
@@ -37,6 +39,33 @@ EXPECTED_ERRORS = (DataPlaneError, _loader.LoaderError, _netinfo.NetInfoError, L
 
 class XvsError(Exception):
     pass
+
+
+def run(module, work):
+    """Run work() under the host lock; an expected error becomes the
+    module's one-line failure."""
+    if not _netinfo.HAS_PYROUTE2:
+        module.fail_json(msg=missing_required_lib("pyroute2"))
+    try:
+        with host_lock():
+            return work()
+    except (XvsError,) + EXPECTED_ERRORS as e:
+        module.fail_json(msg=str(e))
+
+
+def run_plan(module, plan):
+    """For the service modules: plan(balancer, params) -> (ServicePlan,
+    extra), applied outside check mode."""
+    def work():
+        bal = Balancer(module.params["bpffs"])
+        try:
+            planned = plan(bal, module.params)
+            if not module.check_mode:
+                planned[0].apply()
+            return planned
+        finally:
+            bal.close()
+    return run(module, work)
 
 
 @contextlib.contextmanager

@@ -182,10 +182,9 @@ vlans:
   sample: {}
 '''
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.xvs.lb.plugins.module_utils import _control as C, _layout as L, _loader
-from ansible_collections.xvs.lb.plugins.module_utils._netinfo import HAS_PYROUTE2
 
 # defaults and limits live in _layout.SIZE_LIMITS
 SIZE_OPTIONS = dict((name, dict(type="int", default=limits[0]))
@@ -207,21 +206,17 @@ def main():
         required_if=[("state", "present", ["interfaces"])],
         supports_check_mode=True,
     )
-    if not HAS_PYROUTE2:
-        module.fail_json(msg=missing_required_lib("pyroute2"))
     params = module.params
-    try:
+
+    def work():
         text = _loader.read_source(params["source"]) if params["state"] == "present" else ""
-        with C.host_lock():
-            p = C.AttachPlan(params, text)
-            if not module.check_mode:
-                p.apply()
-            if module.check_mode:
-                result = dict(p.after or {}, program=p.status["program"] if p.status else None)
-            else:
-                result = p.result()
-    except (C.XvsError,) + C.EXPECTED_ERRORS as e:
-        module.fail_json(msg=str(e))
+        plan = C.AttachPlan(params, text)
+        if module.check_mode:
+            return plan, dict(plan.after or {}, program=plan.status["program"] if plan.status else None)
+        plan.apply()
+        return plan, plan.result()
+
+    p, result = C.run(module, work)
     result.setdefault("interfaces", {})
     result.setdefault("bpffs", p.root)
     result.setdefault("sizes", p.sizes)

@@ -127,10 +127,9 @@ service:
     destinations: []
 '''
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.xvs.lb.plugins.module_utils import _control as C
-from ansible_collections.xvs.lb.plugins.module_utils._netinfo import HAS_PYROUTE2
 
 
 def plan(bal, p):
@@ -169,19 +168,7 @@ def main():
         ),
         supports_check_mode=True,
     )
-    if not HAS_PYROUTE2:
-        module.fail_json(msg=missing_required_lib("pyroute2"))
-    try:
-        with C.host_lock():
-            bal = C.Balancer(module.params["bpffs"])
-            try:
-                p, addr = plan(bal, module.params)
-                if not module.check_mode:
-                    p.apply()
-            finally:
-                bal.close()
-    except (C.XvsError,) + C.EXPECTED_ERRORS as e:
-        module.fail_json(msg=str(e))
+    p, addr = C.run_plan(module, plan)
     dest = [d for d in p.after["destinations"] if d["address"] == addr]
     result = dict(changed=p.changed, service=p.after, destination=dest[0] if dest else None)
     if module._diff:

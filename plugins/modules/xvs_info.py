@@ -99,10 +99,9 @@ counters:
            "flow_reselect": 0}
 '''
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.xvs.lb.plugins.module_utils import _control as C
-from ansible_collections.xvs.lb.plugins.module_utils._netinfo import HAS_PYROUTE2
 
 
 def main():
@@ -110,13 +109,8 @@ def main():
         argument_spec=dict(bpffs=dict(type="path", default=C.DEFAULT_BPFFS)),
         supports_check_mode=True,
     )
-    if not HAS_PYROUTE2:
-        module.fail_json(msg=missing_required_lib("pyroute2"))
-    try:
-        with C.host_lock():   # a consistent read: no run is half-way through a change
-            result = C.info(module.params["bpffs"])
-    except (C.XvsError,) + C.EXPECTED_ERRORS as e:
-        module.fail_json(msg=str(e))
+    # under the lock: a consistent read, no run half-way through a change
+    result = C.run(module, lambda: C.info(module.params["bpffs"]))
     module.exit_json(changed=False, **result)
 
 

@@ -142,10 +142,9 @@ service:
           vlan: 0
 '''
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.xvs.lb.plugins.module_utils import _control as C
-from ansible_collections.xvs.lb.plugins.module_utils._netinfo import HAS_PYROUTE2
 
 
 def plan(bal, p):
@@ -153,7 +152,7 @@ def plan(bal, p):
     port = C.port("port", p["port"])
     proto = C.protocol("protocol", p["protocol"])
     if p["state"] == "absent":
-        return C.ServicePlan(bal, address, port, proto, False, [], remove=True)
+        return C.ServicePlan(bal, address, port, proto, False, [], remove=True), None
     current = bal.dp.service(address, port, proto)
     existing = C.existing_destinations(current)
     listed = p["destinations"]
@@ -168,7 +167,7 @@ def plan(bal, p):
         w = C.weight("destinations[%d].weight" % i, item["weight"])
         base = existing.get(addr) or bal.resolve(label, addr)
         wanted[addr] = dict(base, weight=w)
-    return C.ServicePlan(bal, address, port, proto, p["sticky"], list(wanted.values()))
+    return C.ServicePlan(bal, address, port, proto, p["sticky"], list(wanted.values())), None
 
 
 def main():
@@ -188,19 +187,7 @@ def main():
         ),
         supports_check_mode=True,
     )
-    if not HAS_PYROUTE2:
-        module.fail_json(msg=missing_required_lib("pyroute2"))
-    try:
-        with C.host_lock():
-            bal = C.Balancer(module.params["bpffs"])
-            try:
-                p = plan(bal, module.params)
-                if not module.check_mode:
-                    p.apply()
-            finally:
-                bal.close()
-    except (C.XvsError,) + C.EXPECTED_ERRORS as e:
-        module.fail_json(msg=str(e))
+    p = C.run_plan(module, plan)[0]
     result = dict(changed=p.changed, service=p.after)
     if module._diff:
         result["diff"] = p.diff()

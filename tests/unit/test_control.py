@@ -118,7 +118,7 @@ def params(**kw):
 
 def test_new_service_is_planned_then_applied_as_planned():
     bal = FakeBalancer()
-    plan = xvs_service.plan(bal, params(destinations=[{"address": "192.0.2.21", "weight": 2}]))
+    plan = xvs_service.plan(bal, params(destinations=[{"address": "192.0.2.21", "weight": 2}]))[0]
     assert plan.changed and plan.before is None
     assert plan.after["destinations"] == [{"address": "192.0.2.21", "weight": 2,
                                            "mac": "02:00:00:00:00:15", "interface": "eth2",
@@ -130,7 +130,7 @@ def test_new_service_is_planned_then_applied_as_planned():
 
 def test_same_destinations_unchanged_and_not_re_resolved():
     bal = FakeBalancer([svc([dest("192.0.2.21"), dest("192.0.2.22", 3)])])
-    plan = xvs_service.plan(bal, params(destinations=[{"address": "192.0.2.22", "weight": 3}]))
+    plan = xvs_service.plan(bal, params(destinations=[{"address": "192.0.2.22", "weight": 3}]))[0]
     assert not plan.changed and bal.resolved == []
     plan.apply()
     assert bal.dp.writes == []
@@ -139,10 +139,10 @@ def test_same_destinations_unchanged_and_not_re_resolved():
 def test_purge_removes_unlisted_only_when_asked():
     current = [svc([dest("192.0.2.21"), dest("192.0.2.22")])]
     listed = [{"address": "192.0.2.22", "weight": 1}]
-    keep = xvs_service.plan(FakeBalancer(current), params(destinations=listed))
+    keep = xvs_service.plan(FakeBalancer(current), params(destinations=listed))[0]
     assert not keep.changed
     purge = xvs_service.plan(FakeBalancer(current), params(destinations=listed,
-                                                           purge_destinations=True))
+                                                           purge_destinations=True))[0]
     assert purge.changed
     assert [d["address"] for d in purge.after["destinations"]] == ["192.0.2.22"]
 
@@ -150,8 +150,8 @@ def test_purge_removes_unlisted_only_when_asked():
 def test_weight_and_sticky_changes_are_changes():
     current = [svc([dest("192.0.2.21")])]
     assert xvs_service.plan(FakeBalancer(current), params(
-        destinations=[{"address": "192.0.2.21", "weight": 0}])).changed
-    assert xvs_service.plan(FakeBalancer(current), params(sticky=True)).changed
+        destinations=[{"address": "192.0.2.21", "weight": 0}]))[0].changed
+    assert xvs_service.plan(FakeBalancer(current), params(sticky=True))[0].changed
 
 
 @pytest.mark.parametrize("p,msg", [
@@ -179,11 +179,11 @@ def test_services_limit():
 
 def test_absent_service():
     bal = FakeBalancer([svc([dest("192.0.2.21")])])
-    plan = xvs_service.plan(bal, params(state="absent"))
+    plan = xvs_service.plan(bal, params(state="absent"))[0]
     assert plan.changed and plan.after is None
     plan.apply()
     assert bal.dp.writes == [("delete", VIP, 80, "tcp")]
-    assert not xvs_service.plan(FakeBalancer(), params(state="absent")).changed
+    assert not xvs_service.plan(FakeBalancer(), params(state="absent"))[0].changed
 
 
 def dparams(**kw):
