@@ -116,6 +116,23 @@ def test_playbook_attach_serve_drain_remove_detach(lab, bpffs):
         with inside(lab.name("bal")):
             assert dump_maps(root) == before
 
+        # a changed option reloads the program: a new program, the same
+        # services, and a connection held across the reload keeps working
+        s0, f0, name0 = echo_connect(lab)
+        old = json.loads(ans.module("xvs_info", {}).split("=>", 1)[1])
+        out = ans.module("xvs_attach", {"interfaces": ["eth0"], "sizes": {
+            "flow_table_size": 65536, "max_services": 8, "tcp_timeout": 600}})
+        assert "CHANGED" in out
+        new = json.loads(ans.module("xvs_info", {}).split("=>", 1)[1])
+        assert new["attachment"]["program"]["id"] != old["attachment"]["program"]["id"]
+        assert new["attachment"]["sizes"]["tcp_timeout"] == 600
+        strip = [[dict(d, counters=None) for d in sv["destinations"]] for sv in new["services"]]
+        assert strip == [[dict(d, counters=None) for d in sv["destinations"]]
+                         for sv in old["services"]]
+        s0.sendall(b"across the reload\n")
+        assert f0.readline() == b"across the reload\n", "connection to %s broke" % name0
+        s0.close()
+
         # drain b1 on the echo service: a held connection to it keeps working
         conns = [echo_connect(lab) for i in range(12)]
         held = [c for c in conns if c[2] == "b1"]
