@@ -21,8 +21,6 @@ import os
 import re
 import time
 
-from ansible.module_utils.basic import missing_required_lib
-
 from ansible_collections.xvs.lb.plugins.module_utils import _bpf, _layout as L, _loader, _netinfo
 from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane, DataPlaneError
 
@@ -44,6 +42,8 @@ class XvsError(Exception):
 def run(module, work):
     """Run work() under the host lock; an expected error becomes the
     module's one-line failure."""
+    # imported here: the boot-time restore uses this module without Ansible
+    from ansible.module_utils.basic import missing_required_lib
     if not _netinfo.HAS_PYROUTE2:
         module.fail_json(msg=missing_required_lib("pyroute2"))
     try:
@@ -244,6 +244,53 @@ def existing_destinations(svc):
     return dict((d["address"], d) for d in (svc["destinations"] if svc else []))
 
 
+def plan_service(bal, p):
+    """xvs_service: p holds its options.  Returns (ServicePlan, None)."""
+    address = ipv4("address", p["address"])
+    svc_port = port("port", p["port"])
+    proto = protocol("protocol", p["protocol"])
+    if p["state"] == "absent":
+        return ServicePlan(bal, address, svc_port, proto, False, [], remove=True), None
+    current = bal.dp.service(address, svc_port, proto)
+    existing = existing_destinations(current)
+    listed = p["destinations"]
+    wanted = {} if (p["purge_destinations"] and listed is not None) else dict(existing)
+    seen = set()
+    for i, item in enumerate(listed or []):
+        label = "destinations[%d].address" % i
+        addr = ipv4(label, item["address"])
+        if addr in seen:
+            raise XvsError("%s=%s: listed more than once" % (label, addr))
+        seen.add(addr)
+        w = weight("destinations[%d].weight" % i, item["weight"])
+        base = existing.get(addr) or bal.resolve(label, addr)
+        wanted[addr] = dict(base, weight=w)
+    return ServicePlan(bal, address, svc_port, proto, p["sticky"], list(wanted.values())), None
+
+
+def plan_destination(bal, p):
+    """xvs_destination: p holds its options.  Returns (ServicePlan, address)."""
+    vip = ipv4("service_address", p["service_address"])
+    svc_port = port("service_port", p["service_port"])
+    proto = protocol("protocol", p["protocol"])
+    addr = ipv4("address", p["address"])
+    current = bal.dp.service(vip, svc_port, proto)
+    if current is None:
+        raise XvsError("service_address=%s service_port=%d protocol=%s: no such service; "
+                         "create it with xvs.lb.xvs_service" % (vip, svc_port, proto))
+    dests = existing_destinations(current)
+    if p["state"] == "absent":
+        dests.pop(addr, None)
+    else:
+        w = weight("weight", p["weight"])
+        override = mac("mac", p["mac"]) if p["mac"] else None
+        have = dests.get(addr)
+        if have is None or (override and override != have["mac"]):
+            have = bal.resolve("address", addr, override)
+        dests[addr] = dict(have, weight=w)
+    return ServicePlan(bal, vip, svc_port, proto, current["sticky"], list(dests.values())), addr
+
+
 # ---- attachment -------------------------------------------------------------------------
 class AttachPlan(object):
     """Load, (re)attach and detach the program: what xvs_attach does."""
@@ -359,3 +406,46 @@ def info(root):
                 "services": services, "counters": bal.dp.counters()}
     finally:
         bal.close()
+
+
+def restore(state, log=print):
+    """Apply a desired state as the xvs role keeps it on disk (state.json):
+    the attachment, then every service; with purge, remove the services not
+    listed.  The boot-time restore calls this: the same plans the modules
+    run, so a restored balancer is what the last role run left."""
+    attach = dict(state["attach"], state="present")
+    attach.setdefault("bpffs", DEFAULT_BPFFS)
+    with host_lock():
+        text = _loader.read_source(attach.get("source"))
+        plan = AttachPlan(attach, text)
+        plan.apply()
+        log("xvs: program %s on %s" % ("reloaded" if plan.load else "kept",
+                                        ", ".join("%s (%s)" % kv for kv in
+                                                  sorted(plan.result()["interfaces"].items()))))
+        bal = Balancer(attach["bpffs"])
+        errors = []
+        try:
+            listed = set()
+            for svc in state.get("services", []):
+                p = dict({"protocol": "tcp", "sticky": False, "destinations": None,
+                          "purge_destinations": True, "state": "present"}, **svc)
+                p["destinations"] = [dict({"weight": 1}, **d) for d in p["destinations"] or []]
+                listed.add((p["address"], p["port"], p["protocol"]))
+                try:   # one unresolvable backend must not keep the others down
+                    sp = plan_service(bal, p)[0]
+                    sp.apply()
+                except (XvsError,) + EXPECTED_ERRORS as e:
+                    errors.append(str(e))
+                    log("xvs: service %s:%s/%s: %s" % (p["address"], p["port"], p["protocol"], e))
+                    continue
+                log("xvs: service %s:%d/%s %s" % (sp.key + ("applied" if sp.changed else "unchanged",)))
+            if state.get("purge"):
+                for s in bal.dp.services():
+                    key = (s["address"], s["port"], s["protocol"])
+                    if key not in listed:
+                        bal.dp.delete_service(*key)
+                        log("xvs: service %s:%d/%s removed (not listed)" % key)
+        finally:
+            bal.close()
+    if errors:
+        raise XvsError("%d service(s) not restored: %s" % (len(errors), "; ".join(errors)))

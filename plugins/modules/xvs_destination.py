@@ -132,28 +132,6 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.xvs.lb.plugins.module_utils import _control as C
 
 
-def plan(bal, p):
-    vip = C.ipv4("service_address", p["service_address"])
-    port = C.port("service_port", p["service_port"])
-    proto = C.protocol("protocol", p["protocol"])
-    addr = C.ipv4("address", p["address"])
-    current = bal.dp.service(vip, port, proto)
-    if current is None:
-        raise C.XvsError("service_address=%s service_port=%d protocol=%s: no such service; "
-                         "create it with xvs.lb.xvs_service" % (vip, port, proto))
-    dests = C.existing_destinations(current)
-    if p["state"] == "absent":
-        dests.pop(addr, None)
-    else:
-        w = C.weight("weight", p["weight"])
-        override = C.mac("mac", p["mac"]) if p["mac"] else None
-        have = dests.get(addr)
-        if have is None or (override and override != have["mac"]):
-            have = bal.resolve("address", addr, override)
-        dests[addr] = dict(have, weight=w)
-    return C.ServicePlan(bal, vip, port, proto, current["sticky"], list(dests.values())), addr
-
-
 def main():
     module = AnsibleModule(
         argument_spec=dict(
@@ -168,7 +146,7 @@ def main():
         ),
         supports_check_mode=True,
     )
-    p, addr = C.run_plan(module, plan)
+    p, addr = C.run_plan(module, C.plan_destination)
     dest = [d for d in p.after["destinations"] if d["address"] == addr]
     result = dict(changed=p.changed, service=p.after, destination=dest[0] if dest else None)
     if module._diff:

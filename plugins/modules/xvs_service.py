@@ -147,29 +147,6 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.xvs.lb.plugins.module_utils import _control as C
 
 
-def plan(bal, p):
-    address = C.ipv4("address", p["address"])
-    port = C.port("port", p["port"])
-    proto = C.protocol("protocol", p["protocol"])
-    if p["state"] == "absent":
-        return C.ServicePlan(bal, address, port, proto, False, [], remove=True), None
-    current = bal.dp.service(address, port, proto)
-    existing = C.existing_destinations(current)
-    listed = p["destinations"]
-    wanted = {} if (p["purge_destinations"] and listed is not None) else dict(existing)
-    seen = set()
-    for i, item in enumerate(listed or []):
-        label = "destinations[%d].address" % i
-        addr = C.ipv4(label, item["address"])
-        if addr in seen:
-            raise C.XvsError("%s=%s: listed more than once" % (label, addr))
-        seen.add(addr)
-        w = C.weight("destinations[%d].weight" % i, item["weight"])
-        base = existing.get(addr) or bal.resolve(label, addr)
-        wanted[addr] = dict(base, weight=w)
-    return C.ServicePlan(bal, address, port, proto, p["sticky"], list(wanted.values())), None
-
-
 def main():
     module = AnsibleModule(
         argument_spec=dict(
@@ -187,7 +164,7 @@ def main():
         ),
         supports_check_mode=True,
     )
-    p = C.run_plan(module, plan)[0]
+    p = C.run_plan(module, C.plan_service)[0]
     result = dict(changed=p.changed, service=p.after)
     if module._diff:
         result["diff"] = p.diff()

@@ -3,7 +3,6 @@ no kernel; what is planned is what the real run applies."""
 import pytest
 
 from ansible_collections.xvs.lb.plugins.module_utils import _control as C, _loader
-from ansible_collections.xvs.lb.plugins.modules import xvs_destination, xvs_service
 
 VIP = "203.0.113.10"
 
@@ -118,7 +117,7 @@ def params(**kw):
 
 def test_new_service_is_planned_then_applied_as_planned():
     bal = FakeBalancer()
-    plan = xvs_service.plan(bal, params(destinations=[{"address": "192.0.2.21", "weight": 2}]))[0]
+    plan = C.plan_service(bal, params(destinations=[{"address": "192.0.2.21", "weight": 2}]))[0]
     assert plan.changed and plan.before is None
     assert plan.after["destinations"] == [{"address": "192.0.2.21", "weight": 2,
                                            "mac": "02:00:00:00:00:15", "interface": "eth2",
@@ -130,7 +129,7 @@ def test_new_service_is_planned_then_applied_as_planned():
 
 def test_same_destinations_unchanged_and_not_re_resolved():
     bal = FakeBalancer([svc([dest("192.0.2.21"), dest("192.0.2.22", 3)])])
-    plan = xvs_service.plan(bal, params(destinations=[{"address": "192.0.2.22", "weight": 3}]))[0]
+    plan = C.plan_service(bal, params(destinations=[{"address": "192.0.2.22", "weight": 3}]))[0]
     assert not plan.changed and bal.resolved == []
     plan.apply()
     assert bal.dp.writes == []
@@ -139,9 +138,9 @@ def test_same_destinations_unchanged_and_not_re_resolved():
 def test_purge_removes_unlisted_only_when_asked():
     current = [svc([dest("192.0.2.21"), dest("192.0.2.22")])]
     listed = [{"address": "192.0.2.22", "weight": 1}]
-    keep = xvs_service.plan(FakeBalancer(current), params(destinations=listed))[0]
+    keep = C.plan_service(FakeBalancer(current), params(destinations=listed))[0]
     assert not keep.changed
-    purge = xvs_service.plan(FakeBalancer(current), params(destinations=listed,
+    purge = C.plan_service(FakeBalancer(current), params(destinations=listed,
                                                            purge_destinations=True))[0]
     assert purge.changed
     assert [d["address"] for d in purge.after["destinations"]] == ["192.0.2.22"]
@@ -149,9 +148,9 @@ def test_purge_removes_unlisted_only_when_asked():
 
 def test_weight_and_sticky_changes_are_changes():
     current = [svc([dest("192.0.2.21")])]
-    assert xvs_service.plan(FakeBalancer(current), params(
+    assert C.plan_service(FakeBalancer(current), params(
         destinations=[{"address": "192.0.2.21", "weight": 0}]))[0].changed
-    assert xvs_service.plan(FakeBalancer(current), params(sticky=True))[0].changed
+    assert C.plan_service(FakeBalancer(current), params(sticky=True))[0].changed
 
 
 @pytest.mark.parametrize("p,msg", [
@@ -167,23 +166,23 @@ def test_weight_and_sticky_changes_are_changes():
 def test_service_errors_name_option_and_value(p, msg):
     bal = FakeBalancer()
     with pytest.raises(C.XvsError, match=msg):
-        xvs_service.plan(bal, p)
+        C.plan_service(bal, p)
     assert bal.dp.writes == []
 
 
 def test_services_limit():
     bal = FakeBalancer([svc([], port=1), svc([], port=2)])
     with pytest.raises(C.XvsError, match="all max_services=2 services are configured"):
-        xvs_service.plan(bal, params(port=3))
+        C.plan_service(bal, params(port=3))
 
 
 def test_absent_service():
     bal = FakeBalancer([svc([dest("192.0.2.21")])])
-    plan = xvs_service.plan(bal, params(state="absent"))[0]
+    plan = C.plan_service(bal, params(state="absent"))[0]
     assert plan.changed and plan.after is None
     plan.apply()
     assert bal.dp.writes == [("delete", VIP, 80, "tcp")]
-    assert not xvs_service.plan(FakeBalancer(), params(state="absent"))[0].changed
+    assert not C.plan_service(FakeBalancer(), params(state="absent"))[0].changed
 
 
 def dparams(**kw):
@@ -195,19 +194,19 @@ def dparams(**kw):
 
 def test_destination_drain_remove_and_missing_service():
     current = [svc([dest("192.0.2.21"), dest("192.0.2.22")])]
-    plan, addr = xvs_destination.plan(FakeBalancer(current), dparams(weight=0))
+    plan, addr = C.plan_destination(FakeBalancer(current), dparams(weight=0))
     assert plan.changed and addr == "192.0.2.21"
     assert [d["weight"] for d in plan.after["destinations"]] == [0, 1]
-    plan = xvs_destination.plan(FakeBalancer(current), dparams(state="absent"))[0]
+    plan = C.plan_destination(FakeBalancer(current), dparams(state="absent"))[0]
     assert [d["address"] for d in plan.after["destinations"]] == ["192.0.2.22"]
-    assert not xvs_destination.plan(FakeBalancer(current), dparams())[0].changed
+    assert not C.plan_destination(FakeBalancer(current), dparams())[0].changed
     with pytest.raises(C.XvsError, match="service_port=81 protocol=tcp: no such service"):
-        xvs_destination.plan(FakeBalancer(current), dparams(service_port=81))
+        C.plan_destination(FakeBalancer(current), dparams(service_port=81))
 
 
 def test_destination_mac_override_re_resolves():
     current = [svc([dest("192.0.2.21")])]
     bal = FakeBalancer(current)
-    plan = xvs_destination.plan(bal, dparams(mac="02:00:00:00:99:99"))[0]
+    plan = C.plan_destination(bal, dparams(mac="02:00:00:00:99:99"))[0]
     assert plan.changed and bal.resolved == ["192.0.2.21"]
     assert plan.after["destinations"][0]["mac"] == "02:00:00:00:99:99"
