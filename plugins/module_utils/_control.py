@@ -277,7 +277,7 @@ def plan_destination(bal, p):
     current = bal.dp.service(vip, svc_port, proto)
     if current is None:
         raise XvsError("service_address=%s service_port=%d protocol=%s: no such service; "
-                         "create it with xvs.lb.xvs_service" % (vip, svc_port, proto))
+                       "create it with xvs.lb.xvs_service" % (vip, svc_port, proto))
     dests = existing_destinations(current)
     if p["state"] == "absent":
         dests.pop(addr, None)
@@ -408,20 +408,20 @@ def info(root):
         bal.close()
 
 
-def restore(state, log=print):
+def restore(state, log):
     """Apply a desired state as the xvs role keeps it on disk (state.json):
     the attachment, then every service; with purge, remove the services not
     listed.  The boot-time restore calls this: the same plans the modules
-    run, so a restored balancer is what the last role run left."""
+    run, so a restored balancer is what the last role run left.  log(line)
+    reports each step."""
     attach = dict(state["attach"], state="present")
     attach.setdefault("bpffs", DEFAULT_BPFFS)
     with host_lock():
         text = _loader.read_source(attach.get("source"))
         plan = AttachPlan(attach, text)
         plan.apply()
-        log("xvs: program %s on %s" % ("reloaded" if plan.load else "kept",
-                                        ", ".join("%s (%s)" % kv for kv in
-                                                  sorted(plan.result()["interfaces"].items()))))
+        where = ", ".join("%s (%s)" % kv for kv in sorted(plan.result()["interfaces"].items()))
+        log("xvs: program %s on %s" % ("reloaded" if plan.load else "kept", where))
         bal = Balancer(attach["bpffs"])
         errors = []
         try:

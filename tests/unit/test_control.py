@@ -140,8 +140,8 @@ def test_purge_removes_unlisted_only_when_asked():
     listed = [{"address": "192.0.2.22", "weight": 1}]
     keep = C.plan_service(FakeBalancer(current), params(destinations=listed))[0]
     assert not keep.changed
-    purge = C.plan_service(FakeBalancer(current), params(destinations=listed,
-                                                           purge_destinations=True))[0]
+    purge = C.plan_service(FakeBalancer(current),
+                           params(destinations=listed, purge_destinations=True))[0]
     assert purge.changed
     assert [d["address"] for d in purge.after["destinations"]] == ["192.0.2.22"]
 

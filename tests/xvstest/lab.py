@@ -12,9 +12,9 @@ from pyroute2 import netns as _netns
 
 
 class Lab(object):
-    def __init__(self, tag):
+    def __init__(self, tag, exact=False):
         # interface names are limited to 15 characters: keep the tag short
-        self.tag = "%s%d" % (tag, os.getpid() % 100000)
+        self.tag = tag if exact else "%s%d" % (tag, os.getpid() % 100000)
         self.namespaces = []
         self.procs = []
 
@@ -91,43 +91,49 @@ _ECHO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "echo.py")
 
 
 @contextlib.contextmanager
-def dsr_lab(tag, tmp_path, backends):
+def dsr_lab(tag, tmp_path, backends, realserver=True, exact=False):
     """A client, the balancer and backends on one bridge (in namespace
-    "sw"); each backend has the VIP on lo with the ARP sysctls DSR needs,
-    and serves HTTP on 80 (/whoami, /big) and the echo service."""
-    with Lab(tag) as lab:
-        sw = lab.add("sw")
-        lab.sh(sw, "ip link add br0 type bridge && ip link set br0 up")
-        hosts = {"cli": CLIENT, "bal": BALANCER}
-        hosts.update(backends)
-        for short, addr in hosts.items():
-            ns = lab.add(short)
-            lab.veth(ns, "eth0", sw, "p-" + short)
-            lab.sh(sw, "ip link set p-%s master br0" % short)
-            lab.sh(ns, "ip addr add %s/24 dev eth0" % addr)
-        # A veth hands its peer TCP segments with the checksum left to
-        # "hardware" (CHECKSUM_PARTIAL); native XDP drops that note, so a
-        # frame the balancer forwards would reach the backend with a bad
-        # checksum.  Real NICs deliver complete checksums: make the client's
-        # veth compute them too.
-        lab.sh(lab.name("cli"), "ip route add %s/32 via %s && ethtool -K eth0 tx off >/dev/null"
-               % (VIP, BALANCER))
-        for short in backends:
-            ns = lab.name(short)
-            lab.sh(ns, "ip addr add %s/32 dev lo && sysctl -qw net.ipv4.conf.all.arp_ignore=1 "
-                       "net.ipv4.conf.all.arp_announce=2 net.ipv4.conf.eth0.arp_ignore=1 "
-                       "net.ipv4.conf.eth0.arp_announce=2" % VIP)
-            www = tmp_path / short
-            www.mkdir()
-            (www / "whoami").write_text(short)
-            (www / "big").write_bytes(b"x" * BIG)
-            lab.bg(ns, "/usr/bin/python3 -m http.server 80 --bind 0.0.0.0 --directory %s" % www)
-            lab.bg(ns, "/usr/bin/python3 %s %s %d" % (_ECHO, short, ECHO_PORT))
-        for short in backends:
-            wait_for(lambda: lab.sh(lab.name(short), "curl -sf -o /dev/null http://127.0.0.1/whoami",
-                                    check=False).returncode == 0, what="http server in " + short)
-        xdp_pass_on_peer(lab)
+    "sw"); each backend serves HTTP on 80 (/whoami, /big) and the echo
+    service, and (realserver=True) has the VIP on lo with the ARP sysctls
+    DSR needs; otherwise that is left to the realserver role."""
+    with Lab(tag, exact) as lab:
+        build_dsr_lab(lab, tmp_path, backends, realserver)
         yield lab
+
+
+def build_dsr_lab(lab, tmp_path, backends, realserver):
+    """Build the dsr_lab topology into lab (which owns its cleanup)."""
+    sw = lab.add("sw")
+    lab.sh(sw, "ip link add br0 type bridge && ip link set br0 up")
+    hosts = {"cli": CLIENT, "bal": BALANCER}
+    hosts.update(backends)
+    for short, addr in hosts.items():
+        ns = lab.add(short)
+        lab.veth(ns, "eth0", sw, "p-" + short)
+        lab.sh(sw, "ip link set p-%s master br0" % short)
+        lab.sh(ns, "ip addr add %s/24 dev eth0" % addr)
+    # A veth hands its peer TCP segments with the checksum left to
+    # "hardware" (CHECKSUM_PARTIAL); native XDP drops that note, so a
+    # frame the balancer forwards would reach the backend with a bad
+    # checksum.  Real NICs deliver complete checksums: make the client's
+    # veth compute them too.
+    lab.sh(lab.name("cli"), "ip route add %s/32 via %s && ethtool -K eth0 tx off >/dev/null"
+           % (VIP, BALANCER))
+    for short in backends:
+        ns = lab.name(short)
+        if realserver:
+            lab.sh(ns, "ip addr add %s/32 dev lo && sysctl -qw net.ipv4.conf.all.arp_ignore=1 "
+                       "net.ipv4.conf.all.arp_announce=2" % VIP)
+        www = tmp_path / short
+        www.mkdir()
+        (www / "whoami").write_text(short)
+        (www / "big").write_bytes(b"x" * BIG)
+        lab.bg(ns, "/usr/bin/python3 -m http.server 80 --bind 0.0.0.0 --directory %s" % www)
+        lab.bg(ns, "/usr/bin/python3 %s %s %d" % (_ECHO, short, ECHO_PORT))
+    for short in backends:
+        wait_for(lambda: lab.sh(lab.name(short), "curl -sf -o /dev/null http://127.0.0.1/whoami",
+                                check=False).returncode == 0, what="http server in " + short)
+    xdp_pass_on_peer(lab)
 
 
 def xdp_pass_on_peer(lab):
@@ -146,3 +152,49 @@ def curl(lab, path, port=None, timeout=5):
     local = "--local-port %d " % port if port else ""
     return lab.sh(lab.name("cli"), "curl -s --max-time %d %shttp://%s/%s" % (timeout, local, VIP, path),
                   check=False)
+
+
+def main(argv):
+    """For Molecule's create and destroy steps, which outlive one process:
+    `lab.py up TAG DIR web1=192.0.2.21 ...` mounts a bpffs at DIR/bpffs and
+    builds the lab (backends without the realserver settings, which the role
+    makes), leaving it running; `lab.py down TAG DIR` removes its namespaces,
+    every process in them, and the bpffs."""
+    import pathlib
+    import sys
+    if argv[:1] == ["up"]:
+        tag, work = argv[1], pathlib.Path(argv[2])
+        backends = dict(a.split("=") for a in argv[3:])
+        (work / "bpffs").mkdir(parents=True, exist_ok=True)
+        (work / "www").mkdir(exist_ok=True)
+        subprocess.run(["mount", "-t", "bpf", "bpf", str(work / "bpffs")], check=True)
+        lab = Lab(tag, exact=True)
+        try:
+            build_dsr_lab(lab, work / "www", backends, realserver=False)
+        except Exception:
+            lab.close()
+            raise
+        return 0                # left running: `down` tears it down
+    if argv[:1] == ["down"]:
+        prefix = argv[1] + "-"
+        names = [line.split()[0] for line in subprocess.run(
+            ["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout.splitlines()]
+        for ns in [n for n in names if n.startswith(prefix)]:
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True,
+                                  check=False).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except OSError:
+                    pass
+            subprocess.run(["ip", "netns", "del", ns], check=False)
+        if len(argv) > 2 and os.path.ismount(os.path.join(argv[2], "bpffs")):
+            subprocess.run(["umount", "-l", os.path.join(argv[2], "bpffs")], check=False)
+        return 0
+    sys.stderr.write("usage: lab.py up TAG DIR NAME=ADDR... | lab.py down TAG [DIR]\n")
+    return 2
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main(sys.argv[1:]))

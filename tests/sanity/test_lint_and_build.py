@@ -1,0 +1,39 @@
+"""ansible-lint (production profile) on the roles, playbooks and scenarios,
+and a collection tarball without test output or caches."""
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "tests", "integration"))
+from test_molecule import INSTALLED, tool_env  # noqa: E402
+
+
+def test_ansible_lint_production_profile():
+    shutil.rmtree(INSTALLED, ignore_errors=True)
+    try:
+        r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ansible-lint"),
+                            "--profile", "production", "roles", "molecule", "demo",
+                            "tests/integration/playbooks"], cwd=ROOT, env=tool_env(),
+                           capture_output=True, text=True, timeout=900, check=False)
+    finally:
+        shutil.rmtree(INSTALLED, ignore_errors=True)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "Profile 'production' was required, and it passed" in r.stderr + r.stdout
+
+
+def test_collection_tarball_is_clean(tmp_path):
+    r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ansible-galaxy"),
+                        "collection", "build", "--output-path", str(tmp_path), ROOT],
+                       env=tool_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with tarfile.open(str(tmp_path / "xvs-lb-0.1.0.tar.gz")) as t:
+        names = t.getnames()
+    assert "files/xdp_lb.c" in names and "roles/xvs/tasks/main.yml" in names
+    assert "plugins/modules/xvs_attach.py" in names
+    bad = [n for n in names if any(p in n.split("/") for p in
+                                   ("__pycache__", ".venv", ".pytest_cache", "output", ".git"))
+           or n.endswith(".pyc")]
+    assert bad == []
