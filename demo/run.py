@@ -86,7 +86,8 @@ def main():
             lab_cm.__exit__(None, None, None)
             subprocess.run(["umount", "-l", bpffs], check=False)
             subprocess.run(["rm", "-rf", work], check=False)
-    print("== cleaned up: namespaces, XDP program, pins and servers are gone")
+    print("== cleaned up: namespaces, XDP program, pins and servers are gone "
+          "(--keep leaves the lab up and prints how to tear it down)")
 
 
 if __name__ == "__main__":
