@@ -1,0 +1,241 @@
+"""Per-packet cost of files/xdp_lb.c through BPF_PROG_TEST_RUN.
+
+Each run is one bpf(BPF_PROG_TEST_RUN) with repeat=1 and the original
+frame, so a program that rewrites its packet never sees its own output
+(the kernel copies the input into a fresh buffer on every call).  The
+kernel's own duration for that one run is what is recorded: it covers the
+program and the test-run machinery around it, and the floor programs
+(bench/baselines.c: a bare XDP_TX and a bare XDP_PASS), measured in the
+same rounds, cover the machinery alone.  Classes and floors take turns in
+rounds so that drift on a shared VM hits all of them alike.
+"""
+import contextlib
+import os
+import random
+import struct
+
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.l2 import Dot1Q, Ether
+
+from ansible_collections.xvs.lb.plugins.module_utils import _bpf, _dataplane, _loader
+from common import load_baselines, pin_cpu, summary, table
+from xvstest.packets import BALANCER_MAC, CLIENT_MAC, VIP, mac_for
+
+OTHER = "192.0.2.99"                  # an address with no service
+TARGETS = {"established": ("floor XDP_TX", 40), "new flow": ("floor XDP_TX", 60),
+           "pass-through": ("floor XDP_PASS", 15)}
+VERDICT = {1: "drop", 2: "pass", 3: "tx", 4: "redirect"}
+
+
+class Flows(object):
+    """Distinct flows of one template frame: flow i gets source address
+    198.51.100.(1 + i % 254) and source port 1024 + i // 254 (the
+    checksums are left alone: the program does not check them)."""
+
+    def __init__(self, pkt):
+        pkt = pkt.__class__(bytes(pkt))       # built: fields such as ihl filled in
+        self.raw = bytearray(bytes(pkt))
+        self.ip = len(self.raw) - len(pkt[IP])
+        self.l4 = self.ip + pkt[IP].ihl * 4
+
+    def __getitem__(self, i):
+        self.raw[self.ip + 15] = 1 + i % 254
+        struct.pack_into("!H", self.raw, self.l4, 1024 + (i // 254) % 64512)
+        return bytes(self.raw)
+
+
+def ether(vlan=None):
+    e = Ether(src=CLIENT_MAC, dst=BALANCER_MAC)
+    return e / Dot1Q(vlan=vlan) if vlan else e
+
+
+def tcp(flags="A", dport=80, dst=VIP, vlan=None):
+    return ether(vlan) / IP(src="198.51.100.1", dst=dst) / TCP(sport=1024, dport=dport, flags=flags)
+
+
+def dests(n, vlan=0):
+    """n resolved destinations on ifindex 1 (a test run's ingress is lo)."""
+    return [{"address": "192.0.2.%d" % (1 + i), "weight": 1, "mac": mac_for("192.0.2.%d" % (1 + i)),
+             "src_mac": BALANCER_MAC, "ifindex": 1, "vlan": vlan, "tx_port": 0} for i in range(n)]
+
+
+class Case(object):
+    """One measured class: a program fd, a frame source and the verdict
+    every run must give (a class that took a wrong turn measures nothing)."""
+
+    def __init__(self, name, fd, frame, verdict):
+        self.name, self.fd, self.frame, self.verdict = name, fd, frame, verdict
+        self.durations = []
+        self.next = 0
+
+    def run(self, n):
+        for _ in range(n):
+            ret, _out, ns = _bpf.prog_test_run(self.fd, self.frame(self.next))
+            if VERDICT.get(ret) != self.verdict:
+                raise RuntimeError("%s: run %d gave %s, not %s"
+                                   % (self.name, self.next, VERDICT.get(ret, ret), self.verdict))
+            self.durations.append(ns)
+            self.next += 1
+
+
+def warm(fd, flows, n):
+    """Send the first packet of n flows so they are established."""
+    for i in range(n):
+        _bpf.prog_test_run(fd, flows[i])
+
+
+def basic_cases(root, fd_floor_tx, fd_floor_pass, established=1024):
+    """The classes of one service configuration at the default sizes."""
+    prog = _loader.load(root, {})
+    dp = _dataplane.DataPlane(root)
+    dp.set_service(VIP, 80, "tcp", False, dests(10))
+    dp.set_service(VIP, 53, "udp", False, dests(10))
+    dp.set_service(VIP, 8080, "tcp", False, dests(10, vlan=10))
+    est, syn = Flows(tcp()), Flows(tcp("S"))
+    udp = Flows(ether() / IP(src="198.51.100.1", dst=VIP) / UDP(sport=1024, dport=53) / b"q")
+    tagged = Flows(tcp(dport=8080, vlan=10))
+    for flows in (est, udp, tagged):
+        warm(prog.fd, flows, established)
+    first_new = 1 << 20                 # flows never sent before
+    other = bytes(tcp(dst=OTHER))
+    echo = bytes(ether() / IP(src="198.51.100.1", dst=VIP) / ICMP(id=7, seq=1) / (b"p" * 18))
+    cases = [
+        Case("floor XDP_TX", fd_floor_tx, lambda i: est[i % established], "tx"),
+        Case("floor XDP_PASS", fd_floor_pass, lambda i: other, "pass"),
+        Case("established", prog.fd, lambda i: est[i % established], "tx"),
+        Case("new flow", prog.fd, lambda i: syn[first_new + i], "tx"),
+        Case("UDP", prog.fd, lambda i: udp[i % established], "tx"),
+        Case("802.1Q forward", prog.fd, lambda i: tagged[i % established], "tx"),
+        Case("pass-through", prog.fd, lambda i: other, "pass"),
+        Case("ICMP echo", prog.fd, lambda i: echo, "tx"),
+    ]
+    return prog, dp, cases
+
+
+def pressure_case(root, services, per_service, flow_table, seed=1):
+    """services x per_service destinations loaded, and a flow table kept
+    full: every run picks one of 2 x flow_table flows at random, so about
+    half the runs miss, select a destination and evict the oldest flow."""
+    sizes = {"max_services": max(services, 1), "max_destinations": max(per_service, 1),
+             "flow_table_size": flow_table}
+    prog = _loader.load(root, sizes)
+    dp = _dataplane.DataPlane(root)
+    pool = dests(per_service)
+    ports = []
+    for s in range(services):
+        port = 1 + s
+        dp.set_service(VIP, port, "tcp", False, pool)
+        ports.append(port)
+    template = Flows(tcp())
+    population = 2 * flow_table
+    rng = random.Random(seed)
+
+    def frame(i, pick=None):
+        f = pick if pick is not None else rng.randrange(population)
+        raw = bytearray(template[f])
+        struct.pack_into("!H", raw, template.l4 + 2, ports[f % services])
+        return bytes(raw)
+    for f in range(flow_table):       # fill the table before measuring
+        _bpf.prog_test_run(prog.fd, frame(0, f))
+    case = Case("pressure", prog.fd, frame, "tx")
+    return prog, dp, case
+
+
+def measure(cases, runs, rounds):
+    per_round = max(1, runs // rounds)
+    for _ in range(rounds):
+        for c in cases:
+            c.run(per_round)
+
+
+def run(bpffs, runs=100000, rounds=10, services=1000, per_service=100, flow_table=1 << 20):
+    """Measure every class; returns (rows, text)."""
+    cpu = pin_cpu()
+    base = load_baselines()
+    fd_tx = base.load_func(b"floor_tx", base.XDP).fd
+    fd_pass = base.load_func(b"floor_pass", base.XDP).fd
+    with contextlib.ExitStack() as stack:
+        stack.callback(base.cleanup)
+        root, proot = os.path.join(bpffs, "packet"), os.path.join(bpffs, "pressure")
+        for r in (root, proot):
+            stack.callback(_loader.unpin_all, r)
+        prog, dp, cases = basic_cases(root, fd_tx, fd_pass)
+        stack.enter_context(prog)
+        stack.enter_context(dp)
+        pprog, pdp, pcase = pressure_case(proot, services, per_service, flow_table)
+        stack.enter_context(pprog)
+        stack.enter_context(pdp)
+        before = pdp.counters()
+        measure(cases + [pcase], runs, rounds)
+        after = pdp.counters()
+    stats = {c.name: summary(c.durations) for c in cases + [pcase]}
+    floors = {"tx": stats["floor XDP_TX"]["median"], "pass": stats["floor XDP_PASS"]["median"]}
+    rows = []
+    for c in cases + [pcase]:
+        s = stats[c.name]
+        floor_name = "floor XDP_PASS" if c.verdict == "pass" else "floor XDP_TX"
+        floor = floors["pass" if c.verdict == "pass" else "tx"]
+        over = "" if c.name.startswith("floor") else "%+d" % (s["median"] - floor)
+        target = TARGETS.get(c.name)
+        verdict = ""
+        if target:
+            verdict = "within %d: %s" % (target[1], "yes" if s["median"] - floor <= target[1] else "NO")
+        rows.append([c.name, s["n"], s["median"], s["p10"], s["p90"],
+                     "%.2f" % (s["median"] / float(floor)), over, floor_name if over else "", verdict])
+    misses = after["new_flows"] - before["new_flows"]
+    text = table(rows, ["class", "runs", "median ns", "p10", "p90", "x floor", "ns over floor",
+                        "floor", "target"])
+    text += ("\n\nCPU %d; pressure: %d services x %d destinations, flow table %d entries kept full, "
+             "%d of %d runs (%.0f%%) were flow-table misses that selected a destination and evicted.\n"
+             % (cpu, services, per_service, flow_table, misses, len(pcase.durations),
+                100.0 * misses / max(1, len(pcase.durations))))
+    return rows, text
+
+
+# The profile: bpftool's `prog profile` needs a clang-built bpftool and
+# hardware counters, and this VM has neither, so the cost is located by
+# cutting the program short after each stage (a `return XDP_TX;` inserted
+# after the marker) and measuring the established class through each cut.
+# The difference between consecutive cuts is that stage's cost.
+STAGES = [
+    ("counters (rx packets, bytes)", "count(C_RX_BYTES, len);"),
+    ("parse Ethernet, 802.1Q, IPv4", "__be32 vip_addr = ip->daddr;"),
+    ("vips lookup (hash)", "struct vip_val *vip = vips.lookup(&vip_addr);"),
+    ("ports, services lookup (hash)", "struct svc_val *svc = services.lookup(&sk);"),
+    ("prefix counter, clock", "u64 now = bpf_ktime_get_ns();"),
+    ("flows lookup (LRU hash)", "struct flow_val *f = flows.lookup(&key);"),
+    ("flow's destination (array)", "struct dest *d = flow_dest(svc, f, &slot);"),
+]
+
+
+def cut(text, marker):
+    i = text.index(marker) + len(marker)
+    return text[:i] + "\n    return XDP_TX;\n" + text[i:]
+
+
+def profile(bpffs, runs=50000, rounds=10, established=1024):
+    """Cumulative cost of the established class at each stage."""
+    pin_cpu()
+    text = _loader.read_source()
+    variants = [(name, cut(text, marker)) for name, marker in STAGES] + [("whole program", text)]
+    base = load_baselines()
+    flows = Flows(tcp())
+    cases = [Case("floor XDP_TX", base.load_func(b"floor_tx", base.XDP).fd,
+                  lambda i: flows[i % established], "tx")]
+    with contextlib.ExitStack() as stack:
+        stack.callback(base.cleanup)
+        for n, (name, variant) in enumerate(variants):
+            root = os.path.join(bpffs, "stage%d" % n)
+            stack.callback(_loader.unpin_all, root)
+            prog = stack.enter_context(_loader.load(root, {}, text=variant))
+            dp = stack.enter_context(_dataplane.DataPlane(root))
+            dp.set_service(VIP, 80, "tcp", False, dests(10))
+            warm(prog.fd, flows, established)
+            cases.append(Case(name, prog.fd, lambda i: flows[i % established], "tx"))
+        measure(cases, runs, rounds)
+    rows, prev = [], summary(cases[0].durations)["median"]
+    for c in cases:
+        s = summary(c.durations)
+        rows.append([c.name, s["median"], s["p90"], "%+d" % (s["median"] - prev)])
+        prev = s["median"]
+    return rows, table(rows, ["program cut after", "median ns", "p90", "stage cost ns"])
