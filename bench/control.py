@@ -1,0 +1,188 @@
+"""Control-plane timings: the modules and the role run by ansible-playbook
+inside a balancer namespace, each first run followed by a no-change rerun,
+against the same ansible-playbook running one ping task (what Ansible
+costs before any of our code runs), measured in the same run.  Also the
+Maglev build in-process, and the kernel's memory figures for the maps.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+from ansible_collections.xvs.lb.plugins.module_utils import _bpf, _dataplane, _layout as L, _loader, _maglev
+from common import summary, table
+from xvstest.lab import Lab, inside
+from xvstest.packets import mac_for
+
+BIN = os.path.dirname(sys.executable)
+VIP_NET = "203.0.113.%d"
+
+
+def dests(n):
+    """n destinations on the balancer's link (192.0.2.21 on)."""
+    return [{"address": "192.0.2.%d" % (21 + i)} for i in range(n)]
+
+
+def services(n, per_service):
+    """n services: VIPs 203.0.113.1-250, ports 80, 81, ..."""
+    pool = dests(per_service)
+    return [{"address": VIP_NET % (1 + i % 250), "port": 80 + i // 250, "destinations": pool}
+            for i in range(n)]
+
+
+PLAYS = {
+    "ping": [{"ansible.builtin.ping": {}}],
+    "attach": [{"xvs.lb.xvs_attach": {"interfaces": ["eth0"], "bpffs": "{{ bpffs }}"}}],
+    "service": [{"xvs.lb.xvs_service": {"address": "{{ vip }}", "port": 80, "bpffs": "{{ bpffs }}",
+                                        "destinations": "{{ destinations }}"}}],
+    "destination": [{"xvs.lb.xvs_destination": {"service_address": "{{ vip }}", "service_port": 80,
+                                                "address": "{{ destination }}",
+                                                "bpffs": "{{ bpffs }}"}}],
+    "role": [{"ansible.builtin.include_role": {"name": "xvs.lb.xvs"}}],
+}
+
+
+class Runner(object):
+    def __init__(self, ns, coll, work):
+        self.ns, self.work = ns, work
+        self.env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=coll,
+                        ANSIBLE_PYTHON_INTERPRETER="/usr/bin/python3",
+                        ANSIBLE_LOCALHOST_WARNING="false", ANSIBLE_NOCOLOR="1",
+                        ANSIBLE_INVENTORY_UNPARSED_WARNING="false")
+        for name, tasks in PLAYS.items():
+            with open(os.path.join(work, name + ".yml"), "w") as f:
+                json.dump([{"hosts": "localhost", "gather_facts": False, "tasks": [
+                    dict(t, name=name) for t in tasks]}], f)
+
+    def play(self, name, **extra):
+        """(seconds, changed) of one ansible-playbook run."""
+        vars_file = os.path.join(self.work, "vars.json")
+        with open(vars_file, "w") as f:
+            json.dump(extra, f)
+        start = time.monotonic()
+        r = subprocess.run(["ip", "netns", "exec", self.ns, os.path.join(BIN, "ansible-playbook"),
+                            "-i", "localhost,", "-c", "local", "-e", "@" + vars_file,
+                            os.path.join(self.work, name + ".yml")],
+                           env=self.env, capture_output=True, text=True, check=False)
+        took = time.monotonic() - start
+        if r.returncode != 0:
+            raise RuntimeError("ansible-playbook %s failed:\n%s%s" % (name, r.stdout, r.stderr))
+        return took, int(re.search(r"localhost\s+:.*changed=(\d+)", r.stdout).group(1))
+
+
+def memlock(path):
+    """The kernel's memory figure for a pinned map (fdinfo's memlock)."""
+    fd = _bpf.obj_get(path)
+    try:
+        with open("/proc/self/fdinfo/%d" % fd) as f:
+            return int(re.search(r"memlock:\s+(\d+)", f.read()).group(1))
+    finally:
+        os.close(fd)
+
+
+def maglev_rows(repeat=5):
+    rows = []
+    size = L.SIZE_LIMITS["maglev_table_size"][0]
+    for n in (10, 100, 1000):
+        backends = [("10.%d.%d.%d" % (i >> 16, (i >> 8) & 255, i & 255), 1) for i in range(n)]
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            _maglev.build(backends, size)
+            times.append(time.perf_counter() - start)
+        s = summary(times)
+        rows.append(["Maglev build, %d slots, %d destinations" % (size, n), "%.1f ms" % (s["median"] * 1e3),
+                     "%.1f-%.1f ms" % (min(times) * 1e3, max(times) * 1e3), ""])
+    return rows
+
+
+def memory_rows(bpffs):
+    """Per flow-table entry and in all, with the default sizes."""
+    root = os.path.join(bpffs, "memory")
+    with _loader.load(root, {}):
+        try:
+            per_map = {name: memlock(os.path.join(root, name)) for name in L.MAPS}
+        finally:
+            _loader.unpin_all(root)
+    flows = L.SIZE_LIMITS["flow_table_size"][0]
+    rows = [["flow table: bytes per entry (%d entries)" % flows, "%.0f B" % (per_map["flows"] / float(flows)),
+             "", "key %d B + value %d B" % (L.ctypes.sizeof(L.FlowKey), L.ctypes.sizeof(L.FlowVal))]]
+    rows += [["map %s" % name, "%.1f MiB" % (b / 1048576.0), "", ""]
+             for name, b in sorted(per_map.items(), key=lambda kv: -kv[1])]
+    rows.append(["all maps, default sizes, %d CPUs" % _bpf.possible_cpus(),
+                 "%.1f MiB" % (sum(per_map.values()) / 1048576.0), "", ""])
+    return rows
+
+
+def run(bpffs, coll, smoke=False, repeat=3):
+    """Each step: `repeat` times (once for the role) a first run from the
+    state before it, and a no-change rerun, which must report changed=0."""
+    repeat = 1 if smoke else repeat
+    root, role_root = os.path.join(bpffs, "control"), os.path.join(bpffs, "role")
+    vip = VIP_NET % 10
+
+    def fresh(path):
+        def reset():
+            with inside(bal):
+                _loader.detach("eth0")
+            _loader.unpin_all(path)
+        return reset
+
+    def without_service():
+        with _dataplane.DataPlane(root) as dp:
+            dp.delete_service(vip, 80, "tcp")
+
+    def with_100():
+        ans.play("service", bpffs=root, vip=vip, destinations=dests(100))
+
+    steps = [("ansible-playbook, one ping task (baseline)", "ping", {}, None, repeat),
+             ("xvs_attach (compile, load, attach)", "attach", {}, fresh(root), repeat),
+             ("xvs_service with 100 destinations", "service", {"destinations": dests(100)},
+              without_service, repeat),
+             ("xvs_destination: one destination added to those 100", "destination",
+              {"destination": dests(101)[100]["address"]}, with_100, repeat)]
+    if not smoke:
+        steps.append(("role xvs: 1000 services x 10 destinations", "role", {
+            "xvs_interfaces": ["eth0"], "xvs_install_packages": False, "xvs_restore_at_boot": False,
+            "xvs_sizes": {"max_services": 1024}, "xvs_services": services(1000, 10),
+            "xvs_bpffs": role_root}, fresh(role_root), 1))
+    rows = []
+    with Lab("xc") as lab, tempfile.TemporaryDirectory(prefix="xvs-bench-") as work:
+        bal, peer = lab.add("bal"), lab.add("peer")
+        lab.veth(bal, "eth0", peer, "eth0")
+        lab.sh(bal, "ip addr add 192.0.2.2/24 dev eth0")
+        # permanent neighbours: the modules find the MACs without ARP
+        lab.sh(bal, "; ".join("ip neigh replace %s lladdr %s dev eth0 nud permanent"
+                              % (d["address"], mac_for(d["address"])) for d in dests(101)))
+        ans = Runner(bal, coll, work)
+        try:
+            baseline = None
+            for label, play, extra, reset, times in steps:
+                extra = dict({"bpffs": root, "vip": vip}, **extra)
+                first, rerun = [], []
+                for i in range(times):
+                    if reset and (i or play == "destination"):
+                        reset()
+                    took, changed = ans.play(play, **extra)
+                    if play != "ping" and changed == 0:
+                        raise RuntimeError("%s: the first run changed nothing" % label)
+                    first.append(took)
+                    took, changed = ans.play(play, **extra)
+                    if changed:
+                        raise RuntimeError("%s: the rerun reported changed=%d" % (label, changed))
+                    rerun.append(took)
+                baseline = baseline or summary(first)["median"]
+                for what, times_ in (("", first), ("  no-change rerun", rerun)):
+                    med = summary(times_)["median"]
+                    rows.append([label if not what else what, "%.2f s" % med,
+                                 "%.2f-%.2f s" % (min(times_), max(times_)),
+                                 "" if play == "ping" else "%.2f x baseline, %+.2f s" % (
+                                     med / baseline, med - baseline)])
+        finally:
+            fresh(root)()
+            fresh(role_root)()
+    rows += maglev_rows() + memory_rows(bpffs)
+    return rows, table(rows, ["step", "median", "range", "against the baseline"])
