@@ -15,12 +15,16 @@ PARTS = ("packet", "profile", "forward", "control")
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("parts", nargs="*", choices=PARTS + ((),), help="default: all of them (--smoke: packet and control)")
+    ap.add_argument("parts", nargs="*", metavar="PART",
+                    help="any of %s; default: all (--smoke: packet and control)" % ", ".join(PARTS))
     ap.add_argument("--smoke", action="store_true",
                     help="the cheap subset .ci/run prints: per-packet classes (smaller pressure "
                          "case) and the no-change rerun")
     ap.add_argument("--runs", type=int, default=100000, help="test runs per per-packet class")
     args = ap.parse_args()
+    unknown = [p for p in args.parts if p not in PARTS]
+    if unknown:
+        ap.error("unknown part(s) %s: choose from %s" % (", ".join(unknown), ", ".join(PARTS)))
     if os.geteuid() != 0:
         sys.exit("bench: run as root (it loads XDP programs and builds network namespaces)")
     coll = collection_path()
