@@ -37,7 +37,7 @@ PLAYS = {
     "ping": [{"ansible.builtin.ping": {}}],
     "attach": [{"xvs.lb.xvs_attach": {"interfaces": ["eth0"], "bpffs": "{{ bpffs }}"}}],
     "service": [{"xvs.lb.xvs_service": {"address": "{{ vip }}", "port": 80, "bpffs": "{{ bpffs }}",
-                                        "destinations": "{{ destinations }}"}}],
+                                        "destinations": "{{ destinations }}", "purge_destinations": True}}],
     "destination": [{"xvs.lb.xvs_destination": {"service_address": "{{ vip }}", "service_port": 80,
                                                 "address": "{{ destination }}",
                                                 "bpffs": "{{ bpffs }}"}}],

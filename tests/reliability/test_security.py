@@ -1,0 +1,69 @@
+"""Security (issue 6, part 6): the maps and the files that configure the
+balancer belong to root alone, and no module option reaches the compiler
+command line or a shell unvalidated.  The threat model is in
+docs/reliability.md."""
+import os
+import re
+import stat
+
+import pytest
+
+from ansible_collections.xvs.lb.plugins.module_utils import _control, _layout as L, _loader
+from xvstest.packets import harness
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_pins_and_pin_root_are_root_only(pin_root):
+    old = os.umask(0o022)            # a typical umask must not widen anything
+    try:
+        with harness(pin_root):
+            pass
+    finally:
+        os.umask(old)
+    st = os.stat(pin_root)
+    assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == 0
+    names = os.listdir(pin_root)
+    assert set(L.MAPS) <= set(names)
+    for name in names:
+        st = os.stat(os.path.join(pin_root, name))
+        assert stat.S_IMODE(st.st_mode) & 0o077 == 0, (name, oct(st.st_mode))
+        assert st.st_uid == 0
+
+
+def test_host_lock_file_is_root_only(tmp_path):
+    path = str(tmp_path / "lock" / "xvs.lock")
+    with _control.host_lock(path):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+@pytest.mark.parametrize("value", ["64 -DX=1", "64; rm -rf /", 1.5, True, "64\n", "0x40", [64],
+                                   -1, 1 << 40])
+def test_sizes_reach_the_compiler_only_as_integers(value):
+    with pytest.raises(L.SizeError, match="max_services"):
+        L.sizes(max_services=value)
+
+
+def test_compiler_flags_hold_only_the_root_and_integers():
+    flags = _loader.cflags("/run/x/lb", L.sizes())
+    assert flags[0] == '-DXVS_PIN_ROOT="/run/x/lb"'
+    assert all(re.fullmatch(r"-D[A-Z_]+=\d+", f) for f in flags[1:]), flags
+
+
+@pytest.mark.parametrize("root", ['/run/x/"; system("id"); "', "relative/lb", "/run/x\\lb", "/run/x\nlb", 7])
+def test_bpffs_paths_that_could_escape_the_c_string_are_refused(root):
+    with pytest.raises(_control.XvsError, match="bpffs"):
+        _control.bpffs(root)
+
+
+def test_no_shell_anywhere_in_the_plugins():
+    """The modules talk netlink and bpf(2) directly; nothing they run goes
+    through a shell, so no option can be interpreted by one."""
+    bad = re.compile(r"shell\s*=\s*True|os\.system|os\.popen|subprocess|run_command|use_unsafe_shell")
+    hits = []
+    for d, _dirs, files in os.walk(os.path.join(ROOT, "plugins")):
+        for f in files:
+            if f.endswith(".py"):
+                text = open(os.path.join(d, f)).read()
+                hits += ["%s: %s" % (f, m.group(0)) for m in bad.finditer(text)]
+    assert hits == []
