@@ -428,6 +428,7 @@ int xdp_lb(struct xdp_md *ctx)
     u64 timeout = (key.proto == IPPROTO_TCP ? TCP_TIMEOUT : UDP_TIMEOUT) * NSEC;
     u32 slot = 0;
     struct flow_val *f = flows.lookup(&key);
+    int replaces = f != 0;   /* a record exists: a new one would replace it */
     if (f && now - f->last_seen > timeout)
         f = 0;
     struct dest *d = flow_dest(svc, f, &slot);
@@ -443,7 +444,9 @@ int xdp_lb(struct xdp_md *ctx)
         if (!d)
             return verdict(ptb ? C_DROP_ICMP : C_DROP_NO_DEST, XDP_DROP);
         if (!ptb) {
-            if (f)
+            /* Counted so the control plane can tell evictions apart:
+             * records created = new_flows - flow_reselect. */
+            if (replaces)
                 count(C_FLOW_RESELECT, 1);
             struct flow_val nf = {};
             nf.last_seen = now;

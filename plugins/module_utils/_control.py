@@ -342,7 +342,8 @@ class AttachPlan(object):
         if self.status:
             resized = _loader.check_pins(self.root, self.sizes)
             if resized and not self.allow_reset:
-                raise XvsError("sizes: " + _loader.resize_refusal(resized, self.sizes))
+                raise XvsError("sizes: " + _loader.resize_refusal(resized, self.sizes,
+                                                                   self.status["sizes"]))
         mode = p.get("mode") or "auto"
         for name in p["interfaces"]:
             want = current.get(name, "auto") if mode == "auto" else mode
@@ -403,7 +404,8 @@ def info(root):
         return {"attachment": {"bpffs": bal.root, "interfaces": bal.status["interfaces"],
                                "program": bal.status["program"], "sizes": bal.status["sizes"],
                                "vlans": bal.status["vlans"]},
-                "services": services, "counters": bal.dp.counters()}
+                "services": services, "counters": bal.dp.counters(),
+                "flow_table": bal.dp.flow_table()}
     finally:
         bal.close()
 

@@ -165,6 +165,21 @@ class DataPlane(object):
                         "last_seen_ns": val.last_seen})
         return out
 
+    def flow_table(self):
+        """Capacity, live records and evictions of the flow table.
+
+        The kernel evicts from the LRU without telling the program, so
+        evictions are derived: every record the program created
+        (new_flows - flow_reselect, the latter counting records it
+        replaced) is either still there or was evicted.  Nothing else
+        deletes flow records; a resize starts flows and counters afresh.
+        """
+        m = self.maps["flows"]
+        entries = len(m.lookup_batch())
+        c = self.counters()
+        return {"capacity": m.max_entries, "entries": entries,
+                "evicted": max(0, c["new_flows"] - c["flow_reselect"] - entries)}
+
     def tx_port(self, ifindex):
         """The devmap slot that redirects to ifindex, or None."""
         m = self.maps["tx_ports"]

@@ -113,11 +113,24 @@ def check_pins(root, sizes):
     return resized
 
 
-def resize_refusal(resized, sizes):
-    return ("the requested sizes change the pinned %s map%s; a reload with new sizes re-creates "
-            "the maps, so every live flow re-selects its destination (and counters restart): "
-            "allow the flow table reset explicitly to do it"
-            % (", ".join(resized), "s" if len(resized) > 1 else ""))
+def resize_refusal(resized, sizes, current):
+    """Why a resize is refused: the changed sizes (as option=value), the
+    maps they re-create, and what allowing it costs."""
+    changed = ", ".join("%s=%d (now %d)" % (k, sizes[k], current[k]) for k in sorted(sizes)
+                        if current.get(k) != sizes[k])
+    return ("%s: changes the pinned %s map%s; a reload with new sizes re-creates the maps, so every "
+            "live flow re-selects its destination (and counters restart): allow the flow table "
+            "reset explicitly to do it" % (changed, ", ".join(resized), "s" if len(resized) > 1 else ""))
+
+
+def pinned_sizes(root):
+    """The sizes the pinned maps were made with, from their meta map."""
+    with DataPlane(root) as dp:
+        meta = dp.meta
+    return {"max_services": meta.max_services, "max_destinations": meta.max_dests,
+            "maglev_table_size": meta.maglev_size, "flow_table_size": meta.flow_table_size,
+            "tcp_timeout": meta.tcp_timeout, "udp_timeout": meta.udp_timeout,
+            "max_interfaces": meta.max_ifaces}
 
 
 def _snapshot(root, sizes):
@@ -158,7 +171,7 @@ def load(root, sizes=None, source=None, allow_flow_reset=False, text=None):
     snapshot = None
     if resized:
         if not allow_flow_reset:
-            raise LoaderError(resize_refusal(resized, sizes))
+            raise LoaderError(resize_refusal(resized, sizes, pinned_sizes(root)))
         snapshot = _snapshot(root, sizes)
         for name in L.MAPS:
             if os.path.exists(os.path.join(root, name)):
@@ -377,10 +390,7 @@ def status(root):
         vlans = read_vlans(dp)
     with open_pinned(root) as p:
         info = p.info
-    sizes = {"max_services": meta.max_services, "max_destinations": meta.max_dests,
-             "maglev_table_size": meta.maglev_size, "flow_table_size": meta.flow_table_size,
-             "tcp_timeout": meta.tcp_timeout, "udp_timeout": meta.udp_timeout,
-             "max_interfaces": meta.max_ifaces}
+    sizes = pinned_sizes(root)
     return {"program": {"id": info["id"], "tag": info["tag"], "name": info["name"]},
             "build_id": "".join("%08x" % w for w in meta.build_id),
             "interfaces": _netinfo.xdp_interfaces(info["id"]),

@@ -97,6 +97,17 @@ counters:
            "drop_no_service": 0, "drop_no_dest": 0, "drop_fragment": 0, "drop_icmp": 0,
            "drop_vlan": 0, "icmp_echo_reply": 0, "icmp_ptb_forwarded": 0, "new_flows": 1,
            "flow_reselect": 0}
+flow_table:
+  description:
+    - The flow table's O(capacity) (the C(flow_table_size)), its live O(entries), and how many
+      records the kernel O(evicted) to make room (least recently used first) since the maps were
+      made. A flow whose record was evicted selects its destination again with its next packet,
+      by the same Maglev table, so it keeps its destination unless the destinations changed.
+    - C(flow_reselect) in O(counters) counts records replaced (idle past the timeout, or their
+      destination removed); evictions are new flows minus replaced records minus live entries.
+  returned: success
+  type: dict
+  sample: {"capacity": 1048576, "entries": 2, "evicted": 0}
 '''
 
 from ansible.module_utils.basic import AnsibleModule

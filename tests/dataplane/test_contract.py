@@ -193,8 +193,10 @@ def test_idle_flow_expires_and_reselects(h):
     other = B2 if maglev == B1 else B1
     _write_flow(h, sport, other, age_s=1)       # fresh: kept
     assert dest_of(h.run(tcp(sport=sport, flags="A"))[1]) == other
+    before = h.counters()["flow_reselect"]
     _write_flow(h, sport, other, age_s=6)       # older than tcp_timeout=5
     assert dest_of(h.run(tcp(sport=sport, flags="A"))[1]) == maglev
+    assert h.counters()["flow_reselect"] == before + 1   # the record was replaced
 
 
 # ---- 5. drain ---------------------------------------------------------------------

@@ -9,43 +9,20 @@ the one its destinations give: no map left half-written.
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
 from ansible_collections.xvs.lb.plugins.module_utils import _dataplane, _layout as L, _loader, _maglev
 from xvstest.lab import Lab
-from xvstest.packets import mac_for
+from xvstest.modules import BIN, Modules, balancer_ns
 
-BIN = os.path.dirname(sys.executable)
 VIP = "203.0.113.10"
 SIZES = {"maglev_table_size": 251, "max_destinations": 32, "max_services": 16, "flow_table_size": 4096}
 ADDED = ["192.0.2.%d" % (30 + i) for i in range(8)]      # one xvs_destination run each
 PORTS = [81, 82, 83, 84]                                  # one playbook run each
 
 
-def collections_path():
-    from ansible_collections.xvs import lb
-    return os.path.dirname(os.path.dirname(os.path.dirname(lb.__path__[0])))
-
-
-class Host(object):
-    def __init__(self, lab, ns, root, work):
-        self.ns, self.root, self.work = ns, root, work
-        self.env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=collections_path(),
-                        ANSIBLE_PYTHON_INTERPRETER="/usr/bin/python3", ANSIBLE_LOCALHOST_WARNING="false",
-                        ANSIBLE_INVENTORY_UNPARSED_WARNING="false", ANSIBLE_NOCOLOR="1",
-                        PYTHONPATH=collections_path())
-
-    def module(self, name, args):
-        """A direct invocation: python3 <module file> <args file>."""
-        path = os.path.join(self.work, "%s-%d.json" % (name, len(os.listdir(self.work))))
-        with open(path, "w") as f:
-            json.dump({"ANSIBLE_MODULE_ARGS": dict(args, bpffs=self.root)}, f)
-        return subprocess.Popen(["ip", "netns", "exec", self.ns, sys.executable, "-m",
-                                 "ansible_collections.xvs.lb.plugins.modules." + name, path],
-                                env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
+class Host(Modules):
     def playbook(self, port):
         play = [{"hosts": "localhost", "gather_facts": False, "tasks": [{"xvs.lb.xvs_service": {
             "address": VIP, "port": port, "bpffs": self.root,
@@ -66,13 +43,13 @@ def finish(procs):
 
 
 def start(h):
-    finish([h.module("xvs_attach", {"interfaces": ["eth0"], "sizes": SIZES})])
-    finish([h.module("xvs_service", {"address": VIP, "port": 80, "destinations": [{"address": "192.0.2.20"}]})])
+    finish([h.start("xvs_attach", {"interfaces": ["eth0"], "sizes": SIZES})])
+    finish([h.start("xvs_service", {"address": VIP, "port": 80, "destinations": [{"address": "192.0.2.20"}]})])
 
 
 def runs(host):
     """Every change of the scenario, as processes not yet waited for."""
-    return ([host.module("xvs_destination", {"service_address": VIP, "service_port": 80, "address": a,
+    return ([host.start("xvs_destination", {"service_address": VIP, "service_port": 80, "address": a,
                                              "weight": 1 + i % 3})
              for i, a in enumerate(ADDED)] + [host.playbook(p) for p in PORTS])
 
@@ -97,24 +74,15 @@ def state(root):
 
 
 @pytest.fixture
-def host(bpffs, tmp_path):
+def host(bpffs):
     with Lab("xk") as lab:
-        ns, peer = lab.add("bal"), lab.add("peer")
-        lab.veth(ns, "eth0", peer, "eth0")
-        lab.sh(ns, "ip addr add 192.0.2.2/24 dev eth0; " + "; ".join(
-            "ip neigh replace 192.0.2.%d lladdr %s dev eth0 nud permanent" % (i, mac_for("192.0.2.%d" % i))
-            for i in range(20, 40)))
-        hosts = []
-        for name in ("parallel", "serial"):
-            root = os.path.join(bpffs, "concurrency_" + name)
-            work = tmp_path / name
-            work.mkdir()
-            hosts.append(Host(lab, ns, root, str(work)))
+        ns = balancer_ns(lab)
+        hosts = [Host(ns, os.path.join(bpffs, "concurrency_" + name)) for name in ("parallel", "serial")]
         try:
             yield hosts
         finally:
             for h in hosts:
-                lab.sh(ns, "ip link set eth0 xdp off", check=False)
+                h.close()
                 _loader.unpin_all(h.root)
 
 

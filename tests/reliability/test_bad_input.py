@@ -1,0 +1,137 @@
+"""Bad input (issue 6, part 5): every module option given a wrong type, an
+out-of-range value, an unknown interface, an address not on the link, a
+duplicate, a value past a limit; a run with no attachment, no bpffs, and
+maps pinned by an incompatible program version.  Each run must fail with
+one line naming the option and the value, and leave every map of the
+host byte for byte as it was."""
+import os
+
+import pytest
+
+from ansible_collections.xvs.lb.plugins.module_utils import _bpf, _layout as L, _loader
+from xvstest.lab import Lab, inside
+from xvstest.modules import Modules, balancer_ns
+from xvstest.packets import dump_maps
+
+VIP = "203.0.113.10"
+SIZES = {"max_services": 2, "max_destinations": 4, "maglev_table_size": 251, "flow_table_size": 4096}
+ATTACH = {"interfaces": ["eth0"], "sizes": SIZES}
+SVC = {"address": VIP, "port": 80, "destinations": [{"address": "192.0.2.21"}]}
+DEST = {"service_address": VIP, "service_port": 80, "address": "192.0.2.22"}
+
+CASES = [
+    # xvs_attach
+    ("xvs_attach", dict(ATTACH, interfaces=["eth0", "nosuch0"]), "nosuch0"),
+    ("xvs_attach", dict(ATTACH, mode="turbo"), "turbo"),
+    ("xvs_attach", dict(ATTACH, sizes=dict(SIZES, max_services="many")), "many"),
+    ("xvs_attach", dict(ATTACH, sizes=dict(SIZES, maglev_table_size=250)), "maglev_table_size=250"),
+    ("xvs_attach", dict(ATTACH, sizes=dict(SIZES, max_destinations=70000)), "max_destinations=70000"),
+    ("xvs_attach", dict(ATTACH, sizes=dict(SIZES, flow_table_size=16)), "flow_table_size=16"),
+    ("xvs_attach", dict(ATTACH, sizes=dict(SIZES, tcp_timeout=-5)), "tcp_timeout=-5"),
+    ("xvs_attach", dict(ATTACH, sizes=dict(SIZES, flow_table_size=8192)), "flow_table_size=8192 (now 4096)"),
+    ("xvs_attach", dict(ATTACH, sizes=dict(SIZES, max_services=1)), "max_services=1 (now 2)"),
+    ("xvs_attach", dict(ATTACH, sizes=dict(SIZES, max_services=1), allow_flow_table_reset=True),
+     "max_services=1: 2 services are configured"),
+    ("xvs_attach", dict(ATTACH, sizes=dict(SIZES, bogus=1)), "bogus"),
+    ("xvs_attach", dict(ATTACH, vlans={"5000": "192.0.2.0/24"}), "5000"),
+    ("xvs_attach", dict(ATTACH, vlans={"10": "not-a-network"}), "not-a-network"),
+    ("xvs_attach", dict(ATTACH, source="/nonexistent/xdp.c"), "/nonexistent/xdp.c"),
+    ("xvs_attach", dict(ATTACH, allow_flow_table_reset="perhaps"), "perhaps"),
+    ("xvs_attach", dict(ATTACH, state="gone"), "gone"),
+    # xvs_service
+    ("xvs_service", dict(SVC, address="203.0.113.300"), "address=203.0.113.300"),
+    ("xvs_service", dict(SVC, address="vip.example"), "address=vip.example"),
+    ("xvs_service", dict(SVC, port=70000), "port=70000"),
+    ("xvs_service", dict(SVC, port=0), "port=0"),
+    ("xvs_service", dict(SVC, port="http"), "http"),
+    ("xvs_service", dict(SVC, protocol="sctp"), "sctp"),
+    ("xvs_service", dict(SVC, sticky="often"), "often"),
+    ("xvs_service", dict(SVC, destinations=[{"address": "198.51.100.9"}]), "198.51.100.9"),
+    ("xvs_service", dict(SVC, destinations=[{"address": "192.0.2.99"}]), "192.0.2.99"),
+    ("xvs_service", dict(SVC, destinations=[{"address": "192.0.2.21"}, {"address": "192.0.2.21"}]),
+     "192.0.2.21"),
+    ("xvs_service", dict(SVC, destinations=[{"address": "192.0.2.21", "weight": -1}]), "weight=-1"),
+    ("xvs_service", dict(SVC, destinations=[{"address": "192.0.2.21", "weight": "x"}]), "x"),
+    ("xvs_service", dict(SVC, destinations=[{"address": "192.0.2.%d" % i} for i in range(21, 26)]),
+     "max_destinations=4"),
+    ("xvs_service", dict(SVC, port=82), "max_services=2"),
+    ("xvs_service", dict(SVC, destinations=[{"address": "192.0.2.21", "colour": "red"}]), "colour"),
+    # xvs_destination
+    ("xvs_destination", dict(DEST, service_port=99), "service_port=99"),
+    ("xvs_destination", dict(DEST, service_address="203.0.113.999"), "203.0.113.999"),
+    ("xvs_destination", dict(DEST, address="192.0.2.256"), "192.0.2.256"),
+    ("xvs_destination", dict(DEST, address="198.51.100.9"), "198.51.100.9"),
+    ("xvs_destination", dict(DEST, mac="zz:zz"), "zz:zz"),
+    ("xvs_destination", dict(DEST, weight=1 << 40), str(1 << 40)),
+    ("xvs_destination", dict(DEST, address="192.0.2.25"), "max_destinations=4"),
+    ("xvs_destination", dict(DEST, protocol="icmp"), "icmp"),
+]
+
+
+def one_line(result):
+    msg = result.get("msg", "")
+    assert result.get("failed") and msg and "\n" not in msg and "Traceback" not in msg, result
+    return msg
+
+
+@pytest.fixture(scope="module")
+def host(bpffs):
+    with Lab("xe") as lab:
+        ns = balancer_ns(lab)
+        root = os.path.join(bpffs, "bad_input")
+        mods = Modules(ns, root)
+        try:
+            for name, args in [("xvs_attach", ATTACH), ("xvs_service", dict(SVC, destinations=[
+                    {"address": "192.0.2.%d" % i} for i in (21, 22, 23, 24)])), ("xvs_service", dict(SVC, port=81))]:
+                rc, res = mods.call(name, args)
+                assert rc == 0, res
+            yield lab, mods
+        finally:
+            mods.close()
+            _loader.unpin_all(root)
+
+
+@pytest.mark.parametrize("name,args,value", CASES, ids=["%s-%d" % (c[0], i) for i, c in enumerate(CASES)])
+def test_refused_in_one_line_with_nothing_changed(host, name, args, value):
+    lab, mods = host
+    with inside(lab.name("bal")):
+        before = dump_maps(mods.root)
+        prog = _loader.status(mods.root)["program"]["id"]
+    rc, result = mods.call(name, args)
+    assert rc != 0
+    assert value in one_line(result)
+    with inside(lab.name("bal")):
+        assert dump_maps(mods.root) == before
+        assert _loader.status(mods.root)["program"]["id"] == prog
+
+
+def test_no_attachment_and_no_bpffs(host, bpffs):
+    lab, mods = host
+    for root, value in [(os.path.join(bpffs, "never_attached"), "never_attached"),
+                        ("/run/xvs-not-a-bpffs/lb", "/run/xvs-not-a-bpffs/lb")]:
+        for name, args in [("xvs_service", SVC), ("xvs_destination", DEST), ("xvs_info", {})]:
+            rc, result = mods.call(name, dict(args, bpffs=root))
+            assert rc != 0 and value in one_line(result), (name, result)
+        assert not os.path.exists(root)
+
+
+def test_maps_of_an_incompatible_program_version(host, bpffs):
+    """Maps whose meta says another data-plane ABI are refused by every
+    module, and left alone."""
+    lab, mods = host
+    root = os.path.join(bpffs, "other_abi")
+    try:
+        with _loader.load(root, SIZES):
+            pass
+        with _bpf.Map(os.path.join(root, "meta")) as m:
+            meta = L.Meta.from_buffer_copy(m.lookup(bytes(L.U32(0))))
+            meta.abi_version = L.ABI_VERSION + 1
+            m.update(bytes(L.U32(0)), bytes(meta))
+        before = dump_maps(root)
+        for name, args in [("xvs_attach", ATTACH), ("xvs_service", SVC), ("xvs_destination", DEST),
+                           ("xvs_info", {})]:
+            rc, result = mods.call(name, dict(args, bpffs=root))
+            assert rc != 0 and "ABI %d" % (L.ABI_VERSION + 1) in one_line(result), (name, result)
+        assert dump_maps(root) == before
+    finally:
+        _loader.unpin_all(root)
