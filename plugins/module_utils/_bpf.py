@@ -275,6 +275,28 @@ class Map(object):
             for k, v in zip(keys, values):
                 self.update(k, v, flags)
 
+    def lookup_range(self, start, count):
+        """Values of the array keys start .. start+count-1 in one
+        BPF_MAP_LOOKUP_BATCH: an array's batch token is the key before the
+        first one wanted.  One system call instead of count lookups is what
+        keeps reading a service's destinations and Maglev table cheap with
+        a thousand services."""
+        vb = ctypes.create_string_buffer(self.buf_size * count)
+        kb = ctypes.create_string_buffer(self.key_size * count)
+        token_in = ctypes.create_string_buffer(struct.pack("=I", start - 1), 4) if start else None
+        token_out = ctypes.create_string_buffer(4)
+        attr = ctypes.create_string_buffer(_ATTR_SIZE)
+        struct.pack_into("=QQQQIIQQ", attr, 0, _addr(token_in), _addr(token_out),
+                         _addr(kb), _addr(vb), count, self.fd, 0, 0)
+        res = _libc.syscall(_nr(), MAP_LOOKUP_BATCH, attr, _ATTR_SIZE)
+        err = ctypes.get_errno() if res < 0 else 0
+        if err in _NO_BATCH:
+            return [self.lookup(struct.pack("=I", k)) for k in range(start, start + count)]
+        n = struct.unpack_from("=I", attr, 32)[0]
+        if err not in (0, errno.ENOENT) or n != count:
+            raise BpfError(err or errno.EIO, self._what("read keys %d-%d of" % (start, start + count - 1)))
+        return [vb.raw[i * self.buf_size:(i + 1) * self.buf_size] for i in range(count)]
+
     def lookup_batch(self, chunk=4096):
         """Every (key, value) pair, chunk elements per system call with
         BPF_MAP_LOOKUP_BATCH; a key walk where the map type lacks it."""

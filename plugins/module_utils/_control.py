@@ -219,7 +219,7 @@ class ServicePlan(object):
         if len(dests) > bal.dp.max_dests:
             raise XvsError("destinations: %d destinations exceed max_destinations=%d"
                            % (len(dests), bal.dp.max_dests))
-        if self.current is None and len(bal.dp.services()) >= bal.dp.max_services:
+        if self.current is None and bal.dp.service_count() >= bal.dp.max_services:
             raise XvsError("address=%s port=%d: all max_services=%d services are configured"
                            % (address, port_, bal.dp.max_services))
         self.after = bal.view({"address": address, "port": port_, "protocol": proto,

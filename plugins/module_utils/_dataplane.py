@@ -33,6 +33,9 @@ class LimitError(DataPlaneError):
     pass
 
 
+_PROTOCOL_NAMES = {v: k for k, v in L.PROTOCOLS.items()}
+
+
 def _raw(struct_obj):
     return bytes(struct_obj)
 
@@ -86,43 +89,39 @@ class DataPlane(object):
 
     # ---- reading ---------------------------------------------------------
     def _services_raw(self):
-        out = {}
-        for k, v in self.maps["services"].items():
-            out[k] = L.SvcVal.from_buffer_copy(v)
-        return out
+        return {k: L.SvcVal.from_buffer_copy(v) for k, v in self.maps["services"].lookup_batch()}
+
+    def service_count(self):
+        return len(self.maps["services"].lookup_batch())
 
     def _dest_slots(self, index):
         """{slot: Dest} of the valid slots of service index."""
-        m = self.maps["dests"]
+        raw = self.maps["dests"].lookup_range(index * self.max_dests, self.max_dests)
         out = {}
-        base = index * self.max_dests
-        for slot in range(self.max_dests):
-            d = L.Dest.from_buffer_copy(m.lookup(_u32(base + slot)))
+        for slot, blob in enumerate(raw):
+            d = L.Dest.from_buffer_copy(blob)
             if d.flags & L.DEST_VALID:
                 out[slot] = d
         return out
 
+    def _service_dict(self, k, v):
+        key = L.SvcKey.from_buffer_copy(k)
+        dests = sorted((dest_dict(d, slot) for slot, d in self._dest_slots(v.index).items()),
+                       key=lambda d: d["address"])
+        return {"address": L.ip_str(key.vip), "port": L.be16(key.port),
+                "protocol": _PROTOCOL_NAMES.get(key.proto, str(key.proto)),
+                "sticky": bool(v.flags & L.SVC_STICKY), "index": v.index, "destinations": dests}
+
     def services(self):
         """Every service with its destinations, as plain dicts."""
-        result = []
-        names = {v: k for k, v in L.PROTOCOLS.items()}
-        for k, v in sorted(self._services_raw().items(), key=lambda kv: kv[1].index):
-            key = L.SvcKey.from_buffer_copy(k)
-            dests = [dest_dict(d, slot) for slot, d in sorted(self._dest_slots(v.index).items())]
-            dests.sort(key=lambda d: d["address"])
-            result.append({
-                "address": L.ip_str(key.vip), "port": L.be16(key.port),
-                "protocol": names.get(key.proto, str(key.proto)),
-                "sticky": bool(v.flags & L.SVC_STICKY), "index": v.index,
-                "destinations": dests,
-            })
-        return result
+        return [self._service_dict(k, v)
+                for k, v in sorted(self._services_raw().items(), key=lambda kv: kv[1].index)]
 
     def service(self, address, port, protocol):
-        for s in self.services():
-            if (s["address"], s["port"], s["protocol"]) == (address, port, protocol):
-                return s
-        return None
+        """One service as services() lists it, or None."""
+        k = svc_key(address, port, protocol)
+        v = self.maps["services"].lookup(k)
+        return self._service_dict(k, L.SvcVal.from_buffer_copy(v)) if v is not None else None
 
     def counters(self):
         m = self.maps["counters"]
@@ -295,10 +294,9 @@ class DataPlane(object):
 
     def _table_matches(self, index, gen, table, plan):
         want = self._table_slots(table, plan)
-        m = self.maps["maglev"]
         got = []
-        for k in self._chunk_keys(index, gen):
-            got.extend(L.MaglevChunk.from_buffer_copy(m.lookup(k)).slot)
+        for blob in self.maps["maglev"].lookup_range((index * 2 + gen) * self.chunks, self.chunks):
+            got.extend(L.MaglevChunk.from_buffer_copy(blob).slot)
         return got[:self.maglev_size] == want
 
     def _sync_vips(self):

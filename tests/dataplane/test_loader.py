@@ -67,9 +67,9 @@ def test_size_change_refused_with_state_untouched(pin_root):
         h.run(tcp())
         before = dump_maps(pin_root)
         prog_id = _loader.pinned_prog_id(pin_root)
-    with pytest.raises(_loader.LoaderError, match="change the pinned flows map.*allow the flow"):
+    with pytest.raises(_loader.LoaderError, match=r"flow_table_size=8192 \(now 4096\): changes the pinned flows map.*allow the flow"):
         _loader.load(pin_root, dict(TEST_SIZES, flow_table_size=8192))
-    with pytest.raises(_loader.LoaderError, match="change the pinned vips, services, .* maps"):
+    with pytest.raises(_loader.LoaderError, match=r"max_services=16 \(now 8\): changes the pinned vips, services, .* maps"):
         _loader.load(pin_root, dict(TEST_SIZES, max_services=16))
     assert dump_maps(pin_root) == before
     assert _loader.pinned_prog_id(pin_root) == prog_id
