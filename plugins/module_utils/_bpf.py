@@ -295,7 +295,8 @@ class Map(object):
         n = struct.unpack_from("=I", attr, 32)[0]
         if err not in (0, errno.ENOENT) or n != count:
             raise BpfError(err or errno.EIO, self._what("read keys %d-%d of" % (start, start + count - 1)))
-        return [vb.raw[i * self.buf_size:(i + 1) * self.buf_size] for i in range(count)]
+        raw = vb.raw            # .raw copies the whole buffer: once, not per element
+        return [raw[i * self.buf_size:(i + 1) * self.buf_size] for i in range(count)]
 
     def lookup_batch(self, chunk=4096):
         """Every (key, value) pair, chunk elements per system call with
@@ -317,9 +318,10 @@ class Map(object):
                 raise BpfError(err, self._what("batch read"))
             # On ENOENT (the end) the kernel still reports the last count.
             n = struct.unpack_from("=I", attr, 32)[0]
+            keys, values = kb.raw, vb.raw     # each .raw is a copy of the whole buffer
             for i in range(n):
-                result.append((kb.raw[i * self.key_size:(i + 1) * self.key_size],
-                               vb.raw[i * self.buf_size:(i + 1) * self.buf_size]))
+                result.append((keys[i * self.key_size:(i + 1) * self.key_size],
+                               values[i * self.buf_size:(i + 1) * self.buf_size]))
             if err == errno.ENOENT:
                 return result
             token_in = ctypes.create_string_buffer(token_out.raw, len(token_out.raw))

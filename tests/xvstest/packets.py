@@ -1,6 +1,7 @@
 """Packet-test harness: a loaded program, BPF_PROG_TEST_RUN with a fresh
 input buffer per run, and an oracle for the program's flow hash."""
 import contextlib
+import hashlib
 import os
 import struct
 
@@ -98,11 +99,16 @@ def rewrite_macs(frame, dst_mac, src_mac=BALANCER_MAC):
 
 
 def dump_maps(root):
-    """Every map's contents: compare before and after a refused change."""
+    """Every map's contents: compare before and after a refused change.
+    Arrays are read whole in one batch (prefix_stats alone has a million
+    slots); hash maps as sorted (key, value) pairs."""
     out = {}
     for name in L.MAPS:
         if name in ("counters",):
             continue
         with _bpf.Map(os.path.join(root, name)) as m:
-            out[name] = sorted(m.lookup_batch()) if m.type != 14 else sorted(m.items())
+            if m.type in (2, 6):        # array, percpu array
+                out[name] = hashlib.sha256(b"".join(m.lookup_range(0, m.max_entries))).hexdigest()
+            else:
+                out[name] = sorted(m.lookup_batch()) if m.type != 14 else sorted(m.items())
     return out
