@@ -89,7 +89,7 @@ def maglev_rows(repeat=5):
     for n in (10, 100, 1000):
         backends = [("10.%d.%d.%d" % (i >> 16, (i >> 8) & 255, i & 255), 1) for i in range(n)]
         times = []
-        for _ in range(repeat):
+        for dummy in range(repeat):
             start = time.perf_counter()
             _maglev.build(backends, size)
             times.append(time.perf_counter() - start)

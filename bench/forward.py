@@ -126,7 +126,7 @@ def run(bpffs, smoke=False, rounds=3, seconds=2.0):
     with Lab("xb") as lab, tempfile.TemporaryDirectory(prefix="xvs-bench-") as work:
         bench = Bench(lab, bpffs, work)
         try:
-            for _ in range(rounds):
+            for dummy in range(rounds):
                 for prog, mode, flows in variants:
                     bench.use(prog, mode)
                     sent, got = bench.rate(flows, seconds)
@@ -147,4 +147,3 @@ def run(bpffs, smoke=False, rounds=3, seconds=2.0):
     text += "\n\n%d rounds of %.1f s per variant, trafgen on one process; 60-byte frames.\n" % (
         rounds, seconds)
     return rows, text
-

@@ -69,7 +69,7 @@ class Case(object):
         self.next = 0
 
     def run(self, n):
-        for _ in range(n):
+        for dummy in range(n):
             ret, _out, ns = _bpf.prog_test_run(self.fd, self.frame(self.next))
             if VERDICT.get(ret) != self.verdict:
                 raise RuntimeError("%s: run %d gave %s, not %s"
@@ -143,7 +143,7 @@ def pressure_case(root, services, per_service, flow_table, seed=1):
 
 def measure(cases, runs, rounds):
     per_round = max(1, runs // rounds)
-    for _ in range(rounds):
+    for dummy in range(rounds):
         for c in cases:
             c.run(per_round)
 

@@ -342,8 +342,8 @@ class AttachPlan(object):
         if self.status:
             resized = _loader.check_pins(self.root, self.sizes)
             if resized and not self.allow_reset:
-                raise XvsError("sizes: " + _loader.resize_refusal(resized, self.sizes,
-                                                                   self.status["sizes"]))
+                refusal = _loader.resize_refusal(resized, self.sizes, self.status["sizes"])
+                raise XvsError("sizes: " + refusal)
         mode = p.get("mode") or "auto"
         for name in p["interfaces"]:
             want = current.get(name, "auto") if mode == "auto" else mode

@@ -99,11 +99,11 @@ counters:
            "flow_reselect": 0}
 flow_table:
   description:
-    - The flow table's O(capacity) (the C(flow_table_size)), its live O(entries), and how many
-      records the kernel O(evicted) to make room (least recently used first) since the maps were
+    - The flow table's C(capacity) (the C(flow_table_size)), its live C(entries), and how many
+      records the kernel C(evicted) to make room (least recently used first) since the maps were
       made. A flow whose record was evicted selects its destination again with its next packet,
       by the same Maglev table, so it keeps its destination unless the destinations changed.
-    - C(flow_reselect) in O(counters) counts records replaced (idle past the timeout, or their
+    - C(flow_reselect) in C(counters) counts records replaced (idle past the timeout, or their
       destination removed); evictions are new flows minus replaced records minus live entries.
   returned: success
   type: dict

@@ -49,9 +49,9 @@ def start(h):
 
 def runs(host):
     """Every change of the scenario, as processes not yet waited for."""
-    return ([host.start("xvs_destination", {"service_address": VIP, "service_port": 80, "address": a,
-                                             "weight": 1 + i % 3})
-             for i, a in enumerate(ADDED)] + [host.playbook(p) for p in PORTS])
+    dests = [host.start("xvs_destination", {"service_address": VIP, "service_port": 80, "address": a,
+                                            "weight": 1 + i % 3}) for i, a in enumerate(ADDED)]
+    return dests + [host.playbook(p) for p in PORTS]
 
 
 def assert_tables_whole(root):
@@ -68,9 +68,9 @@ def assert_tables_whole(root):
 def state(root):
     with _dataplane.DataPlane(root) as dp:
         # slot numbers depend on arrival order; what is configured does not
-        return sorted((dict(s, index=None, destinations=[{k: d[k] for k in ("address", "weight", "mac")}
-                                                          for d in s["destinations"]]) for s in dp.services()),
-                      key=lambda s: (s["address"], s["port"], s["protocol"]))
+        services = [dict(s, index=None, destinations=[{k: d[k] for k in ("address", "weight", "mac")}
+                                                      for d in s["destinations"]]) for s in dp.services()]
+    return sorted(services, key=lambda s: (s["address"], s["port"], s["protocol"]))
 
 
 @pytest.fixture

@@ -175,7 +175,7 @@ def mutate(rng, raw):
         struct.pack_into("!H", b, off + 6, rng.randrange(65536))      # flags, fragment offset
     elif kind == 4:
         tags = b"".join(rng.choice([b"\x81\x00", b"\x88\xa8", b"\x91\x00"]) + bytes(
-            [rng.randrange(256), rng.randrange(256)]) for _ in range(rng.randrange(1, 4)))
+            [rng.randrange(256), rng.randrange(256)]) for dummy in range(rng.randrange(1, 4)))
         b[12:12] = tags                                                # stacked and odd tags
     elif kind == 5:
         b[12:14] = rng.choice([b"\x08\x06", b"\x86\xdd", b"\x88\xcc", b"\x00\x00",
@@ -184,9 +184,9 @@ def mutate(rng, raw):
         b[off + 9] = rng.choice([1, 6, 17, 47, 132, rng.randrange(256)])  # protocol
     elif kind == 7 and len(b) > off + 20:
         del b[off + 20:]
-        b += bytes(rng.randrange(256) for _ in range(rng.randrange(40)))  # garbage L4
+        b += bytes(rng.randrange(256) for dummy in range(rng.randrange(40)))  # garbage L4
     else:
-        for _ in range(rng.randrange(1, 5)):
+        for dummy in range(rng.randrange(1, 5)):
             i = rng.randrange(len(b))
             b[i] = rng.randrange(256)
     return bytes(b)
@@ -217,7 +217,7 @@ def test_random_mutations(checker):
             checker.configure(i // 20000)
             checker.check_counters()
         raw = rng.choice(corpus)
-        for _ in range(rng.choice((1, 1, 1, 2, 3))):
+        for dummy in range(rng.choice((1, 1, 1, 2, 3))):
             raw = mutate(rng, raw)
         verdicts[checker.run(raw)] += 1
     checker.check_counters()
@@ -235,9 +235,9 @@ def frames(draw):
     header with any IHL, lengths, flags and protocol to one of the VIPs or
     elsewhere, ports, and a tail; then maybe cut short."""
     b = bytearray(L.mac_bytes(BALANCER_MAC) + L.mac_bytes(CLIENT_MAC))
-    for _ in range(draw(st.integers(0, 2))):
-        b += draw(st.sampled_from([b"\x81\x00", b"\x88\xa8"])) + bytes(draw(st.lists(_byte, min_size=2,
-                                                                                       max_size=2)))
+    for dummy in range(draw(st.integers(0, 2))):
+        tci = bytes(draw(st.lists(_byte, min_size=2, max_size=2)))
+        b += draw(st.sampled_from([b"\x81\x00", b"\x88\xa8"])) + tci
     b += draw(st.sampled_from([b"\x08\x00", b"\x08\x00", b"\x08\x06", b"\x86\xdd"]))
     ihl = draw(st.sampled_from([5, 5, 5, 6, 15, 4, 0]))
     dst = draw(st.sampled_from([VIP, VIP, VIP2, "192.0.2.99"]))

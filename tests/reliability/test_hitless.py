@@ -84,7 +84,7 @@ def test_reload_and_destination_changes_under_load(lab, bpffs):
         module("xvs_attach", {"interfaces": ["eth0"], "sizes": SIZES})
         module("xvs_service", {"address": VIP, "port": ECHO_PORT, "destinations": [
             {"address": BACKENDS[b]} for b in ("b1", "b2", "b3")]})
-        held = [connect(lab.name("cli")) for _ in range(HELD)]
+        held = [connect(lab.name("cli")) for dummy in range(HELD)]
         assert {c[2] for c in held} == {"b1", "b2", "b3"}, [c[2] for c in held]
         stream.start()
         time.sleep(1)

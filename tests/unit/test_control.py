@@ -65,6 +65,9 @@ class FakeDP(object):
     def services(self):
         return self._services
 
+    def service_count(self):
+        return len(self._services)
+
     def service(self, a, p, proto):
         for s in self._services:
             if (s["address"], s["port"], s["protocol"]) == (a, p, proto):
