@@ -8,16 +8,14 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import time
 
 from ansible_collections.xvs.lb.plugins.module_utils import _bpf, _dataplane, _layout as L, _loader, _maglev
 from common import summary, table
 from xvstest.lab import Lab, inside
-from xvstest.packets import mac_for
+from xvstest.modules import BIN, ansible_env, balancer_ns
 
-BIN = os.path.dirname(sys.executable)
 VIP_NET = "203.0.113.%d"
 
 
@@ -48,10 +46,7 @@ PLAYS = {
 class Runner(object):
     def __init__(self, ns, coll, work):
         self.ns, self.work = ns, work
-        self.env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=coll,
-                        ANSIBLE_PYTHON_INTERPRETER="/usr/bin/python3",
-                        ANSIBLE_LOCALHOST_WARNING="false", ANSIBLE_NOCOLOR="1",
-                        ANSIBLE_INVENTORY_UNPARSED_WARNING="false")
+        self.env = dict(ansible_env(), ANSIBLE_COLLECTIONS_PATH=coll)
         for name, tasks in PLAYS.items():
             with open(os.path.join(work, name + ".yml"), "w") as f:
                 json.dump([{"hosts": "localhost", "gather_facts": False, "tasks": [
@@ -151,12 +146,7 @@ def run(bpffs, coll, smoke=False, repeat=3):
             "xvs_bpffs": role_root}, fresh(role_root), 1))
     rows = []
     with Lab("xc") as lab, tempfile.TemporaryDirectory(prefix="xvs-bench-") as work:
-        bal, peer = lab.add("bal"), lab.add("peer")
-        lab.veth(bal, "eth0", peer, "eth0")
-        lab.sh(bal, "ip addr add 192.0.2.2/24 dev eth0")
-        # permanent neighbours: the modules find the MACs without ARP
-        lab.sh(bal, "; ".join("ip neigh replace %s lladdr %s dev eth0 nud permanent"
-                              % (d["address"], mac_for(d["address"])) for d in dests(101)))
+        bal = balancer_ns(lab, range(21, 122))     # destinations resolve without ARP
         ans = Runner(bal, coll, work)
         try:
             baseline = None

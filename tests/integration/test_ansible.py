@@ -4,32 +4,22 @@ ansible run the modules inside the balancer's namespace (bpffs root outside
 import json
 import os
 import re
-import socket
 import subprocess
-import sys
 
 import pytest
 
-from xvstest.lab import ECHO_PORT, VIP, curl, dsr_lab, inside
+from xvstest.lab import ECHO_PORT, VIP, curl, dsr_lab, echo_connect, inside
+from xvstest.modules import BIN, ansible_env
 from xvstest.packets import dump_maps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BACKENDS = {"b1": "192.0.2.21", "b2": "192.0.2.22", "b3": "192.0.2.23"}
-BIN = os.path.dirname(sys.executable)
-
-
-def collections_path():
-    from ansible_collections.xvs import lb
-    return os.path.dirname(os.path.dirname(os.path.dirname(lb.__path__[0])))
 
 
 class Ansible(object):
     def __init__(self, lab, root):
         self.lab, self.root = lab, root
-        self.env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=collections_path(),
-                        ANSIBLE_PYTHON_INTERPRETER="/usr/bin/python3",
-                        ANSIBLE_LOCALHOST_WARNING="false", ANSIBLE_NOCOLOR="1",
-                        ANSIBLE_INVENTORY_UNPARSED_WARNING="false")
+        self.env = ansible_env()
 
     def _run(self, argv):
         return subprocess.run(["ip", "netns", "exec", self.lab.name("bal")] + argv, env=self.env,
@@ -52,14 +42,6 @@ class Ansible(object):
 
 def dests(**weights):
     return [{"address": BACKENDS[n], "weight": weights.get(n, 1)} for n in sorted(BACKENDS)]
-
-
-def echo_connect(lab):
-    """A connection to the echo service: (socket, backend name)."""
-    with inside(lab.name("cli")):
-        s = socket.create_connection((VIP, ECHO_PORT), timeout=5)
-    f = s.makefile("rb")
-    return s, f, f.readline().strip().decode()
 
 
 @pytest.fixture
@@ -118,7 +100,7 @@ def test_playbook_attach_serve_drain_remove_detach(lab, bpffs):
 
         # a changed option reloads the program: a new program, the same
         # services, and a connection held across the reload keeps working
-        s0, f0, name0 = echo_connect(lab)
+        s0, f0, name0 = echo_connect(lab.name("cli"))
         old = json.loads(ans.module("xvs_info", {}).split("=>", 1)[1])
         out = ans.module("xvs_attach", {"interfaces": ["eth0"], "sizes": {
             "flow_table_size": 65536, "max_services": 8, "tcp_timeout": 600}})
@@ -134,7 +116,7 @@ def test_playbook_attach_serve_drain_remove_detach(lab, bpffs):
         s0.close()
 
         # drain b1 on the echo service: a held connection to it keeps working
-        conns = [echo_connect(lab) for i in range(12)]
+        conns = [echo_connect(lab.name("cli")) for i in range(12)]
         held = [c for c in conns if c[2] == "b1"]
         assert held, "no connection reached b1: %s" % [c[2] for c in conns]
         s, f = held[0][:2]
@@ -143,7 +125,7 @@ def test_playbook_attach_serve_drain_remove_detach(lab, bpffs):
         assert "CHANGED" in out and '"weight": 0' in out
         s.sendall(b"still here\n")
         assert f.readline() == b"still here\n"
-        fresh = [echo_connect(lab) for i in range(20)]
+        fresh = [echo_connect(lab.name("cli")) for i in range(20)]
         assert "b1" not in {c[2] for c in fresh}
         assert {c[2] for c in fresh} == {"b2", "b3"}
         for c in conns + fresh:
@@ -152,7 +134,7 @@ def test_playbook_attach_serve_drain_remove_detach(lab, bpffs):
         # remove it: new connections never reach it
         out = ans.module("xvs_destination", dict(drain, state="absent"))
         assert "CHANGED" in out
-        assert "b1" not in {echo_connect(lab)[2] for i in range(20)}
+        assert "b1" not in {echo_connect(lab.name("cli"))[2] for i in range(20)}
 
         # the info module sees two destinations on the echo service and counts
         info = ans.module("xvs_info", {})

@@ -11,27 +11,18 @@ re-weighted, drained and removed.  Counted:
   that drained it has returned: 0.
 """
 import os
-import socket
 import threading
 import time
 
 import pytest
 
 from ansible_collections.xvs.lb.plugins.module_utils import _loader
-from xvstest.lab import ECHO_PORT, VIP, dsr_lab, inside
+from xvstest.lab import ECHO_PORT, VIP, dsr_lab, echo_connect, inside
 from xvstest.modules import Modules
 
 BACKENDS = {"b1": "192.0.2.21", "b2": "192.0.2.22", "b3": "192.0.2.23", "b4": "192.0.2.24"}
 SIZES = {"flow_table_size": 65536, "max_services": 8}
 HELD = 24
-
-
-def connect(ns):
-    """(socket, file, backend name) of a new echo connection via the VIP."""
-    with inside(ns):
-        s = socket.create_connection((VIP, ECHO_PORT), timeout=3)
-    f = s.makefile("rb")
-    return s, f, f.readline().strip().decode()
 
 
 def echo(conn, line):
@@ -54,7 +45,7 @@ class Stream(threading.Thread):
         while not self.stop.is_set():
             start = time.monotonic()
             try:
-                c = connect(self.ns)
+                c = echo_connect(self.ns, timeout=3)
                 ok = echo(c, b"new\n")
                 c[0].close()
                 self.results.append((start, c[2] if ok and c[2] else None))
@@ -84,7 +75,7 @@ def test_reload_and_destination_changes_under_load(lab, bpffs):
         module("xvs_attach", {"interfaces": ["eth0"], "sizes": SIZES})
         module("xvs_service", {"address": VIP, "port": ECHO_PORT, "destinations": [
             {"address": BACKENDS[b]} for b in ("b1", "b2", "b3")]})
-        held = [connect(lab.name("cli")) for dummy in range(HELD)]
+        held = [echo_connect(lab.name("cli"), timeout=3) for dummy in range(HELD)]
         assert {c[2] for c in held} == {"b1", "b2", "b3"}, [c[2] for c in held]
         stream.start()
         time.sleep(1)

@@ -147,6 +147,16 @@ def xdp_pass_on_peer(lab):
     b.cleanup()
 
 
+def echo_connect(ns, timeout=5):
+    """(socket, file, backend name) of a new connection from namespace ns
+    to the backends' echo service through the VIP."""
+    import socket
+    with inside(ns):
+        s = socket.create_connection((VIP, ECHO_PORT), timeout=timeout)
+    f = s.makefile("rb")
+    return s, f, f.readline().strip().decode()
+
+
 def curl(lab, path, port=None, timeout=5):
     """GET http://VIP/path from the client (from a given source port)."""
     local = "--local-port %d " % port if port else ""
