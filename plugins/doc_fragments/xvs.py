@@ -29,6 +29,21 @@ notes:
     compiles.
 '''
 
+    # The state of record, kept by every module that changes the balancer.
+    STATE_FILE = r'''
+options:
+  state_file:
+    description:
+      - The state of record, the desired state every changing run of M(xvs.lb.xvs_attach),
+        M(xvs.lb.xvs_services), M(xvs.lb.xvs_service) and M(xvs.lb.xvs_destination) writes (atomically,
+        mode C(0600)), and the boot restore of the P(xvs.lb.xvs#role) role applies.
+      - One file belongs to one pin root (O(bpffs)): it records its bpffs, and a run with another
+        bpffs is refused. Two balancers on one host (two pin roots) need two files; set both
+        options once with C(module_defaults) for the action group C(group/xvs.lb.xvs).
+    type: path
+    default: /etc/xvs/state.json
+'''
+
     # The identity of a service, shared by xvs_service and xvs_destination.
     PROTOCOL = r'''
 options:

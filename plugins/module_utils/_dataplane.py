@@ -19,6 +19,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import array
 import ctypes
 import os
 
@@ -34,6 +35,7 @@ class LimitError(DataPlaneError):
 
 
 _PROTOCOL_NAMES = {v: k for k, v in L.PROTOCOLS.items()}
+_DEST_FLAGS = L.Dest.flags.offset
 
 
 def _raw(struct_obj):
@@ -97,17 +99,14 @@ class DataPlane(object):
     def _dest_slots(self, index):
         """{slot: Dest} of the valid slots of service index."""
         raw = self.maps["dests"].lookup_range(index * self.max_dests, self.max_dests)
-        out = {}
-        for slot, blob in enumerate(raw):
-            d = L.Dest.from_buffer_copy(blob)
-            if d.flags & L.DEST_VALID:
-                out[slot] = d
-        return out
+        # test the flags byte before building a struct: most slots are empty
+        return {slot: L.Dest.from_buffer_copy(blob) for slot, blob in enumerate(raw)
+                if blob[_DEST_FLAGS] & L.DEST_VALID}
 
-    def _service_dict(self, k, v):
+    def _service_dict(self, k, v, slots=None):
         key = L.SvcKey.from_buffer_copy(k)
-        dests = sorted((dest_dict(d, slot) for slot, d in self._dest_slots(v.index).items()),
-                       key=lambda d: d["address"])
+        slots = self._dest_slots(v.index) if slots is None else slots
+        dests = sorted((dest_dict(d, slot) for slot, d in slots.items()), key=lambda d: d["address"])
         return {"address": L.ip_str(key.vip), "port": L.be16(key.port),
                 "protocol": _PROTOCOL_NAMES.get(key.proto, str(key.proto)),
                 "sticky": bool(v.flags & L.SVC_STICKY), "index": v.index, "destinations": dests}
@@ -116,6 +115,11 @@ class DataPlane(object):
         """Every service with its destinations, as plain dicts."""
         return [self._service_dict(k, v)
                 for k, v in sorted(self._services_raw().items(), key=lambda kv: kv[1].index)]
+
+    def service_dicts(self, current):
+        """services() from what read_services() read, without reading again."""
+        return [self._service_dict(k, v, slots)
+                for k, (v, slots) in sorted(current.items(), key=lambda kv: kv[1][0].index)]
 
     def service(self, address, port, protocol):
         """One service as services() lists it, or None."""
@@ -188,34 +192,41 @@ class DataPlane(object):
         return None
 
     # ---- writing ---------------------------------------------------------
-    def set_service(self, address, port, protocol, sticky, destinations):
-        """Make the service exist with exactly these destinations.
+    def read_services(self):
+        """{service key bytes: (SvcVal, {slot: Dest})}: every service with
+        its live destination slots, the one read a plan starts from."""
+        return {k: (v, self._dest_slots(v.index)) for k, v in self._services_raw().items()}
+
+    def plan_write(self, address, port, protocol, sticky, destinations, current, taken):
+        """What writing one service takes, checked against the limits before
+        anything is written: a ServiceWrite, or None when the maps already
+        hold exactly this (no Maglev table is built to find that out: equal
+        destinations, weights and forwarding bytes mean the table written
+        with them is still the right one).
 
         destinations: dicts with address, weight, mac, src_mac, vlan,
-        ifindex, tx_port (already resolved).  Returns True when anything
-        was written.
+        ifindex, tx_port (already resolved); current: read_services();
+        taken: service indexes already given out in this plan (updated).
         """
+        label = "service %s:%d/%s" % (address, port, protocol)
         if len(destinations) > self.max_dests:
-            raise LimitError("service %s:%d/%s: %d destinations exceed max_destinations=%d"
-                             % (address, port, protocol, len(destinations), self.max_dests))
+            raise LimitError("%s: %d destinations exceed max_destinations=%d"
+                             % (label, len(destinations), self.max_dests))
         key = svc_key(address, port, protocol)
         addrs = [d["address"] for d in destinations]
         dup = sorted(set(a for a in addrs if addrs.count(a) > 1))
         if dup:
-            raise DataPlaneError("service %s:%d/%s: destination %s listed more than once"
-                                 % (address, port, protocol, ", ".join(dup)))
-        current = self._services_raw()
-        old = current.get(key)
+            raise DataPlaneError("%s: destination %s listed more than once" % (label, ", ".join(dup)))
+        old, live = current.get(key, (None, {}))
         if old is None:
-            used = {v.index for v in current.values()}
-            free = [i for i in range(self.max_services) if i not in used]
+            free = [i for i in range(self.max_services) if i not in taken]
             if not free:
-                raise LimitError("service %s:%d/%s: all max_services=%d service slots are in use"
-                                 % (address, port, protocol, self.max_services))
-            index, gen, live = free[0], 1, {}
+                raise LimitError("%s: all max_services=%d service slots are in use"
+                                 % (label, self.max_services))
+            index, gen = free[0], 1
         else:
-            index, gen, live = old.index, old.gen, self._dest_slots(old.index)
-
+            index, gen = old.index, old.gen
+        taken.add(index)
         wanted = {d["address"]: make_dest(d) for d in destinations}
         by_addr = {L.ip_str(d.addr): (slot, d) for slot, d in live.items()}
         plan, new_slots = {}, []
@@ -226,53 +237,74 @@ class DataPlane(object):
                 plan[addr] = cur[0]
             else:
                 if not free_slots:
-                    raise LimitError("service %s:%d/%s: too many destination changes at once for "
+                    raise LimitError("%s: too many destination changes at once for "
                                      "max_destinations=%d; apply them in two steps"
-                                     % (address, port, protocol, self.max_dests))
+                                     % (label, self.max_dests))
                 plan[addr] = free_slots.pop(0)
                 new_slots.append(plan[addr])
-        table = _maglev.build([(a, d.weight) for a, d in wanted.items()], self.maglev_size)
         flags = L.SVC_STICKY if sticky else 0
-        ndest = len([d for d in wanted.values() if d.weight > 0])
         removed = [s for s in live if s not in plan.values()]
+        if (old is not None and old.flags == flags and not new_slots and not removed
+                and all(bytes(live[plan[a]]) == bytes(d) for a, d in wanted.items())):
+            return None
+        return ServiceWrite(key, index, gen, old is None, flags, wanted, plan, new_slots, removed)
 
-        unchanged = (old is not None and old.flags == flags and not new_slots and not removed
-                     and all(bytes(live[plan[a]]) == bytes(d) for a, d in wanted.items())
-                     and self._table_matches(index, gen, table, plan))
-        if unchanged:
-            return False
-
-        base = index * self.max_dests
+    def write(self, sw, tables=None):
+        """Write one planned service in the order that keeps every packet on
+        a whole table (see the module docstring).  tables: a dict shared by
+        the writes of one run, so services with the same eligible
+        destinations and weights build their Maglev table once."""
+        tables = {} if tables is None else tables
+        base = sw.index * self.max_dests
         dests = self.maps["dests"]
         stats = self.maps["dest_stats"]
         zero_stats = stats.pack_all_cpus(bytes(L.Stats()))
-        for addr, d in wanted.items():
-            slot = plan[addr]
-            if slot in new_slots:
+        for addr, d in sw.wanted.items():
+            slot = sw.plan[addr]
+            if slot in sw.new_slots:
                 stats.update(_u32(base + slot), zero_stats)
             dests.update(_u32(base + slot), _raw(d))
-        if old is None:
-            self.maps["svc_stats"].update(_u32(index), self.maps["svc_stats"].pack_all_cpus(
+        if sw.new:
+            self.maps["svc_stats"].update(_u32(sw.index), self.maps["svc_stats"].pack_all_cpus(
                 bytes(L.Stats())))
-        new_gen = gen ^ 1
-        self._write_table(index, new_gen, table, plan)
-        val = L.SvcVal(index=index, flags=flags, gen=new_gen, ndest=ndest if table else 0)
-        self.maps["services"].update(key, _raw(val))
-        self._sync_vips()
-        for slot in removed:
+        weights = tuple(sorted((a, d.weight) for a, d in sw.wanted.items() if d.weight > 0))
+        if weights not in tables:
+            tables[weights] = _maglev.build(weights, self.maglev_size)
+        table = tables[weights]
+        new_gen = sw.gen ^ 1
+        self._write_table(sw.index, new_gen, table, sw.plan)
+        val = L.SvcVal(index=sw.index, flags=sw.flags, gen=new_gen, ndest=len(weights) if table else 0)
+        self.maps["services"].update(sw.key, _raw(val))
+        for slot in sw.removed:
             dests.update(_u32(base + slot), _raw(L.Dest()))
+
+    def remove(self, key, current):
+        """Delete one service (key bytes) read by read_services()."""
+        old, live = current[key]
+        self.maps["services"].delete(key)
+        dests = self.maps["dests"]
+        for slot in live:
+            dests.update(_u32(old.index * self.max_dests + slot), _raw(L.Dest()))
+
+    def set_service(self, address, port, protocol, sticky, destinations):
+        """Make one service exist with exactly these destinations (see
+        plan_write).  Returns True when anything was written."""
+        current = self.read_services()
+        sw = self.plan_write(address, port, protocol, sticky, destinations, current,
+                             set(v.index for v, _ in current.values()))
+        if sw is None:
+            return False
+        self.write(sw)
+        self.sync_vips()
         return True
 
     def delete_service(self, address, port, protocol):
         key = svc_key(address, port, protocol)
-        old = self._services_raw().get(key)
-        if old is None:
+        current = self.read_services()
+        if key not in current:
             return False
-        self.maps["services"].delete(key)
-        self._sync_vips()
-        dests = self.maps["dests"]
-        for slot in self._dest_slots(old.index):
-            dests.update(_u32(old.index * self.max_dests + slot), _raw(L.Dest()))
+        self.remove(key, current)
+        self.sync_vips()
         return True
 
     def _table_slots(self, table, plan):
@@ -283,23 +315,22 @@ class DataPlane(object):
         return [_u32(first + i) for i in range(self.chunks)]
 
     def _write_table(self, index, gen, table, plan):
-        slots = self._table_slots(table, plan)
-        slots += [0] * (self.chunks * L.MAGLEV_CHUNK - len(slots))
-        values = []
-        for i in range(self.chunks):
-            c = L.MaglevChunk()
-            c.slot[:] = slots[i * L.MAGLEV_CHUNK:(i + 1) * L.MAGLEV_CHUNK]
-            values.append(_raw(c))
+        # array("H") is the chunks' native uint16 layout: one bytes object
+        # sliced per chunk, not a ctypes struct filled per chunk
+        slots = array.array("H", self._table_slots(table, plan))
+        slots.extend([0] * (self.chunks * L.MAGLEV_CHUNK - len(slots)))
+        raw, size = slots.tobytes(), ctypes.sizeof(L.MaglevChunk)
+        values = [raw[i * size:(i + 1) * size] for i in range(self.chunks)]
         self.maps["maglev"].update_batch(self._chunk_keys(index, gen), values)
 
-    def _table_matches(self, index, gen, table, plan):
-        want = self._table_slots(table, plan)
+    def live_table(self, index, gen):
+        """The slots of one half of a service's Maglev table, as written."""
         got = []
         for blob in self.maps["maglev"].lookup_range((index * 2 + gen) * self.chunks, self.chunks):
             got.extend(L.MaglevChunk.from_buffer_copy(blob).slot)
-        return got[:self.maglev_size] == want
+        return got[:self.maglev_size]
 
-    def _sync_vips(self):
+    def sync_vips(self):
         """Rebuild the VIP set from the services: which VIPs exist, and the
         sticky service (lowest port) that owns each VIP's fragments."""
         want = {}
@@ -320,6 +351,16 @@ class DataPlane(object):
         for k in have:
             if int.from_bytes(k, "little") not in want:
                 vips.delete(k)
+
+
+class ServiceWrite(object):
+    """One service's planned write: its key, index and current table half,
+    the destinations by address with the slot each goes to, the slots that
+    are new and those to clear after the switch."""
+
+    def __init__(self, key, index, gen, new, flags, wanted, plan, new_slots, removed):
+        self.key, self.index, self.gen, self.new, self.flags = key, index, gen, new, flags
+        self.wanted, self.plan, self.new_slots, self.removed = wanted, plan, new_slots, removed
 
 
 def check_map(m, name, mtype, key, value):

@@ -24,6 +24,7 @@ description:
     by the action plugin and used.
 extends_documentation_fragment:
   - xvs.lb.xvs
+  - xvs.lb.xvs.state_file
   - xvs.lb.xvs.attributes
 attributes:
   check_mode:
@@ -184,7 +185,8 @@ vlans:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.xvs.lb.plugins.module_utils import _control as C, _layout as L, _loader
+from ansible_collections.xvs.lb.plugins.module_utils import _layout as L, _loader, _module, _planner, _spec
+from ansible_collections.xvs.lb.plugins.module_utils._attach import AttachPlan
 
 # defaults and limits live in _layout.SIZE_LIMITS
 SIZE_OPTIONS = dict((name, dict(type="int", default=limits[0]))
@@ -201,7 +203,7 @@ def main():
             source=dict(type="path"),
             allow_flow_table_reset=dict(type="bool", default=False),
             state=dict(type="str", default="present", choices=["present", "absent"]),
-            bpffs=dict(type="path", default=C.DEFAULT_BPFFS),
+            **_spec.COMMON_OPTIONS
         ),
         required_if=[("state", "present", ["interfaces"])],
         supports_check_mode=True,
@@ -210,19 +212,21 @@ def main():
 
     def work():
         text = _loader.read_source(params["source"]) if params["state"] == "present" else ""
-        plan = C.AttachPlan(params, text)
+        r = _planner.AttachRun(AttachPlan(params, text), params["state_file"])
+        plan = r.plan
         if module.check_mode:
-            return plan, dict(plan.after or {}, program=plan.status["program"] if plan.status else None)
-        plan.apply()
-        return plan, plan.result()
+            return r, dict(plan.after or {}, program=plan.status["program"] if plan.status else None)
+        r.apply()
+        return r, plan.result()
 
-    p, result = C.run(module, work)
+    r, result = _module.run(module, work)
+    p = r.plan
     result.setdefault("interfaces", {})
     result.setdefault("bpffs", p.root)
     result.setdefault("sizes", p.sizes)
     result.setdefault("vlans", p.vlans)
     result.pop("build_id", None)
-    result["changed"] = p.changed
+    result["changed"] = r.changed
     if module._diff:
         result["diff"] = {"before": p.before, "after": p.after}
     module.exit_json(**result)

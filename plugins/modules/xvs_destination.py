@@ -18,8 +18,11 @@ description:
     is on-link through and to its MAC address, from the neighbour table with one active probe
     when it is missing, unless O(mac) is given.
   - Weight 0 drains the destination; removing it makes its flows select again.
+  - A front end of M(xvs.lb.xvs_services) for one destination, run by the same planner. The change is
+    recorded in O(state_file), so a drain survives a reboot.
 extends_documentation_fragment:
   - xvs.lb.xvs
+  - xvs.lb.xvs.state_file
   - xvs.lb.xvs.protocol
   - xvs.lb.xvs.attributes
 attributes:
@@ -62,6 +65,7 @@ options:
     choices: [present, absent]
     default: present
 seealso:
+  - module: xvs.lb.xvs_services
   - module: xvs.lb.xvs_service
 author:
   - xvs.lb contributors (@xvs-lb)
@@ -129,29 +133,49 @@ service:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.xvs.lb.plugins.module_utils import _control as C
+from ansible_collections.xvs.lb.plugins.module_utils import _module, _planner, _spec
 
 
 def main():
     module = AnsibleModule(
         argument_spec=dict(
-            service_address=dict(type="str", required=True),
-            service_port=dict(type="int", required=True),
-            protocol=dict(type="str", default="tcp", choices=["tcp", "udp"]),
-            address=dict(type="str", required=True),
-            weight=dict(type="int", default=1),
-            mac=dict(type="str"),
+            service_address=_spec.SERVICE_OPTIONS["address"],
+            service_port=_spec.SERVICE_OPTIONS["port"],
+            protocol=_spec.SERVICE_OPTIONS["protocol"],
+            address=_spec.DESTINATION_OPTIONS["address"],
+            weight=dict(_spec.DESTINATION_OPTIONS["weight"], default=_spec.DEFAULT_WEIGHT),
+            mac=_spec.DESTINATION_OPTIONS["mac"],
             state=dict(type="str", default="present", choices=["present", "absent"]),
-            bpffs=dict(type="path", default=C.DEFAULT_BPFFS),
+            **_spec.COMMON_OPTIONS
         ),
         supports_check_mode=True,
     )
-    p, addr = C.run_plan(module, C.plan_destination)
-    dest = [d for d in p.after["destinations"] if d["address"] == addr]
-    result = dict(changed=p.changed, service=p.after, destination=dest[0] if dest else None)
-    if module._diff:
-        result["diff"] = p.diff()
-    module.exit_json(**result)
+    p = module.params
+
+    def check():
+        key = (_spec.ipv4("service_address", p["service_address"]),
+               _spec.port("service_port", p["service_port"]), _spec.protocol("protocol", p["protocol"]))
+        dest = _spec.destination("", dict((k, p[k]) for k in ("address", "weight", "mac")))
+        return key, dest
+    key, dest = _module.check(module, check)
+
+    def transform(before):
+        if key not in before:
+            raise _spec.XvsError("service_address=%s service_port=%d protocol=%s: no such service; "
+                                 "create it with xvs.lb.xvs_service" % key)
+        if p["state"] == "absent":
+            return _planner.remove_destination(key, dest["address"])(before)
+        entry = {"address": key[0], "port": key[1], "protocol": key[2], "sticky": None,
+                 "destinations": [dest]}
+        return _planner.merged(before, {key: entry})
+
+    def view(r, bal):
+        svc = _module.service_view(r, bal, key)
+        found = [d for d in svc["destinations"] if d["address"] == dest["address"]]
+        return svc, found[0] if found else None
+    r, (service, destination) = _module.converge(module, transform,
+                                                 {(key, dest["address"]): "address"}, view)
+    _module.exit_with(module, r, key, service=service, destination=destination)
 
 
 if __name__ == "__main__":

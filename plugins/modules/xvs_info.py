@@ -15,8 +15,11 @@ description:
   - Returns the attachment (interfaces, modes, program, sizes), every service with its
     destinations, and the counters, read from the pinned maps. Changes nothing and needs no
     compiler.
+  - Also returns the desired services from O(state_file), the state of record (what
+    M(xvs.lb.xvs_services) with O(xvs.lb.xvs_services#module:state=gathered) returns).
 extends_documentation_fragment:
   - xvs.lb.xvs
+  - xvs.lb.xvs.state_file
   - xvs.lb.xvs.attributes
 attributes:
   check_mode:
@@ -28,6 +31,7 @@ attributes:
     platforms: linux
 seealso:
   - module: xvs.lb.xvs_attach
+  - module: xvs.lb.xvs_services
 author:
   - xvs.lb contributors (@xvs-lb)
 '''
@@ -44,6 +48,19 @@ EXAMPLES = r'''
 '''
 
 RETURN = r'''
+desired:
+  description: The desired services, in the config shape of M(xvs.lb.xvs_services).
+  returned: always
+  type: list
+  elements: dict
+  sample:
+    - address: 203.0.113.10
+      port: 80
+      protocol: tcp
+      sticky: false
+      destinations:
+        - address: 192.0.2.21
+          weight: 1
 attachment:
   description: Where and how the program runs.
   returned: success
@@ -112,17 +129,20 @@ flow_table:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.xvs.lb.plugins.module_utils import _control as C
+from ansible_collections.xvs.lb.plugins.module_utils import _balancer, _module, _planner, _spec
 
 
 def main():
-    module = AnsibleModule(
-        argument_spec=dict(bpffs=dict(type="path", default=C.DEFAULT_BPFFS)),
-        supports_check_mode=True,
-    )
-    # under the lock: a consistent read, no run half-way through a change
-    result = C.run(module, lambda: C.info(module.params["bpffs"]))
-    module.exit_json(changed=False, **result)
+    module = AnsibleModule(argument_spec=_spec.COMMON_OPTIONS, supports_check_mode=True)
+    p = module.params
+
+    def work():
+        # under the lock: a consistent read, no run half-way through a change
+        with _balancer.Balancer(p["bpffs"]) as bal:
+            result = _balancer.info(bal)
+            result["desired"] = _planner.to_config(_planner.recorded(bal, p["state_file"])[1])
+            return result
+    module.exit_json(changed=False, **_module.run(module, work))
 
 
 if __name__ == "__main__":

@@ -15,10 +15,14 @@ description:
   - Creates, changes or removes a virtual service (VIP, port and protocol) of the XDP load
     balancer attached with M(xvs.lb.xvs_attach), and optionally its destinations.
   - New flows pick a destination from a weighted Maglev table; established flows keep theirs.
+  - A front end of M(xvs.lb.xvs_services) for one service, run by the same planner: O(state=present)
+    is its V(merged) (V(replaced) with O(purge_destinations=true)), O(state=absent) its V(deleted).
+    The change is recorded in O(state_file).
   - Destinations are resolved on the balancer to the attached interface (or trunk VLAN) they
     are on-link through and to their MAC address (from the neighbour table, probing once).
 extends_documentation_fragment:
   - xvs.lb.xvs
+  - xvs.lb.xvs.state_file
   - xvs.lb.xvs.protocol
   - xvs.lb.xvs.attributes
 attributes:
@@ -64,6 +68,10 @@ options:
             established flows continue).
         type: int
         default: 1
+      mac:
+        description:
+          - The destination's MAC address, instead of resolving it.
+        type: str
   purge_destinations:
     description:
       - With O(destinations) given, remove every destination not listed.
@@ -76,6 +84,7 @@ options:
     choices: [present, absent]
     default: present
 seealso:
+  - module: xvs.lb.xvs_services
   - module: xvs.lb.xvs_destination
   - module: xvs.lb.xvs_attach
 author:
@@ -144,31 +153,38 @@ service:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.xvs.lb.plugins.module_utils import _control as C
+from ansible_collections.xvs.lb.plugins.module_utils import _module, _planner, _spec
 
 
 def main():
     module = AnsibleModule(
         argument_spec=dict(
-            address=dict(type="str", required=True),
-            port=dict(type="int", required=True),
-            protocol=dict(type="str", default="tcp", choices=["tcp", "udp"]),
-            sticky=dict(type="bool", default=False),
+            _spec.SERVICE_OPTIONS,
+            sticky=dict(type="bool", default=_spec.DEFAULT_STICKY),
             destinations=dict(type="list", elements="dict", options=dict(
-                address=dict(type="str", required=True),
-                weight=dict(type="int", default=1),
-            )),
+                _spec.DESTINATION_OPTIONS, weight=dict(type="int", default=_spec.DEFAULT_WEIGHT))),
             purge_destinations=dict(type="bool", default=False),
             state=dict(type="str", default="present", choices=["present", "absent"]),
-            bpffs=dict(type="path", default=C.DEFAULT_BPFFS),
+            **_spec.COMMON_OPTIONS
         ),
         supports_check_mode=True,
     )
-    p = C.run_plan(module, C.plan_service)[0]
-    result = dict(changed=p.changed, service=p.after)
-    if module._diff:
-        result["diff"] = p.diff()
-    module.exit_json(**result)
+    p = module.params
+    # the module's options are one entry of xvs_services' config
+    entry = dict((k, p[k]) for k in _spec.SERVICE_OPTIONS)
+    svc = _module.check(module, lambda: _spec.service("", entry))
+    key = _spec.service_key(svc)
+    entries = {key: svc}
+    if p["state"] == "absent":
+        state = "deleted"
+    elif p["purge_destinations"] and p["destinations"] is not None:
+        state = "replaced"
+    else:
+        state = "merged"
+    r, service = _module.converge(module, _planner.transform(state, entries),
+                                  _planner.labels(entries),
+                                  lambda r, bal: _module.service_view(r, bal, key))
+    _module.exit_with(module, r, key, service=service)
 
 
 if __name__ == "__main__":

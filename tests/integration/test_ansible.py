@@ -17,8 +17,8 @@ BACKENDS = {"b1": "192.0.2.21", "b2": "192.0.2.22", "b3": "192.0.2.23"}
 
 
 class Ansible(object):
-    def __init__(self, lab, root):
-        self.lab, self.root = lab, root
+    def __init__(self, lab, root, state_file):
+        self.lab, self.root, self.state_file = lab, root, state_file
         self.env = ansible_env()
 
     def _run(self, argv):
@@ -26,14 +26,15 @@ class Ansible(object):
                               capture_output=True, text=True, timeout=300, check=False)
 
     def playbook(self, destinations, *flags):
-        extra = json.dumps({"bpffs": self.root, "vip": VIP, "destinations": destinations})
+        extra = json.dumps({"bpffs": self.root, "state_file": self.state_file, "vip": VIP,
+                            "destinations": destinations})
         r = self._run([os.path.join(BIN, "ansible-playbook"), "-i", "localhost,", "-c", "local",
                        "-e", extra, os.path.join(HERE, "playbooks", "balancer.yml")] + list(flags))
         assert r.returncode == 0, r.stdout + r.stderr
         return int(re.search(r"localhost\s+:.*changed=(\d+)", r.stdout).group(1)), r.stdout
 
     def module(self, name, args, ok=True):
-        args = dict({"bpffs": self.root}, **args)
+        args = dict({"bpffs": self.root, "state_file": self.state_file}, **args)
         r = self._run([os.path.join(BIN, "ansible"), "localhost", "-i", "localhost,", "-c", "local",
                        "-m", "xvs.lb." + name, "-a", json.dumps(args), "-o"])
         assert (r.returncode == 0) == ok, r.stdout + r.stderr
@@ -50,13 +51,15 @@ def lab(tmp_path):
         yield lab
 
 
-def test_playbook_attach_serve_drain_remove_detach(lab, bpffs):
+def test_playbook_attach_serve_drain_remove_detach(lab, bpffs, tmp_path):
     root = os.path.join(bpffs, "ansible")
-    ans = Ansible(lab, root)
+    ans = Ansible(lab, root, str(tmp_path / "state.json"))
     held = []
     try:
         changed = ans.playbook(dests())[0]
-        assert changed == 2   # attach, and the services (one looped task)
+        assert changed == 2   # attach, and the services, with bpffs and state_file from the group
+        with open(ans.state_file) as f:
+            assert [s["port"] for s in json.load(f)["services"]] == [80, ECHO_PORT]
 
         seen = {curl(lab, "whoami", 21000 + i).stdout for i in range(30)}
         assert seen == set(BACKENDS)

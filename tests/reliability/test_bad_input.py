@@ -1,9 +1,9 @@
-"""Bad input (issue 6, part 5): every module option given a wrong type, an
+"""Bad input: every module option given a wrong type, an
 out-of-range value, an unknown interface, an address not on the link, a
 duplicate, a value past a limit; a run with no attachment, no bpffs, and
 maps pinned by an incompatible program version.  Each run must fail with
 one line naming the option and the value, and leave every map of the
-host byte for byte as it was."""
+host and the state of record byte for byte as they were."""
 import os
 
 import pytest
@@ -65,6 +65,21 @@ CASES = [
     ("xvs_destination", dict(DEST, weight=1 << 40), str(1 << 40)),
     ("xvs_destination", dict(DEST, address="192.0.2.25"), "max_destinations=4"),
     ("xvs_destination", dict(DEST, protocol="icmp"), "icmp"),
+    # xvs_services: one bad entry anywhere refuses the whole config
+    ("xvs_services", {"config": [SVC, dict(SVC, port=70000)]}, "config[1].port=70000"),
+    ("xvs_services", {"config": [SVC, dict(SVC, port=81, destinations=[{"address": "198.51.100.9"}])]},
+     "config[1].destinations[0].address=198.51.100.9"),
+    ("xvs_services", {"config": [dict(SVC, destinations=[{"address": "192.0.2.21", "weight": -1}])]},
+     "config[0].destinations[0].weight=-1"),
+    ("xvs_services", {"config": [dict(SVC, destinations=[{"address": "192.0.2.21", "mac": "01:00:5e:00:00:01"}])]},
+     "config[0].destinations[0].mac=01:00:5e:00:00:01"),
+    ("xvs_services", {"config": [SVC, SVC]}, "config[1]: service 203.0.113.10:80/tcp listed more than once"),
+    ("xvs_services", {"config": [SVC, dict(SVC, port=82)]}, "max_services=2"),
+    ("xvs_services", {"config": [dict(SVC, destinations=[{"address": "192.0.2.%d" % i} for i in range(21, 26)])],
+                      "state": "replaced"}, "max_destinations=4"),
+    ("xvs_services", {"config": [SVC], "state": "sideways"}, "sideways"),
+    ("xvs_services", {"state": "merged"}, "config"),
+    ("xvs_services", {"config": [dict(SVC, colour="red")]}, "colour"),
 ]
 
 
@@ -97,12 +112,16 @@ def test_refused_in_one_line_with_nothing_changed(host, name, args, value):
     with inside(lab.name("bal")):
         before = dump_maps(mods.root)
         prog = _loader.status(mods.root)["program"]["id"]
+    with open(mods.state_file, "rb") as f:
+        record = f.read()
     rc, result = mods.call(name, args)
     assert rc != 0
     assert value in one_line(result)
     with inside(lab.name("bal")):
         assert dump_maps(mods.root) == before
         assert _loader.status(mods.root)["program"]["id"] == prog
+    with open(mods.state_file, "rb") as f:
+        assert f.read() == record
 
 
 def test_no_attachment_and_no_bpffs(host, bpffs):

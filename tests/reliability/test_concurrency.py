@@ -1,4 +1,4 @@
-"""Concurrency (issue 6, part 4): many module runs at once against one host.
+"""Concurrency: many module runs at once against one host.
 
 Parallel ansible-playbook runs and direct module invocations (the module
 file run by Python with its arguments file, as Ansible itself does) all
@@ -20,12 +20,14 @@ VIP = "203.0.113.10"
 SIZES = {"maglev_table_size": 251, "max_destinations": 32, "max_services": 16, "flow_table_size": 4096}
 ADDED = ["192.0.2.%d" % (30 + i) for i in range(8)]      # one xvs_destination run each
 PORTS = [81, 82, 83, 84]                                  # one playbook run each
+BULK = [{"address": VIP, "port": 90 + i, "destinations": [{"address": "192.0.2.%d" % (21 + i)}]}
+        for i in range(3)]                                # one xvs_services run
 
 
 class Host(Modules):
     def playbook(self, port):
         play = [{"hosts": "localhost", "gather_facts": False, "tasks": [{"xvs.lb.xvs_service": {
-            "address": VIP, "port": port, "bpffs": self.root,
+            "address": VIP, "port": port, "bpffs": self.root, "state_file": self.state_file,
             "destinations": [{"address": "192.0.2.%d" % (24 + port - 80)}, {"address": "192.0.2.21"}]}}]}]
         path = os.path.join(self.work, "play%d.json" % port)
         with open(path, "w") as f:
@@ -51,7 +53,13 @@ def runs(host):
     """Every change of the scenario, as processes not yet waited for."""
     dests = [host.start("xvs_destination", {"service_address": VIP, "service_port": 80, "address": a,
                                             "weight": 1 + i % 3}) for i, a in enumerate(ADDED)]
-    return dests + [host.playbook(p) for p in PORTS]
+    bulk = host.start("xvs_services", {"config": BULK, "state": "merged"})
+    return dests + [host.playbook(p) for p in PORTS] + [bulk]
+
+
+def record(h):
+    with open(h.state_file) as f:
+        return json.load(f)["services"]
 
 
 def assert_tables_whole(root):
@@ -62,7 +70,8 @@ def assert_tables_whole(root):
             live = dp._dest_slots(v.index)
             plan = {L.ip_str(d.addr): slot for slot, d in live.items()}
             table = _maglev.build([(a, live[s].weight) for a, s in plan.items()], dp.maglev_size)
-            assert dp._table_matches(v.index, v.gen, table, plan), "service %d half-written" % v.index
+            assert dp.live_table(v.index, v.gen) == dp._table_slots(table, plan), \
+                "service %d half-written" % v.index
 
 
 def state(root):
@@ -101,5 +110,8 @@ def test_parallel_runs_end_where_serial_runs_end(host):
     got = {d["address"]: d["weight"] for s in state(parallel.root) if s["port"] == 80
            for d in s["destinations"]}
     assert got == dict({"192.0.2.20": 1}, **{a: 1 + i % 3 for i, a in enumerate(ADDED)})
-    assert sorted(s["port"] for s in state(parallel.root)) == [80] + PORTS
+    assert sorted(s["port"] for s in state(parallel.root)) == [80] + PORTS + [90, 91, 92]
     assert_tables_whole(parallel.root)
+    # the state of record holds every change, as the serial runs left it
+    assert record(parallel) == record(serial)
+    assert [s["port"] for s in record(parallel)] == [80] + PORTS + [90, 91, 92]

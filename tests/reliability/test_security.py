@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from ansible_collections.xvs.lb.plugins.module_utils import _control, _layout as L, _loader
+from ansible_collections.xvs.lb.plugins.module_utils import _layout as L, _loader, _spec, _state
 from xvstest.packets import harness
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,7 +33,7 @@ def test_pins_and_pin_root_are_root_only(pin_root):
 
 def test_host_lock_file_is_root_only(tmp_path):
     path = str(tmp_path / "lock" / "xvs.lock")
-    with _control.host_lock(path):
+    with _state.host_lock(path):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
 
@@ -52,8 +52,8 @@ def test_compiler_flags_hold_only_the_root_and_integers():
 
 @pytest.mark.parametrize("root", ['/run/x/"; system("id"); "', "relative/lb", "/run/x\\lb", "/run/x\nlb", 7])
 def test_bpffs_paths_that_could_escape_the_c_string_are_refused(root):
-    with pytest.raises(_control.XvsError, match="bpffs"):
-        _control.bpffs(root)
+    with pytest.raises(_spec.XvsError, match="bpffs"):
+        _spec.bpffs(root)
 
 
 def test_no_shell_anywhere_in_the_plugins():

@@ -38,18 +38,22 @@ def balancer_ns(lab, neighbours=range(20, 40)):
 
 
 class Modules(object):
+    """Module runs against one pin root with its own state of record."""
+
     def __init__(self, ns, root):
         self.ns, self.root = ns, root
         self.work = tempfile.mkdtemp(prefix="xvs-modargs-")
+        self.state_file = os.path.join(self.work, "state.json")
         self.n = 0
         self.env = ansible_env()
 
     def start(self, name, args):
-        """Start one module run; bpffs defaults to this root."""
+        """Start one module run; bpffs and state_file default to this root's."""
         self.n += 1
         path = os.path.join(self.work, "%s-%d.json" % (name, self.n))
         with open(path, "w") as f:
-            json.dump({"ANSIBLE_MODULE_ARGS": dict({"bpffs": self.root}, **args)}, f)
+            defaults = {"bpffs": self.root, "state_file": self.state_file}
+            json.dump({"ANSIBLE_MODULE_ARGS": dict(defaults, **args)}, f)
         return subprocess.Popen(["ip", "netns", "exec", self.ns, sys.executable, "-m",
                                  "ansible_collections.xvs.lb.plugins.modules." + name, path],
                                 env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

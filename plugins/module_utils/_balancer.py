@@ -1,0 +1,103 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) xvs.lb contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The balancer as the control plane sees it: the pinned program's status
+and maps under one pin root, where a destination is reached (interface,
+VLAN, MACs), and the read-only report xvs_info returns."""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+from ansible_collections.xvs.lb.plugins.module_utils import _bpf, _layout as L, _loader, _netinfo
+from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane, DataPlaneError
+from ansible_collections.xvs.lb.plugins.module_utils._spec import XvsError, bpffs
+
+# Errors that are the user's to fix: reported as one line, nothing changed.
+EXPECTED_ERRORS = (XvsError, DataPlaneError, _loader.LoaderError, _netinfo.NetInfoError,
+                   L.SizeError, _bpf.BpfError)
+
+
+class Balancer(object):
+    """The pinned program's state and maps under one bpffs root."""
+
+    def __init__(self, root):
+        self.root = bpffs(root)
+        self.status = _loader.status(self.root)
+        if self.status is None:
+            raise XvsError("bpffs=%s: the xvs program is not attached here (no pins); "
+                           "run xvs.lb.xvs_attach first" % self.root)
+        self.dp = DataPlane(self.root)
+        self._ifnames = None
+        self._resolved = {}
+
+    def close(self):
+        self.dp.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def ifname(self, index):
+        if self._ifnames is None:
+            self._ifnames = dict((_netinfo.interface(n)["index"], n) for n in self.status["interfaces"])
+        return self._ifnames.get(index)
+
+    def resolve(self, option, address, mac_override=None):
+        """A destination's forwarding data: interface, VLAN, MACs.  Cached
+        for the run: a thousand services over one pool resolve it once."""
+        key = (address, mac_override)
+        if key not in self._resolved:
+            self._resolved[key] = self._resolve(option, address, mac_override)
+        return dict(self._resolved[key])
+
+    def _resolve(self, option, address, mac_override):
+        interfaces = sorted(self.status["interfaces"])
+        if not interfaces:
+            raise XvsError("bpffs=%s: the program is not attached to any interface" % self.root)
+        try:
+            info, vlan = _netinfo.locate(address, interfaces, self.status["vlans"])
+        except _netinfo.NetInfoError as e:
+            raise XvsError("%s=%s: %s" % (option, address, e))
+        if mac_override:
+            dest_mac = mac_override
+        elif vlan:
+            raise XvsError("%s=%s: on VLAN %d of trunk %s the MAC cannot be probed; give mac"
+                           % (option, address, vlan, info["name"]))
+        else:
+            try:
+                dest_mac = _netinfo.resolve_mac(address, info)
+            except _netinfo.NetInfoError as e:
+                raise XvsError("%s=%s: %s" % (option, address, e))
+        return {"address": address, "mac": dest_mac, "src_mac": info["mac"],
+                "ifindex": info["index"], "vlan": vlan,
+                "tx_port": self.dp.tx_port(info["index"]) or 0}
+
+    def view(self, svc):
+        """A service as the maps hold it, with where each destination is."""
+        return {"address": svc["address"], "port": svc["port"], "protocol": svc["protocol"],
+                "sticky": svc["sticky"],
+                "destinations": [self.dest_view(d) for d in svc["destinations"]]}
+
+    def dest_view(self, d):
+        return {"address": d["address"], "weight": d["weight"], "mac": d["mac"],
+                "interface": self.ifname(d["ifindex"]), "vlan": d["vlan"]}
+
+
+def info(bal):
+    """What xvs_info returns of the maps: attachment, services, counters."""
+    if bal:
+        services = []
+        for s in bal.dp.services():
+            v = bal.view(s)
+            v["counters"] = bal.dp.service_stats(s["index"])
+            for dv, d in zip(v["destinations"], s["destinations"]):
+                dv["counters"] = bal.dp.dest_stats(s["index"], d["slot"])
+            services.append(v)
+        return {"attachment": {"bpffs": bal.root, "interfaces": bal.status["interfaces"],
+                               "program": bal.status["program"], "sizes": bal.status["sizes"],
+                               "vlans": bal.status["vlans"]},
+                "services": services, "counters": bal.dp.counters(),
+                "flow_table": bal.dp.flow_table()}

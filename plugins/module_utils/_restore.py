@@ -1,0 +1,64 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) xvs.lb contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The boot restore: re-attach the program and apply the state of record
+as state=overridden would, through the same planner as the modules.
+
+bpffs does not survive a reboot; the xvs role's xvs-restore.service runs
+this at boot.  The record is checked whole before anything is attached or
+written: a missing, unreadable or corrupt record is an error that changes
+no map.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+from ansible_collections.xvs.lb.plugins.module_utils import _loader, _planner, _state
+from ansible_collections.xvs.lb.plugins.module_utils._attach import AttachPlan
+from ansible_collections.xvs.lb.plugins.module_utils._balancer import Balancer
+from ansible_collections.xvs.lb.plugins.module_utils._spec import XvsError
+
+
+def _attach_params(record, state_file):
+    attach = record["attach"]
+    interfaces = attach.get("interfaces")
+    if not isinstance(interfaces, list) or not all(isinstance(n, str) for n in interfaces):
+        raise XvsError("state_file=%s: attach.interfaces=%s: must be a list of interface names"
+                       % (state_file, interfaces))
+    mode = attach.get("mode") or "auto"
+    if mode not in _loader.MODES:
+        raise XvsError("state_file=%s: attach.mode=%s: must be one of %s"
+                       % (state_file, mode, ", ".join(_loader.MODES)))
+    return {"interfaces": interfaces, "mode": mode, "sizes": attach.get("sizes") or {},
+            "vlans": attach.get("vlans") or {}, "bpffs": record["bpffs"], "state": "present"}
+
+
+def restore(state_file, log, source=None):
+    """Apply the record at state_file; log(line) reports each step.  A
+    destination that cannot be resolved yet (a backend still booting) is
+    left out of the maps and reported as an error after every other service
+    is applied: the unit runs again until it resolves."""
+    with _state.host_lock():
+        record = _state.load(state_file, required=True)
+        if record["attach"] is None:
+            log("xvs: %s records no attachment: nothing to restore" % state_file)
+            return
+        _planner.from_config(record["services"], "%s: services" % state_file)  # checked first
+        params = _attach_params(record, state_file)
+        attach = AttachPlan(params, _loader.read_source(source))
+        attach.apply()
+        where = ", ".join("%s (%s)" % kv for kv in sorted(attach.result()["interfaces"].items()))
+        log("xvs: program %s on %s" % ("loaded" if attach.load else "kept", where))
+        with Balancer(record["bpffs"]) as bal:
+            run = _planner.Run(bal, state_file, lambda before: before, strict=False,
+                               record_required=True)
+            run.plan.apply()   # the record is what is applied: it is not rewritten
+        plan = run.plan
+        log("xvs: %d service(s) in the record: %d written, %d removed, %d unchanged"
+            % (len(plan.after), len(plan.writes), len(plan.removes),
+               len(plan.after) - len(plan.writes)))
+        for e in plan.errors:
+            log("xvs: %s" % e)
+    if plan.errors:
+        raise XvsError("%d destination(s) not restored yet: %s" % (len(plan.errors), "; ".join(plan.errors)))

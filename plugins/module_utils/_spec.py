@@ -1,0 +1,177 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) xvs.lb contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The options of a service and its destinations: their argument specs,
+defaults and limits, defined once, and the checks every entry point runs
+on them (the modules, the boot restore, the role's argument_specs test).
+
+Importable without Ansible: the boot restore validates the state file with
+the same code the modules validate their arguments with.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import ipaddress
+import re
+
+from ansible_collections.xvs.lb.plugins.module_utils import _layout as L, _loader
+
+DEFAULT_BPFFS = "/sys/fs/bpf/xvs"
+DEFAULT_STATE_FILE = "/etc/xvs/state.json"
+MAX_WEIGHT = 65535
+# What an option left out means for a service that does not exist yet (and,
+# with state replaced or overridden, for every listed one); with merged an
+# option left out keeps the current value.
+DEFAULT_PROTOCOL = "tcp"
+DEFAULT_STICKY = False
+DEFAULT_WEIGHT = 1
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+# Argument specs in AnsibleModule's form.  sticky and weight have no
+# default here so that state=merged can tell "left out" from "given".
+DESTINATION_OPTIONS = dict(
+    address=dict(type="str", required=True),
+    weight=dict(type="int"),
+    mac=dict(type="str"),
+)
+SERVICE_OPTIONS = dict(
+    address=dict(type="str", required=True),
+    port=dict(type="int", required=True),
+    protocol=dict(type="str", default=DEFAULT_PROTOCOL, choices=sorted(L.PROTOCOLS)),
+    sticky=dict(type="bool"),
+    destinations=dict(type="list", elements="dict", options=DESTINATION_OPTIONS),
+)
+COMMON_OPTIONS = dict(
+    bpffs=dict(type="path", default=DEFAULT_BPFFS),
+    state_file=dict(type="path", default=DEFAULT_STATE_FILE),
+)
+
+
+class XvsError(Exception):
+    """A problem the user fixes: reported as one line, nothing changed."""
+
+
+def ipv4(option, value):
+    try:
+        a = ipaddress.IPv4Address(str(value))
+    except ValueError:
+        raise XvsError("%s=%s: not an IPv4 address" % (option, value))
+    if a.is_unspecified or a.is_multicast or a == ipaddress.IPv4Address("255.255.255.255"):
+        raise XvsError("%s=%s: not a unicast IPv4 address" % (option, value))
+    return str(a)
+
+
+def port(option, value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise XvsError("%s=%s: must be a port number from 1 to 65535" % (option, value))
+    return value
+
+
+def weight(option, value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_WEIGHT:
+        raise XvsError("%s=%s: must be an integer from 0 to %d" % (option, value, MAX_WEIGHT))
+    return value
+
+
+def mac(option, value):
+    if not _MAC.match(str(value)):
+        raise XvsError("%s=%s: not a MAC address (six hex octets separated by colons)"
+                       % (option, value))
+    raw = L.mac_bytes(value)
+    if raw[0] & 1 or raw == b"\0" * 6:
+        raise XvsError("%s=%s: not a unicast MAC address" % (option, value))
+    return L.mac_str(raw)
+
+
+def protocol(option, value):
+    if value not in L.PROTOCOLS:
+        raise XvsError("%s=%s: must be one of %s" % (option, value, ", ".join(L.PROTOCOLS)))
+    return value
+
+
+def boolean(option, value):
+    if not isinstance(value, bool):
+        raise XvsError("%s=%s: must be true or false" % (option, value))
+    return value
+
+
+def bpffs(value):
+    try:
+        return _loader.check_root(value)
+    except _loader.LoaderError as e:
+        raise XvsError(str(e))
+
+
+def _unknown(label, entry, allowed):
+    extra = sorted(set(entry) - set(allowed))
+    if extra:
+        raise XvsError("%s: unknown option(s) %s" % (label or "options", ", ".join(extra)))
+
+
+def service_key(entry):
+    return (entry["address"], entry["port"], entry["protocol"])
+
+
+def destination(label, item):
+    """One destination entry, checked: {address, weight or None, mac or None}."""
+    prefix = label + "." if label else ""
+    if not isinstance(item, dict):
+        raise XvsError("%s=%s: must be a dict with address, weight, mac" % (label, item))
+    _unknown(label, item, DESTINATION_OPTIONS)
+    if item.get("address") is None:
+        raise XvsError("%saddress: required" % prefix)
+    w, m = item.get("weight"), item.get("mac")
+    return {"address": ipv4(prefix + "address", item["address"]),
+            "weight": None if w is None else weight(prefix + "weight", w),
+            "mac": None if m is None else mac(prefix + "mac", m), "label": prefix}
+
+
+def service(label, entry):
+    """One service entry, checked and normalised; options left out are None
+    (destinations None: not given).  label names the entry in errors
+    ("config[3]"; "" for a module whose options are the entry)."""
+    prefix = label + "." if label else ""
+    if not isinstance(entry, dict):
+        raise XvsError("%s=%s: must be a dict with address, port, protocol, sticky, destinations"
+                       % (label, entry))
+    _unknown(label, entry, SERVICE_OPTIONS)
+    for name in ("address", "port"):
+        if entry.get(name) is None:
+            raise XvsError("%s%s: required" % (prefix, name))
+    sticky = entry.get("sticky")
+    out = {"address": ipv4(prefix + "address", entry["address"]),
+           "port": port(prefix + "port", entry["port"]),
+           "protocol": protocol(prefix + "protocol", entry.get("protocol") or DEFAULT_PROTOCOL),
+           "sticky": None if sticky is None else boolean(prefix + "sticky", sticky),
+           "destinations": None}
+    if entry.get("destinations") is not None:
+        if not isinstance(entry["destinations"], list):
+            raise XvsError("%sdestinations=%s: must be a list" % (prefix, entry["destinations"]))
+        seen = set()
+        dests = []
+        for i, item in enumerate(entry["destinations"]):
+            d = destination("%sdestinations[%d]" % (prefix, i), item)
+            if d["address"] in seen:
+                raise XvsError("%sdestinations[%d].address=%s: listed more than once"
+                               % (prefix, i, d["address"]))
+            seen.add(d["address"])
+            dests.append(d)
+        out["destinations"] = dests
+    return out
+
+
+def services(config, label="config"):
+    """A whole list of service entries, every entry checked before any is
+    used: {(address, port, protocol): entry}, in the order given."""
+    if not isinstance(config, list):
+        raise XvsError("%s=%s: must be a list of services" % (label, config))
+    out = {}
+    for i, entry in enumerate(config):
+        s = service("%s[%d]" % (label, i), entry)
+        key = service_key(s)
+        if key in out:
+            raise XvsError("%s[%d]: service %s:%d/%s listed more than once" % ((label, i) + key))
+        out[key] = s
+    return out

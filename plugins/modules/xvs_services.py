@@ -1,0 +1,240 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright (c) xvs.lb contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r'''
+module: xvs_services
+short_description: Manage all virtual services of the xvs.lb XDP load balancer in one run
+version_added: 0.2.0
+description:
+  - A resource module in the shape of the network collections' ones (O(config) and O(state)) for
+    the services (VIP, port, protocol) of the balancer attached with M(xvs.lb.xvs_attach) and
+    their destinations.
+  - One run takes the host lock once, reads the maps once, checks the whole O(config) before
+    anything is written, and writes only the services that differ; a Maglev table is built only
+    for a service whose eligible destinations or weights change.
+  - Every changing run records the resulting desired state in O(state_file), the state of record
+    that the xvs role's boot restore applies, so changes made by any module survive a reboot.
+  - Destinations are resolved on the balancer to the attached interface (or trunk VLAN) they are
+    on-link through and to their MAC address (from the neighbour table, probing once), unless a
+    MAC address is given.
+extends_documentation_fragment:
+  - xvs.lb.xvs
+  - xvs.lb.xvs.state_file
+  - xvs.lb.xvs.attributes
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+  platform:
+    platforms: linux
+options:
+  config:
+    description:
+      - The services.
+      - With O(state=merged), options left out keep their current values (a new service takes the
+        defaults); with O(state=replaced) and O(state=overridden) they take the defaults.
+      - With O(state=deleted) only address, port and protocol are read.
+    type: list
+    elements: dict
+    suboptions:
+      address:
+        description:
+          - The virtual IP address (IPv4) of the service.
+        type: str
+        required: true
+      port:
+        description:
+          - The service's port, 1 to 65535.
+        type: int
+        required: true
+      protocol:
+        description:
+          - The service's layer-4 protocol.
+        type: str
+        choices: [tcp, udp]
+        default: tcp
+      sticky:
+        description:
+          - Select destinations by client and VIP address only, so every connection of one client
+            goes to the same destination, and fragments of the service's traffic can be forwarded.
+          - Default V(false).
+        type: bool
+      destinations:
+        description:
+          - The service's destinations (real servers).
+          - With O(state=merged), destinations not listed are kept; with O(state=replaced) and
+            O(state=overridden) the service ends with exactly these.
+        type: list
+        elements: dict
+        suboptions:
+          address:
+            description:
+              - The destination's IPv4 address; it must be on-link through an attached interface.
+            type: str
+            required: true
+          weight:
+            description:
+              - Share of new flows, relative to the service's other destinations, 0 to 65535; 0
+                drains (no new flows, established flows continue).
+              - Default V(1).
+            type: int
+          mac:
+            description:
+              - The destination's MAC address, instead of resolving it. Required for destinations
+                on a VLAN of a trunk, which the balancer cannot probe.
+            type: str
+  state:
+    description:
+      - V(merged) creates or updates the listed services and sets their listed destinations;
+        nothing else is touched.
+      - V(replaced) makes each listed service exactly as given; unlisted services are untouched.
+      - V(overridden) leaves the balancer with exactly the listed services.
+      - V(deleted) removes the listed services; with no O(config), every service.
+      - V(gathered) changes nothing and returns the services in the O(config) shape as RV(gathered);
+        fed back as O(config) with O(state=overridden), it is a run that changes nothing.
+    type: str
+    choices: [merged, replaced, overridden, deleted, gathered]
+    default: merged
+notes:
+  - The desired state is read from O(state_file) when it exists; on a balancer that has none yet
+    (attached before there was one), from the maps, and the first run writes the file.
+  - Health checks may drain a destination in the maps without changing the desired state; the
+    RV(before), RV(after) and RV(gathered) values are always the desired state.
+seealso:
+  - module: xvs.lb.xvs_service
+  - module: xvs.lb.xvs_destination
+  - module: xvs.lb.xvs_info
+author:
+  - xvs.lb contributors (@xvs-lb)
+'''
+
+EXAMPLES = r'''
+- name: Add or update two services, keep everything else
+  xvs.lb.xvs_services:
+    config:
+      - address: 203.0.113.10
+        port: 80
+        destinations:
+          - address: 192.0.2.21
+          - address: 192.0.2.22
+            weight: 2
+      - address: 203.0.113.10
+        port: 53
+        protocol: udp
+        sticky: true
+        destinations:
+          - address: 192.0.2.21
+    state: merged
+
+- name: The balancer ends with exactly these services
+  xvs.lb.xvs_services:
+    config:
+      - address: 203.0.113.10
+        port: 80
+        destinations:
+          - address: 192.0.2.21
+    state: overridden
+
+- name: Read the services in the config shape
+  xvs.lb.xvs_services:
+    state: gathered
+  register: xvs_now
+
+- name: Remove every service
+  xvs.lb.xvs_services:
+    state: deleted
+
+- name: Set bpffs and state_file once for every xvs.lb module
+  module_defaults:
+    group/xvs.lb.xvs:
+      bpffs: /run/xvs/bpffs/lb
+      state_file: /etc/xvs/lb.json
+  block:
+    - name: Drain one destination
+      xvs.lb.xvs_services:
+        config:
+          - address: 203.0.113.10
+            port: 80
+            destinations:
+              - address: 192.0.2.21
+                weight: 0
+'''
+
+RETURN = r'''
+before:
+  description: The services before the run, in the O(config) shape.
+  returned: when O(state) is not V(gathered)
+  type: list
+  elements: dict
+  sample:
+    - address: 203.0.113.10
+      port: 80
+      protocol: tcp
+      sticky: false
+      destinations:
+        - address: 192.0.2.21
+          weight: 1
+after:
+  description: The services after the run (in check mode, as the run would leave them), in the
+    O(config) shape.
+  returned: when O(state) is not V(gathered)
+  type: list
+  elements: dict
+  sample:
+    - address: 203.0.113.10
+      port: 80
+      protocol: tcp
+      sticky: false
+      destinations:
+        - address: 192.0.2.21
+          weight: 0
+gathered:
+  description: The services, in the O(config) shape.
+  returned: when O(state=gathered)
+  type: list
+  elements: dict
+  sample:
+    - address: 203.0.113.10
+      port: 80
+      protocol: tcp
+      sticky: false
+      destinations:
+        - address: 192.0.2.21
+          weight: 1
+          mac: "02:00:c0:00:02:15"
+'''
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.xvs.lb.plugins.module_utils import _module, _planner, _spec
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            config=dict(type="list", elements="dict", options=_spec.SERVICE_OPTIONS),
+            state=dict(type="str", default="merged", choices=list(_planner.STATES) + ["gathered"]),
+            **_spec.COMMON_OPTIONS
+        ),
+        required_if=[("state", "merged", ["config"]), ("state", "replaced", ["config"])],
+        supports_check_mode=True,
+    )
+    p = module.params
+    entries = _module.check(module, lambda: _spec.services(p["config"] or []))
+    if p["state"] == "gathered":
+        module.exit_json(changed=False, gathered=_planner.to_config(_module.gather(module)))
+    r, dummy = _module.converge(module, _planner.transform(p["state"], entries),
+                                _planner.labels(entries))
+    diff = r.plan.diff()
+    _module.exit_with(module, r, before=diff["before"], after=diff["after"])
+
+
+if __name__ == "__main__":
+    main()

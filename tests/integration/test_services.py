@@ -1,0 +1,226 @@
+"""xvs_services end to end, and the state of record across a reboot.
+
+The state matrix runs the modules as Ansible runs them and reads the maps
+back; the reboot tests send real traffic through real XDP before and after
+a simulated reboot (program detached, pins removed) that the restore
+unit's own command recovers from the state of record.
+"""
+import json
+import os
+import subprocess
+
+import jinja2
+import pytest
+
+from ansible_collections.xvs.lb.plugins.module_utils import _balancer, _dataplane, _loader, _maglev, _planner
+from xvstest.lab import ECHO_PORT, VIP, Lab, curl, dsr_lab, echo_connect, inside
+from xvstest.modules import Modules, balancer_ns, collections_path
+from xvstest.packets import dump_maps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SIZES = {"max_services": 8, "max_destinations": 8, "maglev_table_size": 251, "flow_table_size": 4096}
+A, B, C, D = ("192.0.2.%d" % i for i in (21, 22, 23, 24))
+
+
+def svc(port, *dests, **kw):
+    return dict({"address": VIP, "port": port, "destinations": [
+        d if isinstance(d, dict) else {"address": d} for d in dests]}, **kw)
+
+
+def maps(mods):
+    """{port: {destination: weight}} and sticky ports, read from the maps."""
+    with inside(mods.ns), _dataplane.DataPlane(mods.root) as dp:
+        services = dp.services()
+    return ({s["port"]: {d["address"]: d["weight"] for d in s["destinations"]} for s in services},
+            sorted(s["port"] for s in services if s["sticky"]))
+
+
+@pytest.fixture
+def mods(bpffs):
+    with Lab("xs") as lab:
+        m = Modules(balancer_ns(lab), os.path.join(bpffs, "services"))
+        try:
+            ok(m, "xvs_attach", {"interfaces": ["eth0"], "sizes": SIZES})
+            yield m
+        finally:
+            m.close()
+            with inside(m.ns):
+                _loader.detach("eth0")
+            _loader.unpin_all(m.root)
+
+
+def ok(mods, name, args, changed=True):
+    rc, res = mods.call(name, args)
+    assert rc == 0, res
+    assert res["changed"] == changed, res
+    return res
+
+
+START = [svc(80, A, {"address": B, "weight": 3}, sticky=True), svc(81, A, B)]
+
+
+@pytest.mark.parametrize("state,config,want,sticky", [
+    # listed services: destinations added, re-weighted, drained; unlisted one kept
+    ("merged", [svc(80, {"address": B, "weight": 0}, C)], {80: {A: 1, B: 0, C: 1}, 81: {A: 1, B: 1}}, [80]),
+    ("merged", [svc(82, D)], {80: {A: 1, B: 3}, 81: {A: 1, B: 1}, 82: {D: 1}}, [80]),
+    # exactly as given: a destination removed, weights and sticky to defaults
+    ("replaced", [svc(80, B, C)], {80: {B: 1, C: 1}, 81: {A: 1, B: 1}}, []),
+    ("overridden", [svc(80, B, C), svc(82, {"address": D, "weight": 5})], {80: {B: 1, C: 1}, 82: {D: 5}}, []),
+    ("deleted", [svc(80)], {81: {A: 1, B: 1}}, []),
+    ("deleted", None, {}, []),
+])
+def test_state_matrix(mods, state, config, want, sticky):
+    ok(mods, "xvs_services", {"config": START, "state": "overridden"})
+    args = {"state": state}
+    if config is not None:
+        args["config"] = config
+    # check mode plans the same change and writes nothing
+    with inside(mods.ns):
+        before = dump_maps(mods.root)
+    res = ok(mods, "xvs_services", dict(args, _ansible_check_mode=True))
+    with inside(mods.ns):
+        assert dump_maps(mods.root) == before
+    res = ok(mods, "xvs_services", args)
+    assert maps(mods) == (want, sticky)
+    # before and after in the config shape; the record holds after
+    assert [s["port"] for s in res["before"]] == [80, 81]
+    assert {s["port"]: {d["address"]: d["weight"] for d in s["destinations"]} for s in res["after"]} == want
+    with open(mods.state_file) as f:
+        assert json.load(f)["services"] == res["after"]
+    # the same run again changes nothing
+    ok(mods, "xvs_services", args, changed=False)
+
+
+def test_gathered_fed_back_as_overridden_changes_nothing(mods):
+    ok(mods, "xvs_services", {"config": START + [svc(82, {"address": C, "mac": "02:00:00:00:00:99"})],
+                              "state": "merged"})
+    gathered = ok(mods, "xvs_services", {"state": "gathered"}, changed=False)["gathered"]
+    assert gathered[2]["destinations"] == [{"address": C, "weight": 1, "mac": "02:00:00:00:00:99"}]
+    with inside(mods.ns):
+        before = dump_maps(mods.root)
+    mtime = os.stat(mods.state_file).st_mtime_ns
+    ok(mods, "xvs_services", {"config": gathered, "state": "overridden"}, changed=False)
+    with inside(mods.ns):
+        assert dump_maps(mods.root) == before
+    assert os.stat(mods.state_file).st_mtime_ns == mtime
+
+
+def test_one_service_changed_one_table_built(mods, monkeypatch):
+    """A Maglev table is built only for a service whose eligible
+    destinations or weights change, and once for services that share them;
+    a run that changes nothing builds none."""
+    config = [svc(p, A, B) for p in range(80, 86)]
+    built = []
+    real = _maglev.build
+    monkeypatch.setattr(_maglev, "build", lambda d, size: built.append(tuple(d)) or real(d, size))
+
+    def run(config):
+        with inside(mods.ns), _balancer.Balancer(mods.root) as bal:
+            r = _planner.Run(bal, mods.state_file, _planner.transform(
+                "overridden", _planner._spec.services(config)))
+            r.apply()
+            return r
+
+    run(config)
+    assert len(built) == 1                     # six new services, one distinct table
+    del built[:]
+    assert not run(config).changed and built == []
+    config[2] = svc(82, A, {"address": B, "weight": 2})
+    r = run(config)
+    assert [sw.key for sw in r.plan.writes] == [_dataplane.svc_key(VIP, 82, "tcp")]
+    assert built == [(("192.0.2.21", 1), ("192.0.2.22", 2))]
+
+
+# ---- the state of record across a reboot ------------------------------------------
+BACKENDS = {"b1": A, "b2": B, "b3": C}
+
+
+def restore_command(tmp_path):
+    """The role's restore script, rendered as the role renders it, run
+    from the working tree's module_utils."""
+    with open(os.path.join(ROOT, "roles", "xvs", "templates", "xvs-restore.j2")) as f:
+        text = jinja2.Template(f.read()).render(ansible_managed="test", xvs_lib_dir=collections_path(),
+                                               xvs_state_dir="/nonexistent")
+    path = tmp_path / "xvs-restore"
+    path.write_text(text)
+    return ["/usr/bin/python3", str(path)]
+
+
+def reboot(lab, root):
+    """What a reboot loses: the XDP attachment and every pin."""
+    with inside(lab.name("bal")):
+        _loader.detach("eth0")
+    _loader.unpin_all(root)
+    assert curl(lab, "whoami", timeout=2).returncode != 0
+
+
+@pytest.fixture
+def lab(tmp_path):
+    with dsr_lab("xr", tmp_path, BACKENDS) as lab:
+        yield lab
+
+
+def test_changes_by_any_module_survive_a_reboot(lab, bpffs, tmp_path):
+    root = os.path.join(bpffs, "reboot")
+    mods = Modules(lab.name("bal"), root)
+    cmd = restore_command(tmp_path) + [mods.state_file]
+    try:
+        ok(mods, "xvs_attach", {"interfaces": ["eth0"], "mode": "generic", "sizes": SIZES})
+        ok(mods, "xvs_services", {"config": [svc(ECHO_PORT, A, B, C)]})
+        # drain b3 with xvs_destination, remove b2, add a service: none of it through the role
+        ok(mods, "xvs_destination", {"service_address": VIP, "service_port": ECHO_PORT, "address": C,
+                                     "weight": 0})
+        ok(mods, "xvs_destination", {"service_address": VIP, "service_port": ECHO_PORT, "address": B,
+                                     "state": "absent"})
+        ok(mods, "xvs_service", {"address": VIP, "port": 80, "destinations": [{"address": B}]})
+        reboot(lab, root)
+        r = subprocess.run(["ip", "netns", "exec", lab.name("bal")] + cmd, capture_output=True,
+                           text=True, timeout=120, check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "2 service(s) in the record: 2 written" in r.stdout, r.stdout
+        got = {echo_connect(lab.name("cli"))[2] for dummy in range(20)}
+        assert got == {"b1"}                     # b3 drained, b2 removed
+        assert {curl(lab, "whoami", 22000 + i).stdout for i in range(6)} == {"b2"}   # the added service
+        assert maps(mods)[0] == {ECHO_PORT: {A: 1, C: 0}, 80: {B: 1}}
+        # the modules after the restore: nothing to change
+        ok(mods, "xvs_services", {"config": [svc(ECHO_PORT, A, {"address": C, "weight": 0}), svc(80, B)],
+                                  "state": "overridden"}, changed=False)
+    finally:
+        mods.close()
+        with inside(lab.name("bal")):
+            _loader.detach("eth0")
+        _loader.unpin_all(root)
+
+
+@pytest.mark.parametrize("content", [None, "{truncated", json.dumps({"format": 9})])
+def test_missing_or_corrupt_record_changes_no_map(mods, tmp_path, content):
+    ok(mods, "xvs_services", {"config": START})
+    bad = str(tmp_path / "state.json")
+    if content is not None:
+        with open(bad, "w") as f:
+            f.write(content)
+    with inside(mods.ns):
+        before = dump_maps(mods.root)
+    r = subprocess.run(["ip", "netns", "exec", mods.ns] + restore_command(tmp_path) + [bad],
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 1 and r.stderr.startswith("xvs-restore: state_file=%s: " % bad), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    rc, res = mods.call("xvs_services", {"config": START, "state_file": bad})
+    if content is None:       # a module run with no record yet: the maps are the record
+        assert rc == 0 and res["changed"], res    # the record is written, the maps already agree
+    else:
+        assert rc != 0 and "state_file=%s" % bad in res["msg"], res
+    with inside(mods.ns):
+        assert dump_maps(mods.root) == before
+    if content is not None:
+        with open(bad) as f:
+            assert f.read() == content      # never overwritten
+
+
+def test_restore_runs_on_the_system_python(tmp_path):
+    """The restore imports nothing from Ansible: the target's system Python
+    runs it with only bcc and pyroute2."""
+    r = subprocess.run(restore_command(tmp_path) + [str(tmp_path / "none.json")],
+                       capture_output=True, text=True, timeout=60, check=False, cwd="/",
+                       env={"PATH": "/usr/bin:/bin"})
+    assert r.returncode == 1 and "cannot read the state of record" in r.stderr, r.stderr
