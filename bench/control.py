@@ -7,6 +7,7 @@ Maglev build in-process, and the kernel's memory figures for the maps.
 import json
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -17,6 +18,7 @@ from xvstest.lab import Lab, inside
 from xvstest.modules import BIN, ansible_env, balancer_ns
 
 VIP_NET = "203.0.113.%d"
+POOLS = 100     # distinct destination pools among the role's 1,000 services
 
 
 def dests(n):
@@ -24,21 +26,26 @@ def dests(n):
     return [{"address": "192.0.2.%d" % (21 + i)} for i in range(n)]
 
 
-def services(n, per_service):
-    """n services: VIPs 203.0.113.1-250, ports 80, 81, ..."""
-    pool = dests(per_service)
-    return [{"address": VIP_NET % (1 + i % 250), "port": 80 + i // 250, "destinations": pool}
-            for i in range(n)]
+def services(n, per_service, pools=POOLS):
+    """n services: VIPs 203.0.113.1-250, ports 80, 81, ...; service i takes
+    `pools` distinct windows of per_service destinations from the 101
+    neighbours, so tables are shared only where real pools would be."""
+    return [{"address": VIP_NET % (1 + i % 250), "port": 80 + i // 250, "destinations": [
+        {"address": "192.0.2.%d" % (21 + (i % pools + j) % 101)} for j in range(per_service)]}
+        for i in range(n)]
 
 
+# every xvs.lb task takes bpffs and state_file from the collection's action group
+DEFAULTS = {"group/xvs.lb.xvs": {"bpffs": "{{ bpffs }}", "state_file": "{{ state_file }}"}}
 PLAYS = {
     "ping": [{"ansible.builtin.ping": {}}],
-    "attach": [{"xvs.lb.xvs_attach": {"interfaces": ["eth0"], "bpffs": "{{ bpffs }}"}}],
-    "service": [{"xvs.lb.xvs_service": {"address": "{{ vip }}", "port": 80, "bpffs": "{{ bpffs }}",
+    "attach": [{"xvs.lb.xvs_attach": {"interfaces": ["eth0"]}}],
+    "service": [{"xvs.lb.xvs_service": {"address": "{{ vip }}", "port": 80,
                                         "destinations": "{{ destinations }}", "purge_destinations": True}}],
     "destination": [{"xvs.lb.xvs_destination": {"service_address": "{{ vip }}", "service_port": 80,
                                                 "address": "{{ destination }}",
-                                                "bpffs": "{{ bpffs }}"}}],
+                                                "weight": "{{ weight | default(1) }}"}}],
+    "gathered": [{"xvs.lb.xvs_services": {"state": "gathered"}}],
     "role": [{"ansible.builtin.include_role": {"name": "xvs.lb.xvs"}}],
 }
 
@@ -49,8 +56,8 @@ class Runner(object):
         self.env = dict(ansible_env(), ANSIBLE_COLLECTIONS_PATH=coll)
         for name, tasks in PLAYS.items():
             with open(os.path.join(work, name + ".yml"), "w") as f:
-                json.dump([{"hosts": "localhost", "gather_facts": False, "tasks": [
-                    dict(t, name=name) for t in tasks]}], f)
+                json.dump([{"hosts": "localhost", "gather_facts": False, "module_defaults": DEFAULTS,
+                            "tasks": [dict(t, name=name) for t in tasks]}], f)
 
     def play(self, name, **extra):
         """(seconds, changed) of one ansible-playbook run."""
@@ -116,7 +123,9 @@ def run(bpffs, coll, smoke=False, repeat=3):
     """Each step: `repeat` times (once for the role) a first run from the
     state before it, and a no-change rerun, which must report changed=0."""
     repeat = 1 if smoke else repeat
+    work = tempfile.mkdtemp(prefix="xvs-bench-")
     root, role_root = os.path.join(bpffs, "control"), os.path.join(bpffs, "role")
+    state_file = os.path.join(work, "etc", "state.json")
     vip = VIP_NET % 10
 
     def fresh(path):
@@ -131,7 +140,7 @@ def run(bpffs, coll, smoke=False, repeat=3):
             dp.delete_service(vip, 80, "tcp")
 
     def with_100():
-        ans.play("service", bpffs=root, vip=vip, destinations=dests(100))
+        ans.play("service", bpffs=root, state_file=state_file, vip=vip, destinations=dests(100))
 
     steps = [("ansible-playbook, one ping task (baseline)", "ping", {}, None, repeat),
              ("xvs_attach (compile, load, attach)", "attach", {}, fresh(root), repeat),
@@ -140,24 +149,30 @@ def run(bpffs, coll, smoke=False, repeat=3):
              ("xvs_destination: one destination added to those 100", "destination",
               {"destination": dests(101)[100]["address"]}, with_100, repeat)]
     if not smoke:
-        steps.append(("role xvs: 1000 services x 10 destinations", "role", {
-            "xvs_interfaces": ["eth0"], "xvs_install_packages": False, "xvs_restore_at_boot": False,
-            "xvs_sizes": {"max_services": 1024}, "xvs_services": services(1000, 10),
-            "xvs_bpffs": role_root}, fresh(role_root), 1))
+        on_role = {"bpffs": role_root, "state_file": os.path.join(work, "role-etc", "state.json")}
+        steps += [
+            ("role xvs: 1000 services x 10 destinations (%d distinct pools)" % POOLS, "role", dict(
+                on_role, xvs_interfaces=["eth0"], xvs_install_packages=False, xvs_restore_at_boot=False,
+                xvs_sizes={"max_services": 1024}, xvs_services=services(1000, 10), xvs_bpffs=role_root,
+                xvs_state_dir=os.path.dirname(on_role["state_file"])), fresh(role_root), 1),
+            ("xvs_destination: one weight changed among those 1000 services", "destination",
+             dict(on_role, destination=services(1, 10)[0]["destinations"][0]["address"], vip=VIP_NET % 1,
+                  weight=0), None, 1),
+            ("xvs_services state=gathered on those 1000 services", "gathered", on_role, None, 1)]
     rows = []
-    with Lab("xc") as lab, tempfile.TemporaryDirectory(prefix="xvs-bench-") as work:
+    with Lab("xc") as lab:
         bal = balancer_ns(lab, range(21, 122))     # destinations resolve without ARP
         ans = Runner(bal, coll, work)
         try:
             baseline = None
             for label, play, extra, reset, times in steps:
-                extra = dict({"bpffs": root, "vip": vip}, **extra)
+                extra = dict({"bpffs": root, "vip": vip, "state_file": state_file}, **extra)
                 first, rerun = [], []
                 for i in range(times):
                     if reset and (i or play == "destination"):
                         reset()
                     took, changed = ans.play(play, **extra)
-                    if play != "ping" and changed == 0:
+                    if play not in ("ping", "gathered") and changed == 0:
                         raise RuntimeError("%s: the first run changed nothing" % label)
                     first.append(took)
                     took, changed = ans.play(play, **extra)
@@ -174,5 +189,6 @@ def run(bpffs, coll, smoke=False, repeat=3):
         finally:
             fresh(root)()
             fresh(role_root)()
+            shutil.rmtree(work, ignore_errors=True)
     rows += maglev_rows() + memory_rows(bpffs)
     return rows, table(rows, ["step", "median", "range", "against the baseline"])
