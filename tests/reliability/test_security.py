@@ -37,6 +37,26 @@ def test_host_lock_file_is_root_only(tmp_path):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
 
+def test_state_of_record_is_root_only_whatever_the_umask(tmp_path):
+    """The record names every backend: written 0600 in a 0700 directory
+    even under umask 0, and a world-readable file it replaces is gone, not
+    rewritten in place (a reader holding it open sees the old bytes)."""
+    path = str(tmp_path / "etc" / "state.json")
+    old = os.umask(0)
+    try:
+        _state.save(path, _state.make("/run/x/lb", None, []))
+        assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+        os.chmod(path, 0o644)
+        inode = os.stat(path).st_ino
+        _state.save(path, _state.make("/run/x/lb", None, []))
+    finally:
+        os.umask(old)
+    st = os.stat(path)
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0
+    assert st.st_ino != inode
+    assert os.listdir(os.path.dirname(path)) == ["state.json"]
+
+
 @pytest.mark.parametrize("value", ["64 -DX=1", "64; rm -rf /", 1.5, True, "64\n", "0x40", [64],
                                    -1, 1 << 40])
 def test_sizes_reach_the_compiler_only_as_integers(value):
