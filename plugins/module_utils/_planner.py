@@ -215,8 +215,9 @@ class Plan(object):
     def diff(self, key=None):
         """The desired state before and after in the config shape; with key,
         that one service's."""
-        if key is None:
-            return {"before": to_config(self.before), "after": to_config(self.after)}
+        if key is None:   # Ansible renders a diff of dicts, not of lists
+            return {"before": {"config": to_config(self.before)},
+                    "after": {"config": to_config(self.after)}}
         pick = [to_config(dict((k, v) for k, v in d.items() if k == key))
                 for d in (self.before, self.after)]
         return {"before": pick[0][0] if pick[0] else {}, "after": pick[1][0] if pick[1] else {}}

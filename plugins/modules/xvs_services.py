@@ -233,7 +233,7 @@ def main():
     r, dummy = _module.converge(module, _planner.transform(p["state"], entries),
                                 _planner.labels(entries))
     diff = r.plan.diff()
-    _module.exit_with(module, r, before=diff["before"], after=diff["after"])
+    _module.exit_with(module, r, before=diff["before"]["config"], after=diff["after"]["config"])
 
 
 if __name__ == "__main__":
