@@ -37,7 +37,7 @@ options:
       - The state of record, the desired state every changing run of M(xvs.lb.xvs_attach),
         M(xvs.lb.xvs_services), M(xvs.lb.xvs_service) and M(xvs.lb.xvs_destination) writes (atomically,
         mode C(0600)), and the boot restore of the P(xvs.lb.xvs#role) role applies.
-      - One file belongs to one pin root (O(bpffs)): it records its bpffs, and a run with another
+      - One file belongs to one pin root (O(bpffs)). It records its bpffs, and a run with another
         bpffs is refused. Two balancers on one host (two pin roots) need two files; set both
         options once with C(module_defaults) for the action group C(group/xvs.lb.xvs).
     type: path

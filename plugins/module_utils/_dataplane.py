@@ -291,7 +291,7 @@ class DataPlane(object):
         plan_write).  Returns True when anything was written."""
         current = self.read_services()
         sw = self.plan_write(address, port, protocol, sticky, destinations, current,
-                             set(v.index for v, _ in current.values()))
+                             set(v.index for v, dummy in current.values()))
         if sw is None:
             return False
         self.write(sw)

@@ -167,7 +167,7 @@ class Plan(object):
             live[k] = dict((d["address"], d) for d in dicts)
         wanted_keys = set(svc_key(*key) for key in after)
         self.removes = [k for k in current if k not in wanted_keys]
-        taken = set(v.index for k, (v, _) in current.items() if k in wanted_keys)
+        taken = set(v.index for k, (v, dummy) in current.items() if k in wanted_keys)
         self.writes = []
         self.effective = {}    # key -> the resolved destinations written
         for key in sorted(after, key=_sort_key):

@@ -15,7 +15,7 @@ description:
   - Creates, changes or removes a virtual service (VIP, port and protocol) of the XDP load
     balancer attached with M(xvs.lb.xvs_attach), and optionally its destinations.
   - New flows pick a destination from a weighted Maglev table; established flows keep theirs.
-  - A front end of M(xvs.lb.xvs_services) for one service, run by the same planner: O(state=present)
+  - A front end of M(xvs.lb.xvs_services) for one service, run by the same planner. O(state=present)
     is its V(merged) (V(replaced) with O(purge_destinations=true)), O(state=absent) its V(deleted).
     The change is recorded in O(state_file).
   - Destinations are resolved on the balancer to the attached interface (or trunk VLAN) they

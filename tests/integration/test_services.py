@@ -139,8 +139,8 @@ def restore_command(tmp_path):
     """The role's restore script, rendered as the role renders it, run
     from the working tree's module_utils."""
     with open(os.path.join(ROOT, "roles", "xvs", "templates", "xvs-restore.j2")) as f:
-        text = jinja2.Template(f.read()).render(ansible_managed="test", xvs_lib_dir=collections_path(),
-                                               xvs_state_dir="/nonexistent")
+        text = jinja2.Template(f.read()).render(
+            ansible_managed="test", xvs_lib_dir=collections_path(), xvs_state_dir="/nonexistent")
     path = tmp_path / "xvs-restore"
     path.write_text(text)
     return ["/usr/bin/python3", str(path)]
