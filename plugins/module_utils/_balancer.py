@@ -30,6 +30,8 @@ class Balancer(object):
         self.dp = DataPlane(self.root)
         self._ifnames = None
         self._resolved = {}
+        self._infos = None        # the attached interfaces, read once a run
+        self._neighbours = {}     # ifindex -> neighbours(), read once a run
 
     def close(self):
         self.dp.close()
@@ -57,8 +59,10 @@ class Balancer(object):
         interfaces = sorted(self.status["interfaces"])
         if not interfaces:
             raise XvsError("bpffs=%s: the program is not attached to any interface" % self.root)
+        if self._infos is None:
+            self._infos = [_netinfo.interface(n) for n in interfaces]
         try:
-            info, vlan = _netinfo.locate(address, interfaces, self.status["vlans"])
+            info, vlan = _netinfo.locate(address, interfaces, self.status["vlans"], self._infos)
         except _netinfo.NetInfoError as e:
             raise XvsError("%s=%s: %s" % (option, address, e))
         if mac_override:
@@ -67,8 +71,10 @@ class Balancer(object):
             raise XvsError("%s=%s: on VLAN %d of trunk %s the MAC cannot be probed; give mac"
                            % (option, address, vlan, info["name"]))
         else:
+            if info["index"] not in self._neighbours:
+                self._neighbours[info["index"]] = _netinfo.neighbours(info["index"])
             try:
-                dest_mac = _netinfo.resolve_mac(address, info)
+                dest_mac = _netinfo.resolve_mac(address, info, known=self._neighbours[info["index"]])
             except _netinfo.NetInfoError as e:
                 raise XvsError("%s=%s: %s" % (option, address, e))
         return {"address": address, "mac": dest_mac, "src_mac": info["mac"],

@@ -260,20 +260,25 @@ class Map(object):
 
     def update_batch(self, keys, values, flags=ANY):
         """Write many elements in one system call (kernel 5.6+), falling
-        back to one call per element where the map type lacks batch ops."""
-        n = len(keys)
+        back to one call per element where the map type lacks batch ops.
+        keys and values: lists of bytes, or each already joined into one
+        bytes object (what a caller that builds a whole table at once has)."""
+        n = len(keys) if isinstance(keys, list) else len(keys) // self.key_size
         if n == 0:
             return
-        kb = self._check(b"".join(keys), self.key_size * n, "keys")
-        vb = self._check(b"".join(values), self.buf_size * n, "values")
+        kb = self._check(b"".join(keys) if isinstance(keys, list) else bytes(keys),
+                         self.key_size * n, "keys")
+        vb = self._check(b"".join(values) if isinstance(values, list) else bytes(values),
+                         self.buf_size * n, "values")
         try:
             bpf(MAP_UPDATE_BATCH, "=QQQQIIQQ",
                 (0, 0, _addr(kb), _addr(vb), n, self.fd, flags, 0), self._what("batch update"))
         except BpfError as e:
             if e.errno not in _NO_BATCH:
                 raise
-            for k, v in zip(keys, values):
-                self.update(k, v, flags)
+            for i in range(n):
+                self.update(kb[i * self.key_size:(i + 1) * self.key_size],
+                            vb[i * self.buf_size:(i + 1) * self.buf_size], flags)
 
     def lookup_range(self, start, count):
         """Values of the array keys start .. start+count-1 in one

@@ -18,6 +18,7 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import hashlib
+import itertools
 
 
 def _permutation(name, size):
@@ -27,16 +28,17 @@ def _permutation(name, size):
     return offset, skip
 
 
-def build(destinations, size):
-    """Return a list of `size` entries, each the address of the destination
-    owning that slot, or None when no destination has a weight above 0.
+def build_indexes(destinations, size):
+    """(names, table): the eligible destinations' addresses, sorted, and a
+    list of `size` indexes into names, the owner of each slot; (None, None)
+    when no destination has a weight above 0.
 
     destinations: iterable of (address string, weight int).  size must be a
     prime (so every skip generates a full permutation).
     """
     eligible = sorted((a, w) for a, w in destinations if w > 0)
     if not eligible:
-        return None
+        return None, None
     names = [e[0] for e in eligible]
     if len(set(names)) != len(names):
         raise ValueError("duplicate destination in Maglev input")
@@ -45,23 +47,49 @@ def build(destinations, size):
     perms = [_permutation(a, size) for a in names]
     pos = [p[0] for p in perms]      # each destination's next candidate
     skips = [p[1] for p in perms]
-    credit = [0] * len(names)
-    table = [-1] * size
-    filled = 0
+    taken = bytearray(size)
+    table = [0] * size
+    left = size
+    for i in _claims(weights):
+        c = pos[i]
+        s = skips[i]
+        while taken[c]:
+            c += s
+            if c >= size:
+                c -= size
+        taken[c] = 1
+        table[c] = i
+        c += s
+        pos[i] = c - size if c >= size else c
+        left -= 1
+        if not left:
+            return names, table
+
+
+def _claims(weights):
+    """Which destination claims the next slot, forever: each round every
+    destination earns its weight and claims one slot per max-weight of
+    credit.  With equal weights that is every destination in turn, without
+    the credit arithmetic."""
+    n, top = len(weights), max(weights)
+    if min(weights) == top:
+        return itertools.cycle(range(n))
+    return _weighted_claims(weights, top)
+
+
+def _weighted_claims(weights, top):
+    credit = [0] * len(weights)
     while True:
-        for i in range(len(names)):
-            credit[i] += weights[i]
-            if credit[i] < top:
-                continue
-            credit[i] -= top
-            c = pos[i]
-            while table[c] >= 0:
-                c += skips[i]
-                if c >= size:
-                    c -= size
-            table[c] = i
-            c += skips[i]
-            pos[i] = c - size if c >= size else c
-            filled += 1
-            if filled == size:
-                return [names[i] for i in table]
+        for i, w in enumerate(weights):
+            credit[i] += w
+            if credit[i] >= top:
+                credit[i] -= top
+                yield i
+
+
+def build(destinations, size):
+    """Return a list of `size` entries, each the address of the destination
+    owning that slot, or None when no destination has a weight above 0
+    (see build_indexes)."""
+    names, table = build_indexes(destinations, size)
+    return None if names is None else [names[i] for i in table]

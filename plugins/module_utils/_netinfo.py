@@ -65,15 +65,16 @@ def xdp_interfaces(prog_id):
     return out
 
 
-def locate(address, interfaces, vlans=None):
+def locate(address, interfaces, vlans=None, infos=None):
     """Where a destination is on-link for L2 DSR.
 
     interfaces: the attached interface names; vlans: {vlan id: prefix} of
-    an 802.1Q trunk (the first interface).  Returns (interface dict, vlan
-    id); raises NetInfoError when no attached interface or VLAN holds it.
+    an 802.1Q trunk (the first interface); infos: interface() of each, when
+    the caller has read them already.  Returns (interface dict, vlan id);
+    raises NetInfoError when no attached interface or VLAN holds it.
     """
     addr = ipaddress.IPv4Address(address)
-    infos = [interface(n) for n in interfaces]
+    infos = infos or [interface(n) for n in interfaces]
     for vid, prefix in sorted((vlans or {}).items()):
         if addr in ipaddress.IPv4Network(prefix, strict=False) and infos:
             return infos[0], int(vid)
@@ -84,13 +85,18 @@ def locate(address, interfaces, vlans=None):
                        % (address, ", ".join(interfaces) or "none attached"))
 
 
-def _neighbour(ipr, address, index):
+def neighbours(index, ipr=None):
+    """{address: MAC} of the usable IPv4 neighbour entries on one interface:
+    one netlink dump, so a run resolving many destinations reads it once."""
+    if ipr is None:
+        with IPRoute() as own:
+            return neighbours(index, own)
+    out = {}
     for n in ipr.get_neighbours(family=socket.AF_INET, ifindex=index):
-        if n.get_attr("NDA_DST") == address and n["state"] & _NUD_USABLE:
-            mac = n.get_attr("NDA_LLADDR")
-            if mac and mac != "00:00:00:00:00:00":
-                return mac
-    return None
+        mac = n.get_attr("NDA_LLADDR")
+        if n["state"] & _NUD_USABLE and mac and mac != "00:00:00:00:00:00":
+            out[n.get_attr("NDA_DST")] = mac
+    return out
 
 
 def _probe(address, ifname):
@@ -106,18 +112,21 @@ def _probe(address, ifname):
         s.close()
 
 
-def resolve_mac(address, info, timeout=3.0):
-    """The destination's MAC from the neighbour table, probing once if it
-    is missing; NetInfoError when it cannot be resolved within timeout."""
+def resolve_mac(address, info, timeout=3.0, known=None):
+    """The destination's MAC from the neighbour table (known: neighbours()
+    of the interface, read already), probing once if it is missing;
+    NetInfoError when it cannot be resolved within timeout."""
+    if known is not None and address in known:
+        return known[address]
     with IPRoute() as ipr:
-        mac = _neighbour(ipr, address, info["index"])
+        mac = neighbours(info["index"], ipr).get(address)
         if mac:
             return mac
         _probe(address, info["name"])
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             time.sleep(0.05)
-            mac = _neighbour(ipr, address, info["index"])
+            mac = neighbours(info["index"], ipr).get(address)
             if mac:
                 return mac
     raise NetInfoError("cannot resolve the MAC address of %s on %s (no ARP reply within %.0fs)"

@@ -21,6 +21,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import functools
 import ipaddress
 
 from ansible_collections.xvs.lb.plugins.module_utils import _spec, _state
@@ -106,8 +107,12 @@ def from_maps(dp_services):
                 for s in dp_services)
 
 
+# addresses are checked already: sort them as numbers, parsing each once
+_address = functools.lru_cache(maxsize=8192)(ipaddress.ip_address)
+
+
 def _sort_key(key):
-    return (ipaddress.ip_address(key[0]), key[1], key[2])
+    return (_address(key[0]), key[1], key[2])
 
 
 def to_config(desired):
@@ -117,7 +122,7 @@ def to_config(desired):
     for key in sorted(desired, key=_sort_key):
         s = desired[key]
         dests = []
-        for a in sorted(s["destinations"], key=ipaddress.ip_address):
+        for a in sorted(s["destinations"], key=_address):
             d = s["destinations"][a]
             dests.append(dict({"address": a, "weight": d["weight"]},
                               **({"mac": d["mac"]} if d["mac"] else {})))

@@ -13,6 +13,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import functools
 import ipaddress
 import re
 
@@ -53,14 +54,25 @@ class XvsError(Exception):
     """A problem the user fixes: reported as one line, nothing changed."""
 
 
-def ipv4(option, value):
+@functools.lru_cache(maxsize=8192)
+def _unicast_ipv4(text):
+    """text normalised, or why it is not a unicast IPv4 address.  Cached: a
+    thousand services name the same few hundred addresses again and again,
+    and parsing them was most of a no-change run's CPU time."""
     try:
-        a = ipaddress.IPv4Address(str(value))
+        a = ipaddress.IPv4Address(text)
     except ValueError:
-        raise XvsError("%s=%s: not an IPv4 address" % (option, value))
+        return None, "not an IPv4 address"
     if a.is_unspecified or a.is_multicast or a == ipaddress.IPv4Address("255.255.255.255"):
-        raise XvsError("%s=%s: not a unicast IPv4 address" % (option, value))
-    return str(a)
+        return None, "not a unicast IPv4 address"
+    return str(a), None
+
+
+def ipv4(option, value):
+    address, problem = _unicast_ipv4(str(value))
+    if problem:
+        raise XvsError("%s=%s: %s" % (option, value, problem))
+    return address
 
 
 def port(option, value):

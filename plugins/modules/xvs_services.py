@@ -184,7 +184,7 @@ before:
 after:
   description: The services after the run (in check mode, as the run would leave them), in the
     O(config) shape.
-  returned: when O(state) is not V(gathered)
+  returned: when changed
   type: list
   elements: dict
   sample:
@@ -233,7 +233,10 @@ def main():
     r, dummy = _module.converge(module, _planner.transform(p["state"], entries),
                                 _planner.labels(entries))
     diff = r.plan.diff()
-    _module.exit_with(module, r, before=diff["before"]["config"], after=diff["after"]["config"])
+    # after only with a change, as the network collections' resource modules
+    # do: a no-change run over a thousand services returns half the data
+    after = {"after": diff["after"]["config"]} if r.changed else {}
+    _module.exit_with(module, r, before=diff["before"]["config"], **after)
 
 
 if __name__ == "__main__":
