@@ -94,16 +94,15 @@ class Balancer(object):
 
 def info(bal):
     """What xvs_info returns of the maps: attachment, services, counters."""
-    if bal:
-        services = []
-        for s in bal.dp.services():
-            v = bal.view(s)
-            v["counters"] = bal.dp.service_stats(s["index"])
-            for dv, d in zip(v["destinations"], s["destinations"]):
-                dv["counters"] = bal.dp.dest_stats(s["index"], d["slot"])
-            services.append(v)
-        return {"attachment": {"bpffs": bal.root, "interfaces": bal.status["interfaces"],
-                               "program": bal.status["program"], "sizes": bal.status["sizes"],
-                               "vlans": bal.status["vlans"]},
-                "services": services, "counters": bal.dp.counters(),
-                "flow_table": bal.dp.flow_table()}
+    services = []
+    for s in bal.dp.services():
+        v = bal.view(s)
+        v["counters"] = bal.dp.service_stats(s["index"])
+        for dv, d in zip(v["destinations"], s["destinations"]):
+            dv["counters"] = bal.dp.dest_stats(s["index"], d["slot"])
+        services.append(v)
+    return {"attachment": {"bpffs": bal.root, "interfaces": bal.status["interfaces"],
+                           "program": bal.status["program"], "sizes": bal.status["sizes"],
+                           "vlans": bal.status["vlans"]},
+            "services": services, "counters": bal.dp.counters(),
+            "flow_table": bal.dp.flow_table()}

@@ -105,8 +105,8 @@ options:
 notes:
   - The desired state is read from O(state_file) when it exists; on a balancer that has none yet
     (attached before there was one), from the maps, and the first run writes the file.
-  - Health checks may drain a destination in the maps without changing the desired state; the
-    RV(before), RV(after) and RV(gathered) values are always the desired state.
+  - RV(before), RV(after) and RV(gathered) are the desired state, what the state of record holds;
+    M(xvs.lb.xvs_info) shows the maps with the resolved MAC, interface and VLAN of each destination.
 seealso:
   - module: xvs.lb.xvs_service
   - module: xvs.lb.xvs_destination
