@@ -44,7 +44,10 @@ def main():
             lab.name("cli"), bal, ", ".join("%s=%s" % kv for kv in BACKENDS.items()), VIP))
         print("== ansible-playbook demo/playbook.yml (in the balancer's namespace)")
         ansible = ["ip", "netns", "exec", bal]
-        extra = json.dumps({"bpffs": os.path.join(bpffs, "lb")})
+        # the lab's balancer keeps its state of record in the lab's directory,
+        # not in this host's /etc/xvs
+        where = {"bpffs": os.path.join(bpffs, "lb"), "state_file": os.path.join(work, "state.json")}
+        extra = json.dumps(where)
         subprocess.run(ansible + [os.path.join(BIN, "ansible-playbook"), "-i", "localhost,", "-c",
                                   "local", "-e", extra, os.path.join(ROOT, "demo", "playbook.yml")],
                        env=env, check=True)
@@ -57,7 +60,7 @@ def main():
 
         out = subprocess.run(ansible + [os.path.join(BIN, "ansible"), "localhost", "-i", "localhost,",
                                         "-c", "local", "-m", "xvs.lb.xvs_info", "-a",
-                                        json.dumps({"bpffs": os.path.join(bpffs, "lb")}), "-o"],
+                                        json.dumps(where), "-o"],
                              env=env, check=True, capture_output=True, text=True).stdout
         info = json.loads(out.split("=>", 1)[1])
         names = dict((v, k) for k, v in BACKENDS.items())

@@ -29,6 +29,26 @@ def pytest_unconfigure(config):
         pass
 
 
+def _stat(path):
+    try:
+        st = os.stat(path)
+        return st.st_ino, st.st_mtime_ns
+    except OSError:
+        return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def host_state_of_record_untouched():
+    """No test may write this host's own state of record (the modules'
+    default state_file): a test balancer recorded there would be refused
+    by, or restored on, the host's real one."""
+    from ansible_collections.xvs.lb.plugins.module_utils import _spec
+    before = _stat(_spec.DEFAULT_STATE_FILE)
+    yield
+    assert _stat(_spec.DEFAULT_STATE_FILE) == before, (
+        "the test run wrote %s: give every module run its own state_file" % _spec.DEFAULT_STATE_FILE)
+
+
 def require_root():
     if os.geteuid() != 0:
         pytest.fail("this test needs root (bpf(2), bpffs, network namespaces); run it as root")
