@@ -3,8 +3,8 @@
  * xvs.lb data plane: an IPv4 layer-2 direct-server-return load balancer
  * as one XDP program, compiled and loaded by bcc.
  *
- * The contract this program keeps is DESIGN.md section 2; every branch
- * below names the contract line it implements.  The program knows nothing
+ * The contract this program keeps is docs/design.md section 2; every
+ * branch below names the contract line it implements.  The program knows nothing
  * of Ansible: its whole interface is the pinned maps declared here and the
  * -D macros the loader passes (plugins/module_utils/_loader.py).  The
  * struct layouts and counter names are mirrored, once, in

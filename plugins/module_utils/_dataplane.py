@@ -4,7 +4,7 @@
 """Typed access to the pinned maps: services, destinations, flows, counters.
 
 Writes follow one order so that a packet never sees a half-written table
-or a slot pointing at the wrong backend (DESIGN.md section 2, line 10):
+or a slot pointing at the wrong backend (docs/design.md section 2.10):
 
 1. destinations that are new, or whose forwarding data (MAC, interface,
    VLAN) changed, are written into free slots; live slots are only ever

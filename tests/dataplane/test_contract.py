@@ -1,4 +1,4 @@
-"""The data-plane contract (DESIGN.md section 2), frame by frame.
+"""The data-plane contract (docs/design.md section 2), frame by frame.
 
 Every test sends frames through the real program with BPF_PROG_TEST_RUN
 (repeat=1, a fresh buffer each run) and compares the verdict, the exact

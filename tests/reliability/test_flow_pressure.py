@@ -1,4 +1,4 @@
-"""Flow-table pressure (issue 6, part 3): five times more concurrent flows
+"""Flow-table pressure: five times more concurrent flows
 than the table holds.  Every packet is still forwarded, the evictions are
 counted, and a flow whose record was evicted selects the destination it
 had, by the same Maglev table."""

@@ -1,4 +1,4 @@
-"""Packet fuzzing through BPF_PROG_TEST_RUN (issue 6, part 1).
+"""Packet fuzzing through BPF_PROG_TEST_RUN.
 
 Two sources of frames, both checked frame by frame against the same
 invariants, which come from the contract and not from the program:

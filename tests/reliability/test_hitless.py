@@ -1,4 +1,4 @@
-"""Hitless changes under load (issue 6, part 2).
+"""Hitless changes under load.
 
 In the namespace lab, long-lived TCP connections are held open through the
 VIP and a steady stream of new connections runs, while the program is

@@ -1,4 +1,4 @@
-"""Security (issue 6, part 6): the maps and the files that configure the
+"""Security: the maps and the files that configure the
 balancer belong to root alone, and no module option reaches the compiler
 command line or a shell unvalidated.  The threat model is in
 docs/reliability.md."""

@@ -137,8 +137,9 @@ def build_dsr_lab(lab, tmp_path, backends, realserver):
 
 
 def xdp_pass_on_peer(lab):
-    """Native XDP_TX on a veth needs an XDP program on the peer to take the
-    frames (DESIGN.md section 5): give the switch side an XDP_PASS one."""
+    """Native XDP_TX on a veth reaches the peer only when the peer runs an
+    XDP program itself (the kernel's veth XDP path needs one to receive the
+    frames): give the switch side an XDP_PASS one."""
     from bcc import BPF
     b = BPF(text=b"int pass(struct xdp_md *ctx) { return XDP_PASS; }")
     fn = b.load_func(b"pass", BPF.XDP)
