@@ -1,23 +1,53 @@
 # -*- coding: utf-8 -*-
 # Copyright (c) xvs.lb contributors
 # GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Give xvs_attach the collection's XDP program when no source is set.
+"""Give xvs_attach the collection's XDP program when no source is set, and
+the boot restore's library when library is set.
 
 Ansible ships a module and its Python module_utils to the target, not the
 collection's files/, so the C source goes along as a file in the task's
-temporary directory, the way ansible.builtin.copy ships its src.
+temporary directory, the way ansible.builtin.copy ships its src.  The
+restore's library (the control-plane code and the program, one zip that
+Python imports from) goes along the same way, in this one task: the module
+rewrites it only when it differs, so an unchanged library costs one file
+transfer, not a copy task per file.
 """
 
 from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import io
 import os
+import zipfile
 
 from ansible.plugins.action import ActionBase
 
-PROGRAM = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                       "files", "xdp_lb.c")
+COLLECTION = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PROGRAM = os.path.join(COLLECTION, "files", "xdp_lb.c")
+# the library's layout: what the restore puts on sys.path
+PREFIX = "ansible_collections/xvs/lb/"
+PACKAGES = ("ansible_collections/", "ansible_collections/xvs/", PREFIX, PREFIX + "plugins/",
+            PREFIX + "plugins/module_utils/")
+
+
+def library(root=COLLECTION):
+    """The restore's library as zip bytes: the same bytes for the same
+    files (fixed times and order), so the target can compare, not copy."""
+    members = [("plugins/module_utils/" + name, os.path.join(root, "plugins", "module_utils", name))
+               for name in sorted(os.listdir(os.path.join(root, "plugins", "module_utils")))
+               if name.endswith(".py")]
+    members.append(("files/xdp_lb.c", os.path.join(root, "files", "xdp_lb.c")))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for package in PACKAGES:      # zipimport finds only packages with an __init__
+            z.writestr(zipfile.ZipInfo(package + "__init__.py", (1980, 1, 1, 0, 0, 0)), "")
+        for name, path in members:
+            info = zipfile.ZipInfo(PREFIX + name, (1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with open(path, "rb") as f:
+                z.writestr(info, f.read())
+    return out.getvalue()
 
 
 class ActionModule(ActionBase):
@@ -28,14 +58,22 @@ class ActionModule(ActionBase):
         result = super(ActionModule, self).run(tmp, task_vars)
         del tmp  # tmp no longer has any effect
         args = dict(self._task.args)
-        if args.get("state", "present") == "present" and not args.get("source"):
+        present = args.get("state", "present") == "present"
+        if present and (not args.get("source") or args.get("library")):
             if not self._connection._shell.tmpdir:
                 self._make_tmp_path()
-            remote = self._connection._shell.join_path(self._connection._shell.tmpdir, "xdp_lb.c")
-            self._transfer_file(PROGRAM, remote)
-            self._fixup_perms2((self._connection._shell.tmpdir, remote))
-            args["source"] = remote
+        tmpdir = self._connection._shell.tmpdir
         try:
+            if present and not args.get("source"):
+                remote = self._connection._shell.join_path(tmpdir, "xdp_lb.c")
+                self._transfer_file(PROGRAM, remote)
+                self._fixup_perms2((tmpdir, remote))
+                args["source"] = remote
+            if present and args.get("library"):
+                remote = self._connection._shell.join_path(tmpdir, "xvs-lb.zip")
+                self._transfer_data(remote, library())
+                self._fixup_perms2((tmpdir, remote))
+                args["library_source"] = remote
             result.update(self._execute_module(module_name="xvs.lb.xvs_attach", module_args=args,
                                                task_vars=task_vars))
         finally:

@@ -42,9 +42,13 @@ def default_source():
 
 
 def read_source(source=None):
+    return read_source_bytes(source).decode()
+
+
+def read_source_bytes(source=None):
     source = source or default_source()
     try:
-        with open(source) as f:
+        with open(source, "rb") as f:
             return f.read()
     except (IOError, OSError) as e:
         raise LoaderError("source=%s: %s" % (source, e.strerror))

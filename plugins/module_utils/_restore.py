@@ -14,10 +14,18 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-from ansible_collections.xvs.lb.plugins.module_utils import _loader, _planner, _state
+import os
+import sys
+import zipfile
+
+from ansible_collections.xvs.lb.plugins.module_utils import _loader, _planner, _spec, _state
 from ansible_collections.xvs.lb.plugins.module_utils._attach import AttachPlan
-from ansible_collections.xvs.lb.plugins.module_utils._balancer import Balancer
+from ansible_collections.xvs.lb.plugins.module_utils._balancer import EXPECTED_ERRORS, Balancer
 from ansible_collections.xvs.lb.plugins.module_utils._spec import XvsError
+
+# Where the program lies in the restore's library (a zip or a directory
+# holding ansible_collections/xvs/lb/...), beside the control-plane code.
+PROGRAM = "ansible_collections/xvs/lb/files/xdp_lb.c"
 
 
 def _attach_params(record, state_file):
@@ -34,7 +42,30 @@ def _attach_params(record, state_file):
             "vlans": attach.get("vlans") or {}, "bpffs": record["bpffs"], "state": "present"}
 
 
-def restore(state_file, log, source=None):
+def program(library):
+    """The XDP program's source from the restore's library."""
+    try:
+        if zipfile.is_zipfile(library):
+            with zipfile.ZipFile(library) as z:
+                return z.read(PROGRAM).decode()
+        return _loader.read_source(os.path.join(library, PROGRAM))
+    except (KeyError, IOError, OSError) as e:
+        raise XvsError("library=%s: no XDP program in it (%s)" % (library, e))
+
+
+def main(library, argv):
+    """The restore command: python3 LIBRARY [STATE_FILE]; exit 1 with one
+    line on stderr when the record cannot be applied."""
+    state_file = argv[0] if argv else _spec.DEFAULT_STATE_FILE
+    try:
+        restore(state_file, lambda line: sys.stdout.write(line + "\n"), text=program(library))
+    except EXPECTED_ERRORS as e:
+        sys.stderr.write("xvs-restore: %s\n" % e)
+        return 1
+    return 0
+
+
+def restore(state_file, log, source=None, text=None):
     """Apply the record at state_file; log(line) reports each step.  A
     destination that cannot be resolved yet (a backend still booting) is
     left out of the maps and reported as an error after every other service
@@ -46,7 +77,7 @@ def restore(state_file, log, source=None):
             return
         _planner.from_config(record["services"], "%s: services" % state_file)  # checked first
         params = _attach_params(record, state_file)
-        attach = AttachPlan(params, _loader.read_source(source))
+        attach = AttachPlan(params, text if text is not None else _loader.read_source(source))
         attach.apply()
         where = ", ".join("%s (%s)" % kv for kv in sorted(attach.result()["interfaces"].items()))
         log("xvs: program %s on %s" % ("loaded" if attach.load else "kept", where))

@@ -103,17 +103,23 @@ def make(bpffs, attach, services):
 
 
 def save(path, record):
-    """Write the record atomically: a temporary file in the same directory,
-    fsynced, renamed over the old one; root-only."""
+    """Write the record atomically, root-only (see replace_file)."""
+    replace_file(path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+
+
+def replace_file(path, data):
+    """Write data to path atomically: a temporary file in the same
+    directory, fsynced, renamed over the old one; mode 0600 in a 0700
+    directory made when missing.  A crash leaves the old file or the new
+    one, never half of one."""
     d = os.path.dirname(path) or "."
     if not os.path.isdir(d):
         os.makedirs(d, 0o700)
-    fd, tmp = tempfile.mkstemp(prefix=".state-", dir=d)
+    fd, tmp = tempfile.mkstemp(prefix=".xvs-", dir=d)
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o600)
-            json.dump(record, f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, path)
@@ -121,3 +127,12 @@ def save(path, record):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def same_content(path, data):
+    """Whether path holds exactly data (False when it is missing)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read() == data
+    except (IOError, OSError):
+        return False

@@ -106,6 +106,17 @@ options:
     description:
       - Path on the target of a program to load instead of the collection's own.
     type: path
+  library:
+    description:
+      - Also keep, at this path on the target, the library the boot restore runs (the collection's
+        control-plane code and XDP program in one zip that Python imports from). It is rewritten,
+        atomically and root-only, only when it differs. The P(xvs.lb.xvs#role) role sets it.
+    type: path
+  library_source:
+    description:
+      - Where the action plugin put this run's library on the target; set by the action plugin
+        when O(library) is given, not by playbooks.
+    type: path
   allow_flow_table_reset:
     description:
       - Allow a size change, which re-creates the maps (the configuration is copied over; live
@@ -185,7 +196,7 @@ vlans:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.xvs.lb.plugins.module_utils import _layout as L, _loader, _module, _planner, _spec
+from ansible_collections.xvs.lb.plugins.module_utils import _layout as L, _loader, _module, _planner, _spec, _state
 from ansible_collections.xvs.lb.plugins.module_utils._attach import AttachPlan
 
 # defaults and limits live in _layout.SIZE_LIMITS
@@ -201,11 +212,14 @@ def main():
             sizes=dict(type="dict", options=SIZE_OPTIONS),
             vlans=dict(type="dict"),
             source=dict(type="path"),
+            library=dict(type="path"),
+            library_source=dict(type="path"),
             allow_flow_table_reset=dict(type="bool", default=False),
             state=dict(type="str", default="present", choices=["present", "absent"]),
             **_spec.COMMON_OPTIONS
         ),
         required_if=[("state", "present", ["interfaces"])],
+        required_by={"library": "library_source"},
         supports_check_mode=True,
     )
     params = module.params
@@ -214,9 +228,16 @@ def main():
         text = _loader.read_source(params["source"]) if params["state"] == "present" else ""
         r = _planner.AttachRun(AttachPlan(params, text), params["state_file"])
         plan = r.plan
+        library, stale = None, False
+        if params["library"] and params["state"] == "present":
+            library = _loader.read_source_bytes(params["library_source"])
+            stale = not _state.same_content(params["library"], library)
+            r.changed = r.changed or stale
         if module.check_mode:
             return r, dict(plan.after or {}, program=plan.status["program"] if plan.status else None)
         r.apply()
+        if stale:
+            _state.replace_file(params["library"], library)
         return r, plan.result()
 
     r, result = _module.run(module, work)

@@ -4,10 +4,12 @@ ansible run the modules inside the balancer's namespace (bpffs root outside
 import json
 import os
 import re
+import stat
 import subprocess
 
 import pytest
 
+from ansible_collections.xvs.lb.plugins.action import xvs_attach as xvs_attach_action
 from xvstest.lab import ECHO_PORT, VIP, curl, dsr_lab, echo_connect, inside
 from xvstest.modules import BIN, ansible_env
 from xvstest.packets import dump_maps
@@ -19,6 +21,7 @@ BACKENDS = {"b1": "192.0.2.21", "b2": "192.0.2.22", "b3": "192.0.2.23"}
 class Ansible(object):
     def __init__(self, lab, root, state_file):
         self.lab, self.root, self.state_file = lab, root, state_file
+        self.library = os.path.join(os.path.dirname(state_file), "lib", "xvs-lb.zip")
         self.env = ansible_env()
 
     def _run(self, argv):
@@ -27,7 +30,7 @@ class Ansible(object):
 
     def playbook(self, destinations, *flags):
         extra = json.dumps({"bpffs": self.root, "state_file": self.state_file, "vip": VIP,
-                            "destinations": destinations})
+                            "destinations": destinations, "library": self.library})
         r = self._run([os.path.join(BIN, "ansible-playbook"), "-i", "localhost,", "-c", "local",
                        "-e", extra, os.path.join(HERE, "playbooks", "balancer.yml")] + list(flags))
         assert r.returncode == 0, r.stdout + r.stderr
@@ -60,12 +63,24 @@ def test_playbook_attach_serve_drain_remove_detach(lab, bpffs, tmp_path):
         assert changed == 2   # attach, and the services, with bpffs and state_file from the group
         with open(ans.state_file) as f:
             assert [s["port"] for s in json.load(f)["services"]] == [80, ECHO_PORT]
+        # the restore's library: the action plugin's bytes, root-only, not rewritten unchanged
+        with open(ans.library, "rb") as f:
+            assert f.read() == xvs_attach_action.library()
+        assert stat.S_IMODE(os.stat(ans.library).st_mode) == 0o600
+        written = os.stat(ans.library).st_mtime_ns
 
         seen = {curl(lab, "whoami", 21000 + i).stdout for i in range(30)}
         assert seen == set(BACKENDS)
 
         # idempotent: the same playbook changes nothing
         assert ans.playbook(dests())[0] == 0
+        assert os.stat(ans.library).st_mtime_ns == written
+        # a library that differs (an older collection's, or damaged) is replaced
+        with open(ans.library, "ab") as f:
+            f.write(b"stale")
+        assert ans.playbook(dests())[0] == 1
+        with open(ans.library, "rb") as f:
+            assert f.read() == xvs_attach_action.library()
 
         # bad input: a one-line error naming the option and value, nothing changed
         with inside(lab.name("bal")):

@@ -12,9 +12,10 @@ import subprocess
 import jinja2
 import pytest
 
+from ansible_collections.xvs.lb.plugins.action import xvs_attach as xvs_attach_action
 from ansible_collections.xvs.lb.plugins.module_utils import _balancer, _dataplane, _loader, _maglev, _planner
 from xvstest.lab import ECHO_PORT, VIP, Lab, curl, dsr_lab, echo_connect, inside
-from xvstest.modules import Modules, balancer_ns, collections_path
+from xvstest.modules import Modules, balancer_ns
 from xvstest.packets import dump_maps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -138,10 +139,14 @@ BACKENDS = {"b1": A, "b2": B, "b3": C}
 
 def restore_command(tmp_path):
     """The role's restore script, rendered as the role renders it, run
-    from the working tree's module_utils."""
+    with the library xvs_attach installs for it (built from the working
+    tree here, as the action plugin builds it)."""
+    library = str(tmp_path / "xvs-lb.zip")
+    with open(library, "wb") as f:
+        f.write(xvs_attach_action.library(ROOT))
     with open(os.path.join(ROOT, "roles", "xvs", "templates", "xvs-restore.j2")) as f:
         text = jinja2.Template(f.read()).render(
-            ansible_managed="test", xvs_lib_dir=collections_path(), xvs_state_dir="/nonexistent")
+            ansible_managed="test", xvs_lib_dir=str(tmp_path), xvs_state_dir="/nonexistent")
     path = tmp_path / "xvs-restore"
     path.write_text(text)
     return ["/usr/bin/python3", str(path)]
