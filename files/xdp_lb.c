@@ -11,6 +11,14 @@
  * plugins/module_utils/_layout.py; the loader checks the pinned maps'
  * key and value sizes against that mirror, and a unit test checks the
  * counter list against the enum below.
+ *
+ * The entry point, xdp_lb() at the end, reads as the contract: a frame
+ * goes through five stages (parse, classify, select, account, forward),
+ * each a function below that returns CONTINUE or the frame's verdict,
+ * counted.  A packet of an established TCP or UDP flow reads one per-CPU
+ * counters record, one word of the VIP filter, its flow record, its
+ * destination's slot and the stats; the services hash is read only to
+ * select (docs/performance.md measures each step).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -44,11 +52,46 @@
 #define MAX_IFACES 64           /* devmap slots for XDP_REDIRECT */
 #endif
 
-#define ABI_VERSION 1
+#define ABI_VERSION 2
+
+/* ---- named constants ------------------------------------------------- */
+#define CONTINUE (-1)           /* a stage's "go on"; verdicts are >= 0 */
+#define NSEC 1000000000ULL
+#define FLOW_REFRESH_NS NSEC    /* a flow's last_seen is rewritten at most once a second */
+/* Flow ages come from the coarse clock (the last tick, no clock-source
+ * read): timeouts are whole seconds, so a few milliseconds of resolution
+ * cost nothing.  Ages are compared signed: a record stamped by the fine
+ * clock (the control plane's CLOCK_MONOTONIC) may be a tick ahead. */
+#define flow_clock() bpf_ktime_get_coarse_ns()
+
 #define MAGLEV_CHUNK 16         /* table slots per array element */
 #define MAGLEV_CHUNKS ((MAGLEV_SIZE + MAGLEV_CHUNK - 1) / MAGLEV_CHUNK)
-#define PREFIX_SLOTS (1 << 20)  /* one per source /20 */
-#define NSEC 1000000000ULL
+#define MAGLEV_HALVES 2         /* live and idle table of each service (contract 10) */
+
+#define SRC_PREFIX_LEN 20       /* source prefix counters count per /20 */
+#define PREFIX_SLOTS (1 << SRC_PREFIX_LEN)
+
+/* The VIP filter: 2^VIP_FILTER_ORDER cells of two bits in u64 words, cell
+ * h(daddr) marked for every VIP, h being Fibonacci hashing (multiply by
+ * 2^32 / golden ratio, keep the top bits).  A clear VIP bit proves "not a
+ * VIP" with one inlined array read; a set one may be a collision, which
+ * the flow, services or vips lookup then settles.  The STICKY bit says the
+ * VIP has a sticky service, whose flows are keyed without the source port,
+ * so the 5-tuple flow lookup would be wasted. */
+#define VIP_FILTER_ORDER 15
+#define VIP_FILTER_CELL_BITS 2
+#define VIP_FILTER_VIP 1
+#define VIP_FILTER_STICKY 2
+#define VIP_FILTER_WORD_BITS 64
+#define VIP_FILTER_WORDS ((1 << VIP_FILTER_ORDER) * VIP_FILTER_CELL_BITS / VIP_FILTER_WORD_BITS)
+#define VIP_FILTER_MULT 0x9e3779b1U
+
+#define VLAN_VID_MASK 0x0fff    /* 802.1Q TCI: the VLAN id ... */
+#define VLAN_PRIO_MASK 0xf000   /* ... and priority + DEI, kept on rewrite */
+#define IP_MF 0x2000            /* frag_off: more fragments */
+#define IP_OFFSET 0x1fff        /* frag_off: fragment offset */
+#define IPV4_MIN_IHL 5          /* 32-bit words */
+#define ECHO_REPLY_TTL 64
 
 #define PIN(name) XVS_PIN_ROOT "/" name
 
@@ -70,7 +113,8 @@ struct svc_val {
 };
 
 /* Per VIP: which port a non-first fragment belongs to (sticky services
- * only, contract 8); 0 means fragments of that protocol are dropped. */
+ * only, contract 8); 0 means fragments of that protocol are dropped.  Read
+ * only off the common path: for ICMP, fragments and a services miss. */
 struct vip_val {
     __be16 frag_port_tcp;
     __be16 frag_port_udp;
@@ -88,6 +132,8 @@ struct dest {
     u16 tx_port;     /* slot in tx_ports when ifindex is not the ingress */
     u32 ifindex;
     u32 weight;      /* for the control plane; selection uses the maglev map */
+    struct svc_key owner;  /* the service whose slot this is: a flow record
+                              found without the services lookup must name it */
 };
 
 struct maglev_chunk {
@@ -104,11 +150,10 @@ struct flow_key {
 };
 
 struct flow_val {
-    u64 last_seen;   /* bpf_ktime_get_ns(), refreshed at most once a second */
-    u32 svc_index;
-    u32 dest_slot;
+    u64 last_seen;   /* flow_clock() (CLOCK_MONOTONIC), refreshed at most once a second */
+    u16 svc_index;   /* < MAX_SERVICES <= 65536 */
+    u16 dest_slot;   /* < MAX_DESTS <= 65535 */
     __be32 dest_addr;/* the slot must still hold this address */
-    u32 pad;
 };
 
 struct stats {
@@ -137,7 +182,8 @@ struct vlan_net {
     u32 prefixlen;   /* 0: VLAN not configured */
 };
 
-/* Global counters; the names are listed in _layout.py in this order. */
+/* Global counters, one per-CPU record read once per packet; the names are
+ * listed in _layout.py in this order. */
 enum counter {
     C_RX_PACKETS,
     C_RX_BYTES,
@@ -156,20 +202,25 @@ enum counter {
     C_MAX,
 };
 
+struct counters {
+    u64 n[C_MAX];
+};
+
 BPF_TABLE_PINNED("array", u32, struct meta, meta, 1, PIN("meta"));
+BPF_TABLE_PINNED("array", u32, u64, vip_filter, VIP_FILTER_WORDS, PIN("vip_filter"));
 BPF_TABLE_PINNED("hash", __be32, struct vip_val, vips, MAX_SERVICES, PIN("vips"));
 BPF_TABLE_PINNED("hash", struct svc_key, struct svc_val, services, MAX_SERVICES, PIN("services"));
 BPF_TABLE_PINNED("array", u32, struct dest, dests, MAX_SERVICES * MAX_DESTS, PIN("dests"));
-BPF_TABLE_PINNED("array", u32, struct maglev_chunk, maglev, MAX_SERVICES * 2 * MAGLEV_CHUNKS, PIN("maglev"));
+BPF_TABLE_PINNED("array", u32, struct maglev_chunk, maglev, MAX_SERVICES * MAGLEV_HALVES * MAGLEV_CHUNKS, PIN("maglev"));
 BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_val, flows, FLOW_TABLE_SIZE, PIN("flows"));
-BPF_TABLE_PINNED("percpu_array", u32, u64, counters, C_MAX, PIN("counters"));
+BPF_TABLE_PINNED("percpu_array", u32, struct counters, counters, 1, PIN("counters"));
 BPF_TABLE_PINNED("percpu_array", u32, struct stats, svc_stats, MAX_SERVICES, PIN("svc_stats"));
 BPF_TABLE_PINNED("percpu_array", u32, struct stats, dest_stats, MAX_SERVICES * MAX_DESTS, PIN("dest_stats"));
 BPF_TABLE_PINNED("percpu_array", u32, u64, prefix_stats, PREFIX_SLOTS, PIN("prefix_stats"));
 BPF_TABLE_PINNED("array", u32, struct vlan_net, vlans, 4096, PIN("vlans"));
 BPF_XDP_REDIRECT_MAP("devmap:" PIN("tx_ports"), int, tx_ports, MAX_IFACES);
 
-/* ---- helpers ---------------------------------------------------------- */
+/* ---- headers and the parsed packet ------------------------------------ */
 struct vlan_hdr {
     __be16 tci;
     __be16 proto;
@@ -180,16 +231,33 @@ struct ports {
     __be16 dest;
 };
 
-static __always_inline void count(u32 c, u64 n)
-{
-    u64 *v = counters.lookup(&c);
-    if (v)
-        *v += n;
-}
+/* What the stages learn about a frame and hand on. */
+struct packet {
+    struct ethhdr *eth;
+    struct vlan_hdr *vh;     /* 0: untagged */
+    struct iphdr *ip;
+    void *l4;
+    u64 len;
+    u16 frag;                /* frag_off in host order */
+    u8 ptb;                  /* an ICMP fragmentation-needed for a VIP flow */
+    u8 sticky_vip;           /* the VIP filter says: the VIP has a sticky service */
+    struct flow_key key;     /* the flow, as the client sent it */
+    struct svc_key sk;       /* the service it is for */
+};
 
-static __always_inline u32 verdict(u32 c, u32 action)
+/* Where select sends a frame. */
+struct choice {
+    struct dest *d;
+    u32 index;               /* service slot */
+    u32 slot;                /* destination slot within it */
+    int new_flow;
+};
+
+/* ---- helpers ---------------------------------------------------------- */
+static __always_inline int verdict(struct counters *c, u32 counter, int action)
 {
-    count(c, 1);
+    if (counter < C_MAX)
+        c->n[counter]++;
     return action;
 }
 
@@ -223,6 +291,16 @@ static __always_inline __sum16 csum_replace(__sum16 check, __be16 old, __be16 ne
     return ~sum;
 }
 
+/* The VIP filter cell of an address: VIP_FILTER_VIP | VIP_FILTER_STICKY bits. */
+static __always_inline u32 vip_filter_cell(__be32 vip)
+{
+    u32 cell = ((u32)vip * VIP_FILTER_MULT) >> (32 - VIP_FILTER_ORDER);
+    u32 bit = cell * VIP_FILTER_CELL_BITS;
+    u32 word = bit / VIP_FILTER_WORD_BITS;
+    u64 *w = vip_filter.lookup(&word);
+    return w ? (*w >> (bit % VIP_FILTER_WORD_BITS)) & (VIP_FILTER_VIP | VIP_FILTER_STICKY) : 0;
+}
+
 static __always_inline void stats_add(struct stats *s, u64 bytes, int new_flow)
 {
     if (!s)
@@ -236,7 +314,7 @@ static __always_inline void stats_add(struct stats *s, u64 bytes, int new_flow)
 static __always_inline int maglev_pick(struct svc_val *svc, u32 hash, u32 *slot)
 {
     u32 pos = hash % MAGLEV_SIZE;
-    u32 idx = (svc->index * 2 + (svc->gen & 1)) * MAGLEV_CHUNKS + pos / MAGLEV_CHUNK;
+    u32 idx = (svc->index * MAGLEV_HALVES + (svc->gen & 1)) * MAGLEV_CHUNKS + pos / MAGLEV_CHUNK;
     struct maglev_chunk *c = maglev.lookup(&idx);
     if (!c)
         return -1;
@@ -247,50 +325,44 @@ static __always_inline int maglev_pick(struct svc_val *svc, u32 hash, u32 *slot)
     return 0;
 }
 
-static __always_inline struct dest *dest_at(struct svc_val *svc, u32 slot)
+static __always_inline struct dest *dest_at(u32 index, u32 slot)
 {
-    if (svc->index >= MAX_SERVICES || slot >= MAX_DESTS)
+    if (index >= MAX_SERVICES || slot >= MAX_DESTS)
         return 0;
-    u32 idx = svc->index * MAX_DESTS + slot;
+    u32 idx = index * MAX_DESTS + slot;
     struct dest *d = dests.lookup(&idx);
     if (!d || !(d->flags & DEST_VALID))
         return 0;
     return d;
 }
 
-/* Contract 4: an unexpired flow of this service whose destination slot
- * still holds the same address keeps its destination. */
-static __always_inline struct dest *flow_dest(struct svc_val *svc, struct flow_val *f, u32 *slot)
+static __always_inline int flow_expired(struct packet *p, struct flow_val *f, u64 now)
 {
-    if (!f || f->svc_index != svc->index)
+    u64 timeout = (p->key.proto == IPPROTO_TCP ? TCP_TIMEOUT : UDP_TIMEOUT) * NSEC;
+    return (s64)(now - f->last_seen) > (s64)timeout;
+}
+
+/* Contract 4: an unexpired flow record of this service whose destination
+ * slot still holds the same address, for the same service, keeps its
+ * destination.  The owner check is what lets an established flow skip the
+ * services lookup: a slot of a deleted service, reused by another, never
+ * takes this service's packets. */
+static __always_inline struct dest *flow_dest(struct packet *p, struct flow_val *f, u64 now)
+{
+    if (!f || flow_expired(p, f, now))
         return 0;
-    struct dest *d = dest_at(svc, f->dest_slot);
-    if (!d || d->addr != f->dest_addr)
+    struct dest *d = dest_at(f->svc_index, f->dest_slot);
+    if (!d || d->addr != f->dest_addr || d->owner.vip != p->sk.vip ||
+        d->owner.port != p->sk.port || d->owner.proto != p->sk.proto)
         return 0;
-    *slot = f->dest_slot;
     return d;
 }
 
-/* Contract 2: rewrite the Ethernet header (and the 802.1Q id) for the
- * destination and hand the frame back out. */
-static __always_inline int forward(struct xdp_md *ctx, struct ethhdr *eth,
-                                   struct vlan_hdr *vh, struct dest *d)
-{
-    if ((vh != 0) != (d->vlan != 0))
-        return verdict(C_DROP_VLAN, XDP_DROP);
-    if (vh)
-        vh->tci = (vh->tci & bpf_htons(0xf000)) | bpf_htons(d->vlan & 0x0fff);
-    __builtin_memcpy(eth->h_dest, d->mac, ETH_ALEN);
-    __builtin_memcpy(eth->h_source, d->src_mac, ETH_ALEN);
-    if (d->ifindex == ctx->ingress_ifindex)
-        return verdict(C_TX, XDP_TX);
-    count(C_REDIRECT, 1);
-    return tx_ports.redirect_map(d->tx_port, XDP_DROP);
-}
-
 /* Contract 7: answer an echo request to a VIP from the balancer. */
-static __always_inline int icmp_echo(struct ethhdr *eth, struct iphdr *ip, struct icmphdr *icmp)
+static __always_inline int icmp_echo(struct counters *c, struct packet *p, struct icmphdr *icmp)
 {
+    struct ethhdr *eth = p->eth;
+    struct iphdr *ip = p->ip;
     u8 mac[ETH_ALEN];
     __builtin_memcpy(mac, eth->h_dest, ETH_ALEN);
     __builtin_memcpy(eth->h_dest, eth->h_source, ETH_ALEN);
@@ -300,171 +372,270 @@ static __always_inline int icmp_echo(struct ethhdr *eth, struct iphdr *ip, struc
     ip->saddr = ip->daddr;
     ip->daddr = a;
     __be16 old = *(__be16 *)&ip->ttl;        /* ttl and protocol share a word */
-    ip->ttl = 64;
+    ip->ttl = ECHO_REPLY_TTL;
     ip->check = csum_replace(ip->check, old, *(__be16 *)&ip->ttl);
 
     icmp->type = ICMP_ECHOREPLY;
     icmp->checksum = csum_replace(icmp->checksum, bpf_htons(ICMP_ECHO << 8),
                                   bpf_htons(ICMP_ECHOREPLY << 8));
-    return verdict(C_ICMP_ECHO_REPLY, XDP_TX);
+    return verdict(c, C_ICMP_ECHO_REPLY, XDP_TX);
+}
+
+/* ---- stage 1: parse ---------------------------------------------------- */
+/* Contract 1: Ethernet, at most one 802.1Q tag, IPv4 with sane lengths and
+ * a TTL; anything we do not fully understand passes untouched. */
+static __always_inline int parse(struct xdp_md *ctx, struct counters *c, struct packet *p)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+
+    p->len = data_end - data;
+    c->n[C_RX_PACKETS]++;
+    c->n[C_RX_BYTES] += p->len;
+
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > data_end)
+        return verdict(c, C_PASS, XDP_PASS);
+    void *l3 = eth + 1;
+    __be16 proto = eth->h_proto;
+    if (proto == bpf_htons(ETH_P_8021Q)) {
+        struct vlan_hdr *vh = l3;
+        if ((void *)(vh + 1) > data_end)
+            return verdict(c, C_PASS, XDP_PASS);
+        proto = vh->proto;
+        l3 = vh + 1;
+        p->vh = vh;
+    }
+    if (proto != bpf_htons(ETH_P_IP))
+        return verdict(c, C_PASS, XDP_PASS);
+
+    struct iphdr *ip = l3;
+    if ((void *)(ip + 1) > data_end || ip->version != 4 || ip->ihl < IPV4_MIN_IHL)
+        return verdict(c, C_PASS, XDP_PASS);
+    u32 ihl = ip->ihl * 4;
+    u16 tot_len = bpf_ntohs(ip->tot_len);
+    if (tot_len < ihl || l3 + tot_len > data_end || ip->ttl == 0)
+        return verdict(c, C_PASS, XDP_PASS);
+
+    p->eth = eth;
+    p->ip = ip;
+    p->l4 = l3 + ihl;       /* contract 8: options are parsed past, never refused */
+    p->frag = bpf_ntohs(ip->frag_off);
+    return CONTINUE;
+}
+
+/* ---- stage 2: classify ------------------------------------------------- */
+/* Contract 7: ICMP to a VIP.  An echo request is answered here; a
+ * fragmentation-needed message continues as the flow it quotes (our VIP's
+ * reply to the client, so the flow is its reverse); the rest is dropped. */
+static __always_inline int classify_icmp(struct xdp_md *ctx, struct counters *c, struct packet *p)
+{
+    void *data_end = (void *)(long)ctx->data_end;
+    struct icmphdr *icmp = p->l4;
+    if (p->frag & (IP_MF | IP_OFFSET))
+        return verdict(c, C_DROP_FRAGMENT, XDP_DROP);
+    if ((void *)(icmp + 1) > data_end)
+        return verdict(c, C_PASS, XDP_PASS);
+    if (icmp->type == ICMP_ECHO && icmp->code == 0)
+        return icmp_echo(c, p, icmp);
+    if (icmp->type != ICMP_DEST_UNREACH || icmp->code != ICMP_FRAG_NEEDED)
+        return verdict(c, C_DROP_ICMP, XDP_DROP);
+    struct iphdr *in = (void *)(icmp + 1);
+    if ((void *)(in + 1) > data_end || in->ihl != IPV4_MIN_IHL || in->saddr != p->ip->daddr ||
+        (in->protocol != IPPROTO_TCP && in->protocol != IPPROTO_UDP))
+        return verdict(c, C_DROP_ICMP, XDP_DROP);
+    struct ports *quoted = (void *)(in + 1);
+    if ((void *)(quoted + 1) > data_end)
+        return verdict(c, C_DROP_ICMP, XDP_DROP);
+    p->key.saddr = in->daddr;
+    p->key.daddr = in->saddr;
+    p->key.proto = in->protocol;
+    p->key.sport = quoted->dest;
+    p->key.dport = quoted->source;
+    p->sk.proto = in->protocol;
+    p->sk.port = quoted->source;
+    p->ptb = 1;
+    return CONTINUE;
+}
+
+/* Which VIP traffic a frame is.  The VIP filter lets the host's own
+ * traffic pass after one inlined array read (contract 1).  The vips map is
+ * read only off the common path: for ICMP and non-first fragments. */
+static __always_inline int classify(struct xdp_md *ctx, struct counters *c, struct packet *p)
+{
+    void *data_end = (void *)(long)ctx->data_end;
+    struct iphdr *ip = p->ip;
+    u32 cell = vip_filter_cell(ip->daddr);
+    if (!(cell & VIP_FILTER_VIP))
+        return verdict(c, C_PASS, XDP_PASS);
+    p->sticky_vip = (cell & VIP_FILTER_STICKY) != 0;
+
+    u8 proto = ip->protocol;
+    p->key.saddr = ip->saddr;
+    p->key.daddr = ip->daddr;
+    p->key.proto = proto;
+    p->sk.vip = ip->daddr;
+    p->sk.proto = proto;
+    if (proto == IPPROTO_ICMP) {
+        if (!vips.lookup(&p->sk.vip))
+            return verdict(c, C_PASS, XDP_PASS);
+        return classify_icmp(ctx, c, p);
+    }
+    if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+        return verdict(c, C_PASS, XDP_PASS);
+    if (p->frag & IP_OFFSET) {
+        /* Contract 8: a non-first fragment carries no ports; only a sticky
+         * service (address-only hash) can place it consistently. */
+        struct vip_val *vip = vips.lookup(&p->sk.vip);
+        if (!vip)
+            return verdict(c, C_PASS, XDP_PASS);
+        __be16 port = proto == IPPROTO_TCP ? vip->frag_port_tcp : vip->frag_port_udp;
+        if (!port)
+            return verdict(c, C_DROP_FRAGMENT, XDP_DROP);
+        p->sk.port = port;
+        p->key.dport = port;
+        return CONTINUE;
+    }
+    struct ports *ports = p->l4;
+    if ((void *)(ports + 1) > data_end)
+        return verdict(c, C_PASS, XDP_PASS);
+    p->key.sport = ports->source;
+    p->key.dport = ports->dest;
+    p->sk.port = ports->dest;
+    return CONTINUE;
+}
+
+/* ---- stage 3: select --------------------------------------------------- */
+/* Contract 4: a live flow keeps its destination (its record is refreshed
+ * at most once a second; an ICMP message only follows it). */
+static __always_inline int keep(struct packet *p, struct flow_val *f, struct dest *d, u64 now,
+                                struct choice *ch)
+{
+    if (!p->ptb && (s64)(now - f->last_seen) > (s64)FLOW_REFRESH_NS)
+        f->last_seen = now;
+    ch->d = d;
+    ch->index = f->svc_index;
+    ch->slot = f->dest_slot;
+    return CONTINUE;
+}
+
+/* The flow's record first: a packet of an established flow of a service
+ * that is not sticky is placed by its 5-tuple alone.  Otherwise the
+ * services lookup (contract 6: VIP traffic for no service is dropped, a
+ * filter collision passes), the flow record under the service's key, and
+ * contracts 3 and 5: a new selection from the eligible destinations,
+ * recorded as a flow (not for an ICMP message, which only follows one). */
+static __always_inline int select_dest(struct counters *c, struct packet *p, struct choice *ch)
+{
+    u64 now = flow_clock();
+    struct flow_val *f = 0;
+    int looked_up = !p->sticky_vip && !p->ptb && !(p->frag & IP_OFFSET);
+    if (looked_up) {
+        f = flows.lookup(&p->key);
+        struct dest *d = flow_dest(p, f, now);
+        if (d)
+            return keep(p, f, d, now, ch);
+    }
+
+    struct svc_val *svc = services.lookup(&p->sk);
+    if (!svc || svc->index >= MAX_SERVICES) {
+        if (!svc && !p->ptb && !vips.lookup(&p->sk.vip))
+            return verdict(c, C_PASS, XDP_PASS);
+        return verdict(c, p->ptb ? C_DROP_ICMP : C_DROP_NO_SERVICE, XDP_DROP);
+    }
+    if (svc->flags & SVC_STICKY) {
+        p->key.sport = 0;    /* one record per address pair */
+        looked_up = 0;
+    } else if (p->frag & IP_OFFSET) {
+        return verdict(c, C_DROP_FRAGMENT, XDP_DROP);
+    }
+    if (!looked_up) {
+        f = flows.lookup(&p->key);
+        struct dest *d = flow_dest(p, f, now);
+        if (d)
+            return keep(p, f, d, now, ch);
+    }
+
+    u32 drop = p->ptb ? C_DROP_ICMP : C_DROP_NO_DEST;
+    u32 slot = 0;
+    if (svc->ndest == 0 || maglev_pick(svc, flow_hash(&p->key), &slot) < 0)
+        return verdict(c, drop, XDP_DROP);
+    struct dest *d = dest_at(svc->index, slot);
+    if (!d)
+        return verdict(c, drop, XDP_DROP);
+    if (!p->ptb) {
+        /* Counted so the control plane can tell evictions apart: records
+         * created = new_flows - flow_reselect (f: a record is replaced). */
+        c->n[C_FLOW_RESELECT] += f != 0;
+        c->n[C_NEW_FLOWS]++;
+        struct flow_val nf = {};
+        nf.last_seen = now;
+        nf.svc_index = svc->index;
+        nf.dest_slot = slot;
+        nf.dest_addr = d->addr;
+        flows.update(&p->key, &nf);
+        ch->new_flow = 1;
+    }
+    ch->d = d;
+    ch->index = svc->index;
+    ch->slot = slot;
+    return CONTINUE;
+}
+
+/* ---- stage 4: account -------------------------------------------------- */
+/* Contract 9: per source /20, per service and per destination. */
+static __always_inline void account(struct counters *c, struct packet *p, struct choice *ch)
+{
+    u32 src_prefix = bpf_ntohl(p->key.saddr) >> (32 - SRC_PREFIX_LEN);
+    u64 *pc = prefix_stats.lookup(&src_prefix);
+    if (pc)
+        *pc += 1;
+    if (p->ptb)
+        c->n[C_ICMP_PTB_FORWARDED]++;
+    u32 si = ch->index;
+    stats_add(svc_stats.lookup(&si), p->len, ch->new_flow);
+    u32 di = ch->index * MAX_DESTS + ch->slot;
+    stats_add(dest_stats.lookup(&di), p->len, ch->new_flow);
+}
+
+/* ---- stage 5: forward -------------------------------------------------- */
+/* Contract 2: rewrite the Ethernet header (and the 802.1Q id) for the
+ * destination and hand the frame back out. */
+static __always_inline int forward(struct xdp_md *ctx, struct counters *c, struct packet *p,
+                                   struct dest *d)
+{
+    struct vlan_hdr *vh = p->vh;
+    if ((vh != 0) != (d->vlan != 0))
+        return verdict(c, C_DROP_VLAN, XDP_DROP);
+    if (vh)
+        vh->tci = (vh->tci & bpf_htons(VLAN_PRIO_MASK)) | bpf_htons(d->vlan & VLAN_VID_MASK);
+    __builtin_memcpy(p->eth->h_dest, d->mac, ETH_ALEN);
+    __builtin_memcpy(p->eth->h_source, d->src_mac, ETH_ALEN);
+    if (d->ifindex == ctx->ingress_ifindex)
+        return verdict(c, C_TX, XDP_TX);
+    c->n[C_REDIRECT]++;
+    return tx_ports.redirect_map(d->tx_port, XDP_DROP);
 }
 
 /* ---- the program ------------------------------------------------------- */
 int xdp_lb(struct xdp_md *ctx)
 {
-    void *data = (void *)(long)ctx->data;
-    void *data_end = (void *)(long)ctx->data_end;
-    u64 len = data_end - data;
+    u32 zero = 0;
+    struct counters *c = counters.lookup(&zero);
+    if (!c)
+        return XDP_PASS;     /* cannot happen: a one-entry array */
 
-    count(C_RX_PACKETS, 1);
-    count(C_RX_BYTES, len);
-
-    /* Contract 1: anything we do not fully understand passes untouched. */
-    struct ethhdr *eth = data;
-    if ((void *)(eth + 1) > data_end)
-        return verdict(C_PASS, XDP_PASS);
-    void *l3 = eth + 1;
-    __be16 proto = eth->h_proto;
-    struct vlan_hdr *vh = 0;
-    if (proto == bpf_htons(ETH_P_8021Q)) {
-        vh = l3;
-        if ((void *)(vh + 1) > data_end)
-            return verdict(C_PASS, XDP_PASS);
-        proto = vh->proto;
-        l3 = vh + 1;
-    }
-    if (proto != bpf_htons(ETH_P_IP))
-        return verdict(C_PASS, XDP_PASS);
-
-    struct iphdr *ip = l3;
-    if ((void *)(ip + 1) > data_end || ip->version != 4 || ip->ihl < 5)
-        return verdict(C_PASS, XDP_PASS);
-    u32 ihl = ip->ihl * 4;
-    u16 tot_len = bpf_ntohs(ip->tot_len);
-    if (tot_len < ihl || l3 + tot_len > data_end || ip->ttl == 0)
-        return verdict(C_PASS, XDP_PASS);
-
-    __be32 vip_addr = ip->daddr;
-    struct vip_val *vip = vips.lookup(&vip_addr);
-    if (!vip)
-        return verdict(C_PASS, XDP_PASS);
-    if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP &&
-        ip->protocol != IPPROTO_ICMP)
-        return verdict(C_PASS, XDP_PASS);
-
-    /* Contract 8: options are parsed past (ihl), never refused. */
-    void *l4 = l3 + ihl;
-    u16 frag = bpf_ntohs(ip->frag_off);
-    int later_fragment = (frag & 0x1fff) != 0;
-
-    struct flow_key key = {};
-    key.saddr = ip->saddr;
-    key.daddr = ip->daddr;
-    key.proto = ip->protocol;
-    struct svc_key sk = {};
-    sk.vip = ip->daddr;
-    sk.proto = ip->protocol;
-    int ptb = 0;
-
-    if (ip->protocol == IPPROTO_ICMP) {
-        struct icmphdr *icmp = l4;
-        if (later_fragment || (frag & 0x2000))
-            return verdict(C_DROP_FRAGMENT, XDP_DROP);
-        if ((void *)(icmp + 1) > data_end)
-            return verdict(C_PASS, XDP_PASS);
-        if (icmp->type == ICMP_ECHO && icmp->code == 0)
-            return icmp_echo(eth, ip, icmp);
-        if (icmp->type != ICMP_DEST_UNREACH || icmp->code != ICMP_FRAG_NEEDED)
-            return verdict(C_DROP_ICMP, XDP_DROP);
-        /* Contract 7: the quoted header is our VIP's reply to the client;
-         * the flow it belongs to is the reverse of it. */
-        struct iphdr *in = (void *)(icmp + 1);
-        if ((void *)(in + 1) > data_end || in->ihl != 5 || in->saddr != ip->daddr ||
-            (in->protocol != IPPROTO_TCP && in->protocol != IPPROTO_UDP))
-            return verdict(C_DROP_ICMP, XDP_DROP);
-        struct ports *ip_ports = (void *)(in + 1);
-        if ((void *)(ip_ports + 1) > data_end)
-            return verdict(C_DROP_ICMP, XDP_DROP);
-        key.saddr = in->daddr;
-        key.daddr = in->saddr;
-        key.proto = in->protocol;
-        key.sport = ip_ports->dest;
-        key.dport = ip_ports->source;
-        sk.proto = in->protocol;
-        sk.port = ip_ports->source;
-        ptb = 1;
-    } else if (later_fragment) {
-        /* Contract 8: a non-first fragment carries no ports; only a sticky
-         * service (address-only hash) can place it consistently. */
-        __be16 port = ip->protocol == IPPROTO_TCP ? vip->frag_port_tcp : vip->frag_port_udp;
-        if (!port)
-            return verdict(C_DROP_FRAGMENT, XDP_DROP);
-        sk.port = port;
-        key.dport = port;
-    } else {
-        struct ports *p = l4;
-        if ((void *)(p + 1) > data_end)
-            return verdict(C_PASS, XDP_PASS);
-        key.sport = p->source;
-        key.dport = p->dest;
-        sk.port = p->dest;
-    }
-
-    /* Contract 6: VIP traffic with no service or no eligible destination. */
-    struct svc_val *svc = services.lookup(&sk);
-    if (!svc || svc->index >= MAX_SERVICES)
-        return verdict(ptb ? C_DROP_ICMP : C_DROP_NO_SERVICE, XDP_DROP);
-    if (svc->flags & SVC_STICKY)
-        key.sport = 0;
-    else if (later_fragment)
-        return verdict(C_DROP_FRAGMENT, XDP_DROP);
-
-    u32 src_prefix = bpf_ntohl(key.saddr) >> 12;
-    u64 *pc = prefix_stats.lookup(&src_prefix);
-    if (pc)
-        *pc += 1;
-
-    u64 now = bpf_ktime_get_ns();
-    u64 timeout = (key.proto == IPPROTO_TCP ? TCP_TIMEOUT : UDP_TIMEOUT) * NSEC;
-    u32 slot = 0;
-    struct flow_val *f = flows.lookup(&key);
-    int replaces = f != 0;   /* a record exists: a new one would replace it */
-    if (f && now - f->last_seen > timeout)
-        f = 0;
-    struct dest *d = flow_dest(svc, f, &slot);
-    int new_flow = 0;
-    if (d) {
-        if (!ptb && now - f->last_seen > NSEC)
-            f->last_seen = now;
-    } else {
-        /* Contracts 3 and 5: select from the eligible destinations. */
-        if (svc->ndest == 0 || maglev_pick(svc, flow_hash(&key), &slot) < 0)
-            return verdict(ptb ? C_DROP_ICMP : C_DROP_NO_DEST, XDP_DROP);
-        d = dest_at(svc, slot);
-        if (!d)
-            return verdict(ptb ? C_DROP_ICMP : C_DROP_NO_DEST, XDP_DROP);
-        if (!ptb) {
-            /* Counted so the control plane can tell evictions apart:
-             * records created = new_flows - flow_reselect. */
-            if (replaces)
-                count(C_FLOW_RESELECT, 1);
-            struct flow_val nf = {};
-            nf.last_seen = now;
-            nf.svc_index = svc->index;
-            nf.dest_slot = slot;
-            nf.dest_addr = d->addr;
-            flows.update(&key, &nf);
-            new_flow = 1;
-            count(C_NEW_FLOWS, 1);
-        }
-    }
-    if (ptb)
-        count(C_ICMP_PTB_FORWARDED, 1);
-
-    u32 si = svc->index;
-    stats_add(svc_stats.lookup(&si), len, new_flow);
-    u32 di = svc->index * MAX_DESTS + slot;
-    stats_add(dest_stats.lookup(&di), len, new_flow);
-
-    return forward(ctx, eth, vh, d);
+    struct packet p = {};
+    int action = parse(ctx, c, &p);
+    if (action != CONTINUE)
+        return action;
+    action = classify(ctx, c, &p);
+    if (action != CONTINUE)
+        return action;
+    struct choice ch = {};
+    action = select_dest(c, &p, &ch);
+    if (action != CONTINUE || !ch.d)
+        return action;
+    account(c, &p, &ch);
+    return forward(ctx, c, &p, ch.d);
 }

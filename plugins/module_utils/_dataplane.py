@@ -22,6 +22,9 @@ __metaclass__ = type
 import array
 import ctypes
 import functools
+import heapq
+import ipaddress
+import operator
 import os
 import sys
 
@@ -50,7 +53,7 @@ def _u32(n):
 
 def _fwd_bytes(d):
     """The bytes the data plane reads to forward: everything but weight."""
-    return (d.addr, bytes(d.mac), bytes(d.src_mac), d.vlan, d.tx_port, d.ifindex)
+    return (d.addr, bytes(d.mac), bytes(d.src_mac), d.vlan, d.tx_port, d.ifindex, bytes(d.owner))
 
 
 class DataPlane(object):
@@ -131,7 +134,11 @@ class DataPlane(object):
 
     def counters(self):
         m = self.maps["counters"]
-        return {name: sum_u64(m, m.lookup(_u32(i))) for i, name in enumerate(L.COUNTERS)}
+        total = [0] * len(L.COUNTERS)
+        for cpu in m.per_cpu(m.lookup(_u32(0))):
+            for i, n in enumerate(L.Counters.from_buffer_copy(cpu).n):
+                total[i] += n
+        return dict(zip(L.COUNTERS, total))
 
     def _stats(self, mapname, index):
         m = self.maps[mapname]
@@ -148,16 +155,23 @@ class DataPlane(object):
     def dest_stats(self, index, slot):
         return self._stats("dest_stats", index * self.max_dests + slot)
 
-    def prefix_counters(self):
-        """{'a.b.c.0/20': packets} for every source /20 that sent VIP traffic."""
+    def busiest_prefixes(self, n):
+        """The n source /20 prefixes that sent the most forwarded VIP
+        packets: [{'prefix': 'a.b.c.0/20', 'packets': count}], busiest
+        first.  One batch read of the whole per-CPU array (8 bytes per /20
+        per CPU), summed over CPUs with array slices, not per entry."""
+        if n <= 0:
+            return []
         m = self.maps["prefix_stats"]
-        out = {}
-        for k, v in m.lookup_batch():
-            n = sum_u64(m, v)
-            if n:
-                base = int.from_bytes(k[:4], "little") << 12
-                out["%s/20" % L.ip_str(int.from_bytes(base.to_bytes(4, "big"), "little"))] = n
-        return out
+        per_cpu = array.array("Q", b"".join(m.lookup_range(0, m.max_entries)))
+        cpus = len(per_cpu) // m.max_entries
+        totals = per_cpu[0::cpus]
+        for cpu in range(1, cpus):
+            totals = array.array("Q", map(operator.add, totals, per_cpu[cpu::cpus]))
+        busy = heapq.nlargest(n, (i for i, c in enumerate(totals) if c), key=totals.__getitem__)
+        return [{"prefix": "%s/%d" % (ipaddress.IPv4Address(i << (32 - L.SRC_PREFIX_LEN)),
+                                      L.SRC_PREFIX_LEN),
+                 "packets": totals[i]} for i in busy]
 
     def flows(self):
         out = []
@@ -229,7 +243,7 @@ class DataPlane(object):
         else:
             index, gen = old.index, old.gen
         taken.add(index)
-        wanted = {d["address"]: make_dest(d) for d in destinations}
+        wanted = {d["address"]: make_dest(d, key) for d in destinations}
         by_addr = {L.ip_str(d.addr): (slot, d) for slot, d in live.items()}
         plan, new_slots = {}, []
         free_slots = [s for s in range(self.max_dests) if s not in live]
@@ -349,7 +363,11 @@ class DataPlane(object):
 
     def sync_vips(self):
         """Rebuild the VIP set from the services: which VIPs exist, and the
-        sticky service (lowest port) that owns each VIP's fragments."""
+        sticky service (lowest port) that owns each VIP's fragments; then
+        the VIP filter from that set.  New VIPs get their filter bit after
+        their vips entry and their services are written, gone VIPs lose it
+        after theirs are removed: a frame the filter passes is never one a
+        service was waiting for, and one it lets in finds its entries."""
         want = {}
         for k, v in self._services_raw().items():
             key = L.SvcKey.from_buffer_copy(k)
@@ -368,6 +386,21 @@ class DataPlane(object):
         for k in have:
             if int.from_bytes(k, "little") not in want:
                 vips.delete(k)
+        self._sync_vip_filter(want)
+
+    def _sync_vip_filter(self, vips):
+        """vips: {vip: VipVal}; a VIP with a fragment port has a sticky service."""
+        words = [0] * L.VIP_FILTER_WORDS
+        for vip, vv in vips.items():
+            cell = L.VIP_FILTER_VIP | (L.VIP_FILTER_STICKY if vv.frag_port_tcp or vv.frag_port_udp else 0)
+            bit = L.vip_filter_cell(vip) * L.VIP_FILTER_CELL_BITS
+            words[bit // 64] |= cell << (bit % 64)
+        m = self.maps["vip_filter"]
+        have = m.lookup_range(0, L.VIP_FILTER_WORDS)
+        for i, w in enumerate(words):
+            raw = w.to_bytes(8, "little")
+            if have[i] != raw:
+                m.update(_u32(i), raw)
 
 
 class ServiceWrite(object):
@@ -401,17 +434,18 @@ def svc_key(address, port, protocol):
     return _raw(L.SvcKey(vip=L.be32(address), port=L.be16(port), proto=L.PROTOCOLS[protocol]))
 
 
-def make_dest(d):
-    """The Dest for a resolved destination dict.  Read-only and cached: a
-    thousand services over one pool compare the same few hundred."""
+def make_dest(d, owner):
+    """The Dest for a resolved destination dict in the service whose key
+    bytes are owner.  Read-only and cached: a thousand services over one
+    pool share the same few hundred forwarding entries."""
     return _dest(d["address"], d["weight"], d["mac"], d["src_mac"], d.get("vlan", 0),
-                 d.get("tx_port", 0), d["ifindex"])
+                 d.get("tx_port", 0), d["ifindex"], owner)
 
 
-@functools.lru_cache(maxsize=8192)
-def _dest(address, weight, mac, src_mac, vlan, tx_port, ifindex):
+@functools.lru_cache(maxsize=65536)
+def _dest(address, weight, mac, src_mac, vlan, tx_port, ifindex, owner):
     out = L.Dest(addr=L.be32(address), flags=L.DEST_VALID, vlan=vlan, tx_port=tx_port,
-                 ifindex=ifindex, weight=weight)
+                 ifindex=ifindex, weight=weight, owner=L.SvcKey.from_buffer_copy(owner))
     out.mac[:] = L.mac_bytes(mac)
     out.src_mac[:] = L.mac_bytes(src_mac)
     return out

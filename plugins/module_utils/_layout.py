@@ -18,9 +18,19 @@ import ipaddress
 import socket
 import sys
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 MAGLEV_CHUNK = 16          # Maglev slots per array element
-PREFIX_SLOTS = 1 << 20     # one counter per source /20
+SRC_PREFIX_LEN = 20        # source prefix counters count per /20
+PREFIX_SLOTS = 1 << SRC_PREFIX_LEN
+# The VIP filter: 2**VIP_FILTER_ORDER two-bit cells in u64 words; the cell
+# (vip * VIP_FILTER_MULT mod 2**32) >> (32 - VIP_FILTER_ORDER) of a VIP has
+# VIP_FILTER_VIP set, and VIP_FILTER_STICKY when one of its services is sticky
+VIP_FILTER_ORDER = 15
+VIP_FILTER_MULT = 0x9E3779B1
+VIP_FILTER_CELL_BITS = 2
+VIP_FILTER_VIP = 1
+VIP_FILTER_STICKY = 2
+VIP_FILTER_WORDS = (1 << VIP_FILTER_ORDER) * VIP_FILTER_CELL_BITS // 64
 VLAN_IDS = 4096            # 802.1Q ids, the index of the vlans map
 SVC_STICKY = 1
 DEST_VALID = 1
@@ -56,7 +66,8 @@ class Dest(ctypes.Structure):
     _fields_ = [("addr", ctypes.c_uint32), ("flags", ctypes.c_uint32),
                 ("mac", ctypes.c_uint8 * 6), ("src_mac", ctypes.c_uint8 * 6),
                 ("vlan", ctypes.c_uint16), ("tx_port", ctypes.c_uint16),
-                ("ifindex", ctypes.c_uint32), ("weight", ctypes.c_uint32)]
+                ("ifindex", ctypes.c_uint32), ("weight", ctypes.c_uint32),
+                ("owner", SvcKey)]
 
 
 class MaglevChunk(ctypes.Structure):
@@ -70,9 +81,12 @@ class FlowKey(ctypes.Structure):
 
 
 class FlowVal(ctypes.Structure):
-    _fields_ = [("last_seen", ctypes.c_uint64), ("svc_index", ctypes.c_uint32),
-                ("dest_slot", ctypes.c_uint32), ("dest_addr", ctypes.c_uint32),
-                ("pad", ctypes.c_uint32)]
+    _fields_ = [("last_seen", ctypes.c_uint64), ("svc_index", ctypes.c_uint16),
+                ("dest_slot", ctypes.c_uint16), ("dest_addr", ctypes.c_uint32)]
+
+
+class Counters(ctypes.Structure):
+    _fields_ = [("n", ctypes.c_uint64 * len(COUNTERS))]
 
 
 class Stats(ctypes.Structure):
@@ -81,6 +95,7 @@ class Stats(ctypes.Structure):
 
 
 class Meta(ctypes.Structure):
+    # never changes between ABI versions: _loader.pinned_abi reads any of them
     _fields_ = [("abi_version", ctypes.c_uint32), ("max_services", ctypes.c_uint32),
                 ("max_dests", ctypes.c_uint32), ("maglev_size", ctypes.c_uint32),
                 ("flow_table_size", ctypes.c_uint32), ("tcp_timeout", ctypes.c_uint32),
@@ -160,7 +175,7 @@ def map_entries(s):
         "meta": 1, "vips": s["max_services"], "services": s["max_services"],
         "dests": per_dest,
         "maglev": s["max_services"] * 2 * maglev_chunks(s["maglev_table_size"]),
-        "flows": s["flow_table_size"], "counters": len(COUNTERS),
+        "flows": s["flow_table_size"], "counters": 1, "vip_filter": VIP_FILTER_WORDS,
         "svc_stats": s["max_services"], "dest_stats": per_dest,
         "prefix_stats": PREFIX_SLOTS, "tx_ports": s["max_interfaces"], "vlans": VLAN_IDS,
     }
@@ -169,18 +184,24 @@ def map_entries(s):
 # Pinned maps: name -> (bpf map type, key struct, value struct).
 MAPS = {
     "meta": (2, U32, Meta),
+    "vip_filter": (2, U32, U64),
     "vips": (1, U32, VipVal),
     "services": (1, SvcKey, SvcVal),
     "dests": (2, U32, Dest),
     "maglev": (2, U32, MaglevChunk),
     "flows": (9, FlowKey, FlowVal),
-    "counters": (6, U32, U64),
+    "counters": (6, U32, Counters),
     "svc_stats": (6, U32, Stats),
     "dest_stats": (6, U32, Stats),
     "prefix_stats": (6, U32, U64),
     "tx_ports": (14, U32, U32),
     "vlans": (2, U32, VlanNet),
 }
+
+
+def vip_filter_cell(vip):
+    """The filter cell of a VIP given as be32() gives it."""
+    return ((vip * VIP_FILTER_MULT) & 0xFFFFFFFF) >> (32 - VIP_FILTER_ORDER)
 
 
 def be32(address):

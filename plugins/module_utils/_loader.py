@@ -104,6 +104,14 @@ def check_pins(root, sizes):
     refused here.  Returns the names of the maps whose max_entries differ
     (the sizes changed).
     """
+    abi = pinned_abi(root)
+    if abi not in (None, L.ABI_VERSION):
+        raise LoaderError(
+            "%s holds maps of data-plane ABI %d and this version of xvs.lb needs ABI %d: the map "
+            "layouts differ, so they cannot be reused. Remove them (rm -r %s; live flows and "
+            "counters are lost) and attach again, then let the boot restore or the role put the "
+            "services back from the state of record; a reboot does the same"
+            % (root, abi, L.ABI_VERSION, root))
     entries = L.map_entries(sizes)
     resized = []
     for name, (mtype, key, value) in L.MAPS.items():
@@ -115,6 +123,16 @@ def check_pins(root, sizes):
             if m.max_entries != entries[name]:
                 resized.append(name)
     return resized
+
+
+def pinned_abi(root):
+    """The ABI version in the pinned meta map (its layout never changes),
+    or None where nothing is pinned."""
+    path = os.path.join(root, "meta")
+    if not os.path.exists(path):
+        return None
+    with _bpf.Map(path) as m:
+        return L.Meta.from_buffer_copy(m.lookup(bytes(L.U32(0)))).abi_version
 
 
 def resize_refusal(resized, sizes, current):

@@ -16,7 +16,7 @@ def changed_source(tmp_path):
     """The collection's program with one extra, behaviour-neutral branch:
     a different program (new tag) over the same maps."""
     text = open(_loader.default_source()).read()
-    marker = "    count(C_RX_PACKETS, 1);\n"
+    marker = "    c->n[C_RX_PACKETS]++;\n"
     assert marker in text
     text = text.replace(marker, "    if (ctx->rx_queue_index == 0xfffffff0)\n"
                                 "        return XDP_ABORTED;\n" + marker, 1)
@@ -112,6 +112,24 @@ def test_map_of_another_program_version_refused(pin_root, bpffs):
     b.cleanup()
     with pytest.raises(Exception, match="incompatible program version"):
         _loader.load(pin_root, TEST_SIZES)
+
+
+def test_maps_of_an_older_abi_refused_with_the_way_out(pin_root):
+    """An upgrade over a running balancer: the pins say ABI 1 (this meta
+    layout is shared by every ABI), so the loader names the versions and
+    the remedy, and changes nothing."""
+    with harness(pin_root) as h:
+        h.dp.set_service(VIP, 80, "tcp", False, [h.dest(B1, 1)])
+        meta = L.Meta.from_buffer_copy(h.dp.maps["meta"].lookup(bytes(L.U32(0))))
+        meta.abi_version = L.ABI_VERSION - 1
+        h.dp.maps["meta"].update(bytes(L.U32(0)), bytes(meta))
+        prog_id = _loader.pinned_prog_id(pin_root)
+    before = dump_maps(pin_root)
+    with pytest.raises(_loader.LoaderError, match=r"ABI %d and this version of xvs.lb needs ABI %d: .*"
+                       r"Remove them \(rm -r %s" % (L.ABI_VERSION - 1, L.ABI_VERSION, pin_root)):
+        _loader.load(pin_root, TEST_SIZES)
+    assert dump_maps(pin_root) == before
+    assert _loader.pinned_prog_id(pin_root) == prog_id
 
 
 def test_pin_root_must_be_on_bpffs(tmp_path):
