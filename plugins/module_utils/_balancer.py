@@ -92,8 +92,9 @@ class Balancer(object):
                 "interface": self.ifname(d["ifindex"]), "vlan": d["vlan"]}
 
 
-def info(bal):
-    """What xvs_info returns of the maps: attachment, services, counters."""
+def info(bal, source_prefixes=0):
+    """What xvs_info returns of the maps: attachment, services, counters,
+    and the source_prefixes busiest client /20s."""
     services = []
     for s in bal.dp.services():
         v = bal.view(s)
@@ -105,4 +106,5 @@ def info(bal):
                            "program": bal.status["program"], "sizes": bal.status["sizes"],
                            "vlans": bal.status["vlans"]},
             "services": services, "counters": bal.dp.counters(),
-            "flow_table": bal.dp.flow_table()}
+            "flow_table": bal.dp.flow_table(),
+            "source_prefixes": bal.dp.busiest_prefixes(source_prefixes)}

@@ -17,6 +17,15 @@ description:
     compiler.
   - Also returns the desired services from O(state_file), the state of record (what
     M(xvs.lb.xvs_services) with O(xvs.lb.xvs_services#module:state=gathered) returns).
+options:
+  source_prefixes:
+    description:
+      - How many of the busiest client source /20 prefixes to return in RV(source_prefixes), by
+        forwarded packets since the maps were made.
+      - V(0) reads none. Reading them is one batch read of the whole per-CPU prefix array
+        (8 MiB per CPU), so ask only when you want them.
+    type: int
+    default: 0
 extends_documentation_fragment:
   - xvs.lb.xvs
   - xvs.lb.xvs.state_file
@@ -39,6 +48,11 @@ author:
 EXAMPLES = r'''
 - name: Read the balancer
   xvs.lb.xvs_info:
+  register: lb
+
+- name: Which client networks send the most
+  xvs.lb.xvs_info:
+    source_prefixes: 10
   register: lb
 
 - name: Show new flows per destination
@@ -114,6 +128,16 @@ counters:
            "drop_no_service": 0, "drop_no_dest": 0, "drop_fragment": 0, "drop_icmp": 0,
            "drop_vlan": 0, "icmp_echo_reply": 0, "icmp_ptb_forwarded": 0, "new_flows": 1,
            "flow_reselect": 0}
+source_prefixes:
+  description:
+    - The O(source_prefixes) busiest client source /20 prefixes, busiest first, with the VIP
+      packets each sent that were forwarded. Empty unless O(source_prefixes) is above 0.
+  returned: success
+  type: list
+  elements: dict
+  sample:
+    - prefix: 198.51.96.0/20
+      packets: 1200
 flow_table:
   description:
     - The flow table's C(capacity) (the C(flow_table_size)), its live C(entries), and how many
@@ -133,13 +157,14 @@ from ansible_collections.xvs.lb.plugins.module_utils import _balancer, _module, 
 
 
 def main():
-    module = AnsibleModule(argument_spec=_spec.COMMON_OPTIONS, supports_check_mode=True)
+    module = AnsibleModule(argument_spec=dict(_spec.COMMON_OPTIONS, source_prefixes=dict(type="int", default=0)),
+                           supports_check_mode=True)
     p = module.params
 
     def work():
         # under the lock: a consistent read, no run half-way through a change
         with _balancer.Balancer(p["bpffs"]) as bal:
-            result = _balancer.info(bal)
+            result = _balancer.info(bal, p["source_prefixes"])
             result["desired"] = _planner.to_config(_planner.recorded(bal, p["state_file"])[1])
             return result
     module.exit_json(changed=False, **_module.run(module, work))

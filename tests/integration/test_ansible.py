@@ -155,8 +155,11 @@ def test_playbook_attach_serve_drain_remove_detach(lab, bpffs, tmp_path):
         assert "b1" not in {echo_connect(lab.name("cli"))[2] for i in range(20)}
 
         # the info module sees two destinations on the echo service and counts
-        info = ans.module("xvs_info", {})
+        info = ans.module("xvs_info", {"source_prefixes": 3})
         data = json.loads(info.split("=>", 1)[1])
+        # every forwarded packet came from the client's /20
+        assert [p["prefix"] for p in data["source_prefixes"]] == ["192.0.0.0/20"]
+        assert data["source_prefixes"][0]["packets"] >= data["counters"]["new_flows"]
         echo = [s for s in data["services"] if s["port"] == ECHO_PORT][0]
         assert sorted(d["address"] for d in echo["destinations"]) == [BACKENDS["b2"], BACKENDS["b3"]]
         assert data["counters"]["new_flows"] >= 30 + 12 + 20 + 20
