@@ -10,7 +10,7 @@ import time
 
 from common import collection_path, machine, private_bpffs
 
-PARTS = ("packet", "profile", "forward", "control")
+PARTS = ("packet", "profile", "levers", "forward", "control")
 
 
 def main():
@@ -43,6 +43,9 @@ def main():
             elif part == "profile":
                 import packet
                 print(packet.profile(bpffs)[1])
+            elif part == "levers":
+                import packet
+                print(packet.levers(bpffs)[1])
             elif part == "forward":
                 import forward
                 print(forward.run(bpffs, smoke=args.smoke)[1])
