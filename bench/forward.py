@@ -88,20 +88,26 @@ class Bench(object):
                 link = ipr.get_links(ipr.link_lookup(ifname="eth0")[0])[0]
         return link.get_attr("IFLA_STATS64")["tx_packets"]
 
-    def rate(self, flows, seconds, warmup=1.0):
+    def rate(self, flows, seconds, warmup=1.0, attempts=3):
         """(offered, delivered) frames per second while trafgen sends flows flows."""
         cfg = os.path.join(self.work, "flows%d.cfg" % flows)
         if not os.path.exists(cfg):
             with open(cfg, "w") as f:
                 f.write(trafgen_config(flows))
-        # leave the host's socket-memory sysctls and IRQ affinity alone
-        p = subprocess.Popen(["ip", "netns", "exec", self.gen, "trafgen", "-o", "eth0", "-i", cfg,
-                              "-P", "1", "--no-sock-mem", "--notouch-irq", "--no-cpu-stats"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-        try:
+        for attempt in range(attempts):
+            # leave the host's socket-memory sysctls and IRQ affinity alone
+            p = subprocess.Popen(["ip", "netns", "exec", self.gen, "trafgen", "-o", "eth0", "-i", cfg,
+                                  "-P", "1", "--no-sock-mem", "--notouch-irq", "--no-cpu-stats"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
             time.sleep(warmup)
-            if p.poll() is not None:
-                raise RuntimeError("trafgen exited: %s" % p.stderr.read().decode())
+            if p.poll() is None:
+                break
+            # trafgen 0.6.8 sometimes fails its first TX_RING flush with
+            # EAGAIN right after the program on the path changed: start again
+            err = p.stderr.read().decode()
+            if attempt == attempts - 1:
+                raise RuntimeError("trafgen exited %d times, last: %s" % (attempts, err))
+        try:
             s0, n0, t0 = self.sent(), self.delivered(), time.monotonic()
             time.sleep(seconds)
             s1, n1, t1 = self.sent(), self.delivered(), time.monotonic()
@@ -114,6 +120,10 @@ class Bench(object):
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
         return (s1 - s0) / (t1 - t0), (n1 - n0) / (t1 - t0)
+
+
+# native forwarding over the ceiling (issue 11's targets): figures to report, not tests
+TARGETS = {10: 0.95, 104000: 0.90}
 
 
 def run(bpffs, smoke=False, rounds=3, seconds=2.0):
@@ -138,12 +148,15 @@ def run(bpffs, smoke=False, rounds=3, seconds=2.0):
     for prog, mode, flows in variants:
         s = summary(rates[(prog, mode, flows)])
         ceiling = summary(rates[("ceiling", mode, 10)])["median"]
+        ratio = s["median"] / ceiling if ceiling else 0
+        target = TARGETS.get(flows) if (prog, mode) == ("xvs.lb", "native") else None
         rows.append([mode, prog, flows if prog != "ceiling" else "-",
                      "%.0f" % summary(offered[(prog, mode, flows)])["median"], "%.0f" % s["median"],
                      "%.0f-%.0f" % (min(rates[(prog, mode, flows)]), max(rates[(prog, mode, flows)])),
-                     "%.2f" % (s["median"] / ceiling if ceiling else 0)])
+                     "%.2f" % ratio,
+                     "" if target is None else "at least %.2f: %s" % (target, "yes" if ratio >= target else "NO")])
     text = table(rows, ["mode", "program", "flows", "sent pps", "delivered pps (median)", "range",
-                        "x ceiling"])
+                        "x ceiling", "target"])
     text += "\n\n%d rounds of %.1f s per variant, trafgen on one process; 60-byte frames.\n" % (
         rounds, seconds)
     return rows, text

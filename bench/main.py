@@ -1,4 +1,4 @@
-"""xvs.lb benchmarks: `bench/run [--smoke] [packet] [forward] [control]`.
+"""xvs.lb benchmarks: `bench/run [--smoke] [packet] [profile] [levers] [forward] [control]`.
 
 Prints every figure as a Markdown table next to the baseline it was
 measured against in the same run; docs/performance.md quotes a full run.
@@ -16,10 +16,10 @@ PARTS = ("packet", "profile", "levers", "forward", "control")
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("parts", nargs="*", metavar="PART",
-                    help="any of %s; default: all (--smoke: packet and control)" % ", ".join(PARTS))
+                    help="any of %s; default: all (--smoke: packet, forward and control)" % ", ".join(PARTS))
     ap.add_argument("--smoke", action="store_true",
                     help="the cheap subset .ci/run prints: per-packet classes (smaller pressure "
-                         "case) and the no-change rerun")
+                         "case), one short forwarding round and the no-change rerun")
     ap.add_argument("--runs", type=int, default=100000, help="test runs per per-packet class")
     args = ap.parse_args()
     unknown = [p for p in args.parts if p not in PARTS]
@@ -28,7 +28,7 @@ def main():
     if os.geteuid() != 0:
         sys.exit("bench: run as root (it loads XDP programs and builds network namespaces)")
     coll = collection_path()
-    parts = args.parts or (("packet", "control") if args.smoke else PARTS)
+    parts = args.parts or (("packet", "forward", "control") if args.smoke else PARTS)
     print("# xvs.lb benchmarks%s\n\nMachine: %s\n" % (" (smoke)" if args.smoke else "", machine()))
     with private_bpffs() as bpffs:
         for part in PARTS:

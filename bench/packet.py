@@ -12,6 +12,7 @@ rounds so that drift on a shared VM hits all of them alike.
 import contextlib
 import os
 import random
+import statistics
 import struct
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -204,9 +205,10 @@ STAGES = [
     ("parse Ethernet, 802.1Q, IPv4", "p->frag = bpf_ntohs(ip->frag_off);"),
     ("VIP filter (array word)", "    u8 proto = ip->protocol;"),
     ("ports", "    p->sk.port = ports->dest;"),
+    ("services lookup (hash)", "    ch->index = svc->index;"),
     ("clock (coarse)", "    u64 now = flow_clock();"),
-    ("flows lookup (LRU hash)", "        f = flows.lookup(&p->key);"),
-    ("flow's destination (array)", "        struct dest *d = flow_dest(p, f, now);"),
+    ("flows lookup (LRU hash)", "    struct flow_val *f = flows.lookup(&p->key);"),
+    ("flow's destination (array)", "    struct dest *d = flow_dest(p, svc, f, now);"),
     ("account (prefix, service, destination stats)", "    account(c, &p, &ch);"),
 ]
 
@@ -250,10 +252,8 @@ def profile(bpffs, runs=50000, rounds=10, established=1024):
 # A variant is (name, [(text in xdp_lb.c, its replacement)]).
 LEVERS = [
     ("as built", []),
-    ("services lookup before the flow (no flow-first)",
-     [("int looked_up = !p->sticky_vip && !p->ptb && !(p->frag & IP_OFFSET);", "int looked_up = 0;")]),
     ("no VIP filter (every frame to the lookups)",
-     [("    u32 cell = vip_filter_cell(ip->daddr);", "    u32 cell = VIP_FILTER_VIP;")]),
+     [("    if (!vip_filter_hit(ip->daddr))\n", "    if (0)\n")]),
     ("fine clock (bpf_ktime_get_ns)",
      [("#define flow_clock() bpf_ktime_get_coarse_ns()", "#define flow_clock() bpf_ktime_get_ns()")]),
     ("without the per-/20 source counter",
@@ -273,12 +273,17 @@ def variant(text, edits):
     return text
 
 
-def levers(bpffs, runs=20000, rounds=10, established=1024, flow_table=1 << 16):
-    """Each lever's effect on established, new flow, pass-through and a
-    pressure case (a full flow table of flow_table entries, half the runs
-    evicting), as medians over the XDP_TX / XDP_PASS floors; plus, for the
-    LRU variants, how much of the table one CPU's flows can hold (the
-    RSS trade-off of a per-CPU LRU)."""
+def levers(bpffs, runs=20000, rounds=20, instances=3, established=1024, flow_table=1 << 16):
+    """Each lever's effect on one hot established flow, 1,024 established
+    flows, new flows, pass-through and a pressure case (a full flow table
+    of flow_table entries, half the runs evicting), in ns over the XDP_TX /
+    XDP_PASS floors measured in the same rounds; plus how much of the table
+    one CPU's flows can hold (the RSS trade-off of a per-CPU LRU).
+
+    Every variant is loaded `instances` times and each figure is the
+    median of the instances' medians: each map hashes with its own seed,
+    and where the 1,024 flows' buckets land moves a cold-cache figure by
+    tens of ns between identical programs."""
     cpu = pin_cpu()
     text = _loader.read_source()
     base = load_baselines()
@@ -287,37 +292,44 @@ def levers(bpffs, runs=20000, rounds=10, established=1024, flow_table=1 << 16):
     rng = random.Random(1)
     floors = [Case("floor XDP_TX", base.load_func(b"floor_tx", base.XDP).fd, lambda i: flows[0], "tx"),
               Case("floor XDP_PASS", base.load_func(b"floor_pass", base.XDP).fd, lambda i: other, "pass")]
-    by_variant, held = [], {}
+    classes = ("one hot flow", "1,024 flows", "new flow", "pass-through", "pressure")
+    loaded, held = [], {}
     with contextlib.ExitStack() as stack:
         stack.callback(base.cleanup)
         for n, (name, edits) in enumerate(LEVERS):
-            root = os.path.join(bpffs, "lever%d" % n)
-            stack.callback(_loader.unpin_all, root)
-            prog = stack.enter_context(_loader.load(root, {"flow_table_size": flow_table},
-                                                    text=variant(text, edits)))
-            dp = stack.enter_context(_dataplane.DataPlane(root))
-            dp.set_service(VIP, 80, "tcp", False, dests(10))
-            warm(prog.fd, flows, established)
-            pressure = Flows(tcp())
-            for f in range(2 * flow_table):       # twice the table through it: full
-                _bpf.prog_test_run(prog.fd, pressure[1 << 17 | f])
-            held[name] = len(dp.maps["flows"].lookup_batch())
-            cases = [Case("established", prog.fd, lambda i: flows[i % established], "tx"),
-                     Case("new flow", prog.fd, lambda i, s=syn: s[(1 << 20) + i], "tx"),
-                     Case("pass-through", prog.fd, lambda i: other, "pass"),
-                     Case("pressure", prog.fd,
-                          lambda i, p=pressure: p[1 << 17 | rng.randrange(2 * flow_table)], "tx")]
-            # each variant's new flows start where its last run stopped
-            by_variant.append((name, cases))
-        measure(floors + [c for dummy, cases in by_variant for c in cases], runs, rounds)
+            source = variant(text, edits)
+            for k in range(instances):
+                root = os.path.join(bpffs, "lever%d_%d" % (n, k))
+                stack.callback(_loader.unpin_all, root)
+                prog = stack.enter_context(_loader.load(
+                    root, {"flow_table_size": flow_table, "max_services": 8}, text=source))
+                dp = stack.enter_context(_dataplane.DataPlane(root))
+                dp.set_service(VIP, 80, "tcp", False, dests(10))
+                warm(prog.fd, flows, established)
+                pressure = Flows(tcp())
+                for f in range(2 * flow_table):       # twice the table through it: full
+                    _bpf.prog_test_run(prog.fd, pressure[1 << 17 | f])
+                held[name] = len(dp.maps["flows"].lookup_batch())
+                loaded.append((name, [
+                    Case(classes[0], prog.fd, lambda i: flows[0], "tx"),
+                    Case(classes[1], prog.fd, lambda i: flows[i % established], "tx"),
+                    Case(classes[2], prog.fd, lambda i, s=syn: s[(1 << 20) + i], "tx"),
+                    Case(classes[3], prog.fd, lambda i: other, "pass"),
+                    Case(classes[4], prog.fd,
+                         lambda i, p=pressure: p[1 << 17 | rng.randrange(2 * flow_table)], "tx")]))
+        measure(floors + [c for dummy, cases in loaded for c in cases], runs, rounds)
     floor = {"tx": summary(floors[0].durations)["median"], "pass": summary(floors[1].durations)["median"]}
     rows = []
-    for name, cases in by_variant:
-        over = ["%+d" % (summary(c.durations)["median"] - floor["pass" if c.verdict == "pass" else "tx"])
-                for c in cases]
-        rows.append([name] + over + ["%d of %d" % (held[name], flow_table)])
-    return rows, (table(rows, ["variant", "established", "new flow", "pass-through", "pressure",
-                               "flows one CPU holds"])
-                  + "\n\nns over the floors (XDP_TX %d, XDP_PASS %d ns, same rounds), CPU %d; pressure: "
-                    "a full %d-entry flow table, half the runs evicting.\n"
-                  % (floor["tx"], floor["pass"], cpu, flow_table))
+    for name, dummy in LEVERS:
+        medians = {cls: [] for cls in classes}
+        for lname, cases in loaded:
+            if lname == name:
+                for c in cases:
+                    medians[c.name].append(summary(c.durations)["median"]
+                                           - floor["pass" if c.verdict == "pass" else "tx"])
+        rows.append([name] + ["%+d" % statistics.median(medians[cls]) for cls in classes]
+                    + ["%d of %d" % (held[name], flow_table)])
+    return rows, (table(rows, ["variant"] + list(classes) + ["flows one CPU holds"])
+                  + "\n\nns over the floors (XDP_TX %d, XDP_PASS %d ns, same rounds), CPU %d; each figure "
+                    "the median of %d loads' medians; pressure: a full %d-entry flow table, half the "
+                    "runs evicting.\n" % (floor["tx"], floor["pass"], cpu, instances, flow_table))

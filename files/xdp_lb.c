@@ -16,9 +16,9 @@
  * goes through five stages (parse, classify, select, account, forward),
  * each a function below that returns CONTINUE or the frame's verdict,
  * counted.  A packet of an established TCP or UDP flow reads one per-CPU
- * counters record, one word of the VIP filter, its flow record, its
- * destination's slot and the stats; the services hash is read only to
- * select (docs/performance.md measures each step).
+ * counters record, one word of the VIP filter, its service, its flow
+ * record, its destination's slot and the stats (docs/performance.md
+ * measures each step).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -71,19 +71,14 @@
 #define SRC_PREFIX_LEN 20       /* source prefix counters count per /20 */
 #define PREFIX_SLOTS (1 << SRC_PREFIX_LEN)
 
-/* The VIP filter: 2^VIP_FILTER_ORDER cells of two bits in u64 words, cell
- * h(daddr) marked for every VIP, h being Fibonacci hashing (multiply by
- * 2^32 / golden ratio, keep the top bits).  A clear VIP bit proves "not a
+/* The VIP filter: a bitmap of 2^VIP_FILTER_ORDER bits in u64 words, bit
+ * h(daddr) set for every VIP, h being Fibonacci hashing (multiply by
+ * 2^32 / golden ratio, keep the top bits).  A clear bit proves "not a
  * VIP" with one inlined array read; a set one may be a collision, which
- * the flow, services or vips lookup then settles.  The STICKY bit says the
- * VIP has a sticky service, whose flows are keyed without the source port,
- * so the 5-tuple flow lookup would be wasted. */
-#define VIP_FILTER_ORDER 15
-#define VIP_FILTER_CELL_BITS 2
-#define VIP_FILTER_VIP 1
-#define VIP_FILTER_STICKY 2
+ * the services or vips lookup then settles. */
+#define VIP_FILTER_ORDER 16
 #define VIP_FILTER_WORD_BITS 64
-#define VIP_FILTER_WORDS ((1 << VIP_FILTER_ORDER) * VIP_FILTER_CELL_BITS / VIP_FILTER_WORD_BITS)
+#define VIP_FILTER_WORDS ((1 << VIP_FILTER_ORDER) / VIP_FILTER_WORD_BITS)
 #define VIP_FILTER_MULT 0x9e3779b1U
 
 #define VLAN_VID_MASK 0x0fff    /* 802.1Q TCI: the VLAN id ... */
@@ -132,8 +127,6 @@ struct dest {
     u16 tx_port;     /* slot in tx_ports when ifindex is not the ingress */
     u32 ifindex;
     u32 weight;      /* for the control plane; selection uses the maglev map */
-    struct svc_key owner;  /* the service whose slot this is: a flow record
-                              found without the services lookup must name it */
 };
 
 struct maglev_chunk {
@@ -240,7 +233,6 @@ struct packet {
     u64 len;
     u16 frag;                /* frag_off in host order */
     u8 ptb;                  /* an ICMP fragmentation-needed for a VIP flow */
-    u8 sticky_vip;           /* the VIP filter says: the VIP has a sticky service */
     struct flow_key key;     /* the flow, as the client sent it */
     struct svc_key sk;       /* the service it is for */
 };
@@ -291,14 +283,12 @@ static __always_inline __sum16 csum_replace(__sum16 check, __be16 old, __be16 ne
     return ~sum;
 }
 
-/* The VIP filter cell of an address: VIP_FILTER_VIP | VIP_FILTER_STICKY bits. */
-static __always_inline u32 vip_filter_cell(__be32 vip)
+static __always_inline int vip_filter_hit(__be32 vip)
 {
-    u32 cell = ((u32)vip * VIP_FILTER_MULT) >> (32 - VIP_FILTER_ORDER);
-    u32 bit = cell * VIP_FILTER_CELL_BITS;
+    u32 bit = ((u32)vip * VIP_FILTER_MULT) >> (32 - VIP_FILTER_ORDER);
     u32 word = bit / VIP_FILTER_WORD_BITS;
     u64 *w = vip_filter.lookup(&word);
-    return w ? (*w >> (bit % VIP_FILTER_WORD_BITS)) & (VIP_FILTER_VIP | VIP_FILTER_STICKY) : 0;
+    return w && ((*w >> (bit % VIP_FILTER_WORD_BITS)) & 1);
 }
 
 static __always_inline void stats_add(struct stats *s, u64 bytes, int new_flow)
@@ -343,17 +333,14 @@ static __always_inline int flow_expired(struct packet *p, struct flow_val *f, u6
 }
 
 /* Contract 4: an unexpired flow record of this service whose destination
- * slot still holds the same address, for the same service, keeps its
- * destination.  The owner check is what lets an established flow skip the
- * services lookup: a slot of a deleted service, reused by another, never
- * takes this service's packets. */
-static __always_inline struct dest *flow_dest(struct packet *p, struct flow_val *f, u64 now)
+ * slot still holds the same address keeps its destination. */
+static __always_inline struct dest *flow_dest(struct packet *p, struct svc_val *svc,
+                                              struct flow_val *f, u64 now)
 {
-    if (!f || flow_expired(p, f, now))
+    if (!f || f->svc_index != svc->index || flow_expired(p, f, now))
         return 0;
-    struct dest *d = dest_at(f->svc_index, f->dest_slot);
-    if (!d || d->addr != f->dest_addr || d->owner.vip != p->sk.vip ||
-        d->owner.port != p->sk.port || d->owner.proto != p->sk.proto)
+    struct dest *d = dest_at(svc->index, f->dest_slot);
+    if (!d || d->addr != f->dest_addr)
         return 0;
     return d;
 }
@@ -460,15 +447,14 @@ static __always_inline int classify_icmp(struct xdp_md *ctx, struct counters *c,
 
 /* Which VIP traffic a frame is.  The VIP filter lets the host's own
  * traffic pass after one inlined array read (contract 1).  The vips map is
- * read only off the common path: for ICMP and non-first fragments. */
+ * read only off the common path: for ICMP, non-first fragments and (in
+ * select) a services miss. */
 static __always_inline int classify(struct xdp_md *ctx, struct counters *c, struct packet *p)
 {
     void *data_end = (void *)(long)ctx->data_end;
     struct iphdr *ip = p->ip;
-    u32 cell = vip_filter_cell(ip->daddr);
-    if (!(cell & VIP_FILTER_VIP))
+    if (!vip_filter_hit(ip->daddr))
         return verdict(c, C_PASS, XDP_PASS);
-    p->sticky_vip = (cell & VIP_FILTER_STICKY) != 0;
 
     u8 proto = ip->protocol;
     p->key.saddr = ip->saddr;
@@ -506,61 +492,41 @@ static __always_inline int classify(struct xdp_md *ctx, struct counters *c, stru
 }
 
 /* ---- stage 3: select --------------------------------------------------- */
-/* Contract 4: a live flow keeps its destination (its record is refreshed
- * at most once a second; an ICMP message only follows it). */
-static __always_inline int keep(struct packet *p, struct flow_val *f, struct dest *d, u64 now,
-                                struct choice *ch)
-{
-    if (!p->ptb && (s64)(now - f->last_seen) > (s64)FLOW_REFRESH_NS)
-        f->last_seen = now;
-    ch->d = d;
-    ch->index = f->svc_index;
-    ch->slot = f->dest_slot;
-    return CONTINUE;
-}
-
-/* The flow's record first: a packet of an established flow of a service
- * that is not sticky is placed by its 5-tuple alone.  Otherwise the
- * services lookup (contract 6: VIP traffic for no service is dropped, a
- * filter collision passes), the flow record under the service's key, and
- * contracts 3 and 5: a new selection from the eligible destinations,
- * recorded as a flow (not for an ICMP message, which only follows one). */
+/* The service (one hash lookup; contract 6: VIP traffic for no service is
+ * dropped, a VIP filter collision passes), then contract 4: a live flow
+ * keeps its destination, its record refreshed at most once a second (an
+ * ICMP message only follows it); else contracts 3 and 5: a new selection
+ * from the eligible destinations, recorded as a flow. */
 static __always_inline int select_dest(struct counters *c, struct packet *p, struct choice *ch)
 {
-    u64 now = flow_clock();
-    struct flow_val *f = 0;
-    int looked_up = !p->sticky_vip && !p->ptb && !(p->frag & IP_OFFSET);
-    if (looked_up) {
-        f = flows.lookup(&p->key);
-        struct dest *d = flow_dest(p, f, now);
-        if (d)
-            return keep(p, f, d, now, ch);
-    }
-
     struct svc_val *svc = services.lookup(&p->sk);
     if (!svc || svc->index >= MAX_SERVICES) {
         if (!svc && !p->ptb && !vips.lookup(&p->sk.vip))
             return verdict(c, C_PASS, XDP_PASS);
         return verdict(c, p->ptb ? C_DROP_ICMP : C_DROP_NO_SERVICE, XDP_DROP);
     }
-    if (svc->flags & SVC_STICKY) {
+    if (svc->flags & SVC_STICKY)
         p->key.sport = 0;    /* one record per address pair */
-        looked_up = 0;
-    } else if (p->frag & IP_OFFSET) {
+    else if (p->frag & IP_OFFSET)
         return verdict(c, C_DROP_FRAGMENT, XDP_DROP);
-    }
-    if (!looked_up) {
-        f = flows.lookup(&p->key);
-        struct dest *d = flow_dest(p, f, now);
-        if (d)
-            return keep(p, f, d, now, ch);
+    ch->index = svc->index;
+
+    u64 now = flow_clock();
+    struct flow_val *f = flows.lookup(&p->key);
+    struct dest *d = flow_dest(p, svc, f, now);
+    if (d) {
+        if (!p->ptb && (s64)(now - f->last_seen) > (s64)FLOW_REFRESH_NS)
+            f->last_seen = now;
+        ch->d = d;
+        ch->slot = f->dest_slot;
+        return CONTINUE;
     }
 
     u32 drop = p->ptb ? C_DROP_ICMP : C_DROP_NO_DEST;
     u32 slot = 0;
     if (svc->ndest == 0 || maglev_pick(svc, flow_hash(&p->key), &slot) < 0)
         return verdict(c, drop, XDP_DROP);
-    struct dest *d = dest_at(svc->index, slot);
+    d = dest_at(svc->index, slot);
     if (!d)
         return verdict(c, drop, XDP_DROP);
     if (!p->ptb) {
@@ -577,7 +543,6 @@ static __always_inline int select_dest(struct counters *c, struct packet *p, str
         ch->new_flow = 1;
     }
     ch->d = d;
-    ch->index = svc->index;
     ch->slot = slot;
     return CONTINUE;
 }

@@ -53,7 +53,7 @@ def _u32(n):
 
 def _fwd_bytes(d):
     """The bytes the data plane reads to forward: everything but weight."""
-    return (d.addr, bytes(d.mac), bytes(d.src_mac), d.vlan, d.tx_port, d.ifindex, bytes(d.owner))
+    return (d.addr, bytes(d.mac), bytes(d.src_mac), d.vlan, d.tx_port, d.ifindex)
 
 
 class DataPlane(object):
@@ -243,7 +243,7 @@ class DataPlane(object):
         else:
             index, gen = old.index, old.gen
         taken.add(index)
-        wanted = {d["address"]: make_dest(d, key) for d in destinations}
+        wanted = {d["address"]: make_dest(d) for d in destinations}
         by_addr = {L.ip_str(d.addr): (slot, d) for slot, d in live.items()}
         plan, new_slots = {}, []
         free_slots = [s for s in range(self.max_dests) if s not in live]
@@ -389,12 +389,10 @@ class DataPlane(object):
         self._sync_vip_filter(want)
 
     def _sync_vip_filter(self, vips):
-        """vips: {vip: VipVal}; a VIP with a fragment port has a sticky service."""
         words = [0] * L.VIP_FILTER_WORDS
-        for vip, vv in vips.items():
-            cell = L.VIP_FILTER_VIP | (L.VIP_FILTER_STICKY if vv.frag_port_tcp or vv.frag_port_udp else 0)
-            bit = L.vip_filter_cell(vip) * L.VIP_FILTER_CELL_BITS
-            words[bit // 64] |= cell << (bit % 64)
+        for vip in vips:
+            bit = L.vip_filter_bit(vip)
+            words[bit // 64] |= 1 << (bit % 64)
         m = self.maps["vip_filter"]
         have = m.lookup_range(0, L.VIP_FILTER_WORDS)
         for i, w in enumerate(words):
@@ -434,18 +432,17 @@ def svc_key(address, port, protocol):
     return _raw(L.SvcKey(vip=L.be32(address), port=L.be16(port), proto=L.PROTOCOLS[protocol]))
 
 
-def make_dest(d, owner):
-    """The Dest for a resolved destination dict in the service whose key
-    bytes are owner.  Read-only and cached: a thousand services over one
-    pool share the same few hundred forwarding entries."""
+def make_dest(d):
+    """The Dest for a resolved destination dict.  Read-only and cached: a
+    thousand services over one pool compare the same few hundred."""
     return _dest(d["address"], d["weight"], d["mac"], d["src_mac"], d.get("vlan", 0),
-                 d.get("tx_port", 0), d["ifindex"], owner)
+                 d.get("tx_port", 0), d["ifindex"])
 
 
-@functools.lru_cache(maxsize=65536)
-def _dest(address, weight, mac, src_mac, vlan, tx_port, ifindex, owner):
+@functools.lru_cache(maxsize=8192)
+def _dest(address, weight, mac, src_mac, vlan, tx_port, ifindex):
     out = L.Dest(addr=L.be32(address), flags=L.DEST_VALID, vlan=vlan, tx_port=tx_port,
-                 ifindex=ifindex, weight=weight, owner=L.SvcKey.from_buffer_copy(owner))
+                 ifindex=ifindex, weight=weight)
     out.mac[:] = L.mac_bytes(mac)
     out.src_mac[:] = L.mac_bytes(src_mac)
     return out

@@ -22,15 +22,11 @@ ABI_VERSION = 2
 MAGLEV_CHUNK = 16          # Maglev slots per array element
 SRC_PREFIX_LEN = 20        # source prefix counters count per /20
 PREFIX_SLOTS = 1 << SRC_PREFIX_LEN
-# The VIP filter: 2**VIP_FILTER_ORDER two-bit cells in u64 words; the cell
-# (vip * VIP_FILTER_MULT mod 2**32) >> (32 - VIP_FILTER_ORDER) of a VIP has
-# VIP_FILTER_VIP set, and VIP_FILTER_STICKY when one of its services is sticky
-VIP_FILTER_ORDER = 15
+# The VIP filter: a bitmap of 2**VIP_FILTER_ORDER bits in u64 words, bit
+# (vip * VIP_FILTER_MULT mod 2**32) >> (32 - VIP_FILTER_ORDER) set per VIP
+VIP_FILTER_ORDER = 16
 VIP_FILTER_MULT = 0x9E3779B1
-VIP_FILTER_CELL_BITS = 2
-VIP_FILTER_VIP = 1
-VIP_FILTER_STICKY = 2
-VIP_FILTER_WORDS = (1 << VIP_FILTER_ORDER) * VIP_FILTER_CELL_BITS // 64
+VIP_FILTER_WORDS = (1 << VIP_FILTER_ORDER) // 64
 VLAN_IDS = 4096            # 802.1Q ids, the index of the vlans map
 SVC_STICKY = 1
 DEST_VALID = 1
@@ -66,8 +62,7 @@ class Dest(ctypes.Structure):
     _fields_ = [("addr", ctypes.c_uint32), ("flags", ctypes.c_uint32),
                 ("mac", ctypes.c_uint8 * 6), ("src_mac", ctypes.c_uint8 * 6),
                 ("vlan", ctypes.c_uint16), ("tx_port", ctypes.c_uint16),
-                ("ifindex", ctypes.c_uint32), ("weight", ctypes.c_uint32),
-                ("owner", SvcKey)]
+                ("ifindex", ctypes.c_uint32), ("weight", ctypes.c_uint32)]
 
 
 class MaglevChunk(ctypes.Structure):
@@ -199,8 +194,8 @@ MAPS = {
 }
 
 
-def vip_filter_cell(vip):
-    """The filter cell of a VIP given as be32() gives it."""
+def vip_filter_bit(vip):
+    """The filter bit of a VIP given as be32() gives it."""
     return ((vip * VIP_FILTER_MULT) & 0xFFFFFFFF) >> (32 - VIP_FILTER_ORDER)
 
 
