@@ -68,6 +68,7 @@
 #define MAGLEV_CHUNKS ((MAGLEV_SIZE + MAGLEV_CHUNK - 1) / MAGLEV_CHUNK)
 #define MAGLEV_HALVES 2         /* live and idle table of each service (contract 10) */
 
+#define VLAN_IDS 4096           /* 802.1Q ids: the vlans map's index */
 #define SRC_PREFIX_LEN 20       /* source prefix counters count per /20 */
 #define PREFIX_SLOTS (1 << SRC_PREFIX_LEN)
 
@@ -210,7 +211,7 @@ BPF_TABLE_PINNED("percpu_array", u32, struct counters, counters, 1, PIN("counter
 BPF_TABLE_PINNED("percpu_array", u32, struct stats, svc_stats, MAX_SERVICES, PIN("svc_stats"));
 BPF_TABLE_PINNED("percpu_array", u32, struct stats, dest_stats, MAX_SERVICES * MAX_DESTS, PIN("dest_stats"));
 BPF_TABLE_PINNED("percpu_array", u32, u64, prefix_stats, PREFIX_SLOTS, PIN("prefix_stats"));
-BPF_TABLE_PINNED("array", u32, struct vlan_net, vlans, 4096, PIN("vlans"));
+BPF_TABLE_PINNED("array", u32, struct vlan_net, vlans, VLAN_IDS, PIN("vlans"));
 BPF_XDP_REDIRECT_MAP("devmap:" PIN("tx_ports"), int, tx_ports, MAX_IFACES);
 
 /* ---- headers and the parsed packet ------------------------------------ */
