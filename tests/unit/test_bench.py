@@ -1,6 +1,8 @@
-"""The forwarding benchmark's traffic: trafgen's dinc() cells must give
-exactly the number of flows the report claims, by varying only the
-source address and port (so every frame is still for the service)."""
+"""The benchmarks' own inputs: trafgen's dinc() cells must give exactly
+the number of flows the report claims, by varying only the source address
+and port (so every frame is still for the service); the profile's cuts and
+the levers' edits must each find their place in xdp_lb.c exactly once, so
+a change to the program cannot silently measure something else."""
 import os
 import re
 import sys
@@ -12,6 +14,9 @@ from scapy.layers.l2 import Ether
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__)))), "bench"))
 import forward  # noqa: E402
+import packet  # noqa: E402
+
+from ansible_collections.xvs.lb.plugins.module_utils import _loader  # noqa: E402
 
 
 def frames(cfg, count):
@@ -40,3 +45,16 @@ def test_trafgen_config_makes_exactly_the_flows_claimed(flows):
         assert raw[:26] + raw[30:34] + raw[36:] == sent[0][:26] + sent[0][30:34] + sent[0][36:]
     # bytes 26-29 are the source address, 34-35 the source port
     assert len({(raw[26:30], raw[34:36]) for raw in sent}) == flows
+
+
+@pytest.mark.parametrize("stage", [m for dummy, m in packet.STAGES])
+def test_profile_cut_is_in_the_program_once(stage):
+    assert _loader.read_source().count(stage) == 1
+
+
+@pytest.mark.parametrize("name", [n for n, dummy in packet.LEVERS])
+def test_lever_edit_applies_once_and_changes_the_program(name):
+    text = _loader.read_source()
+    edits = dict(packet.LEVERS)[name]
+    out = packet.variant(text, edits)        # raises unless each edit is found once
+    assert (out != text) == bool(edits)
