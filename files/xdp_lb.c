@@ -86,7 +86,9 @@
 #define VLAN_PRIO_MASK 0xf000   /* ... and priority + DEI, kept on rewrite */
 #define IP_MF 0x2000            /* frag_off: more fragments */
 #define IP_OFFSET 0x1fff        /* frag_off: fragment offset */
-#define IPV4_MIN_IHL 5          /* 32-bit words */
+#define IPV4_VERSION 4
+#define IPV4_MIN_IHL 5          /* in 32-bit words ... */
+#define IPV4_IHL_UNIT 4         /* ... of 4 bytes */
 #define ECHO_REPLY_TTL 64
 
 #define PIN(name) XVS_PIN_ROOT "/" name
@@ -398,9 +400,9 @@ static __always_inline int parse(struct xdp_md *ctx, struct counters *c, struct 
         return verdict(c, C_PASS, XDP_PASS);
 
     struct iphdr *ip = l3;
-    if ((void *)(ip + 1) > data_end || ip->version != 4 || ip->ihl < IPV4_MIN_IHL)
+    if ((void *)(ip + 1) > data_end || ip->version != IPV4_VERSION || ip->ihl < IPV4_MIN_IHL)
         return verdict(c, C_PASS, XDP_PASS);
-    u32 ihl = ip->ihl * 4;
+    u32 ihl = ip->ihl * IPV4_IHL_UNIT;
     u16 tot_len = bpf_ntohs(ip->tot_len);
     if (tot_len < ihl || l3 + tot_len > data_end || ip->ttl == 0)
         return verdict(c, C_PASS, XDP_PASS);
