@@ -364,10 +364,11 @@ class DataPlane(object):
     def sync_vips(self):
         """Rebuild the VIP set from the services: which VIPs exist, and the
         sticky service (lowest port) that owns each VIP's fragments; then
-        the VIP filter from that set.  New VIPs get their filter bit after
-        their vips entry and their services are written, gone VIPs lose it
-        after theirs are removed: a frame the filter passes is never one a
-        service was waiting for, and one it lets in finds its entries."""
+        the VIP filter from that set.  Callers write services first, so a
+        new VIP's traffic passes until its filter bit is set here (as it
+        did before its vips entry existed), and a gone VIP's bit is cleared
+        only after its services were removed: the filter never hides a
+        configured service."""
         want = {}
         for k, v in self._services_raw().items():
             key = L.SvcKey.from_buffer_copy(k)
@@ -420,10 +421,6 @@ def check_map(m, name, mtype, key, value):
         raise DataPlaneError(
             "pinned map %s has type/key/value sizes %s, this version expects %s: it was pinned "
             "by an incompatible program version" % (m.path, got, want))
-
-
-def sum_u64(m, value):
-    return sum(int.from_bytes(c[:8], "little") for c in m.per_cpu(value))
 
 
 def svc_key(address, port, protocol):

@@ -92,23 +92,27 @@ def test_pass_through_is_byte_identical(h, name):
     assert c["tx"] == c["new_flows"] == 0
 
 
-def filter_bit(h, address):
+def _filter_word(h, address):
+    """(key, bit within the word, word) of address's VIP filter bit."""
     bit = L.vip_filter_bit(L.be32(address))
-    word = h.dp.maps["vip_filter"].lookup(struct.pack("=I", bit // 64))
-    return (int.from_bytes(word, "little") >> (bit % 64)) & 1
+    key = struct.pack("=I", bit // 64)
+    return key, bit % 64, int.from_bytes(h.dp.maps["vip_filter"].lookup(key), "little")
+
+
+def filter_bit(h, address):
+    dummy, bit, word = _filter_word(h, address)
+    return (word >> bit) & 1
 
 
 def mark_in_filter(h, address):
     """Set address's VIP filter bit, as a collision with a VIP would."""
-    bit = L.vip_filter_bit(L.be32(address))
-    m = h.dp.maps["vip_filter"]
-    word = int.from_bytes(m.lookup(struct.pack("=I", bit // 64)), "little")
-    m.update(struct.pack("=I", bit // 64), (word | 1 << (bit % 64)).to_bytes(8, "little"))
+    key, bit, word = _filter_word(h, address)
+    h.dp.maps["vip_filter"].update(key, (word | 1 << bit).to_bytes(8, "little"))
 
 
 @pytest.mark.parametrize("frame", ["tcp", "icmp_echo", "later_fragment"])
 def test_filter_collision_with_a_vip_still_passes(h, frame):
-    """Contract 1 through the VIP filter: an address whose cell a VIP set
+    """Contract 1 through the VIP filter: an address whose bit a VIP set
     is settled by the lookups behind the filter, and passes untouched."""
     vip, other = VIP, "192.0.2.99"
     h.dp.set_service(vip, 80, "tcp", True, [h.dest(B1, 1)])   # sticky: fragments have a port
