@@ -64,6 +64,9 @@ class DataPlane(object):
         if not os.path.exists(os.path.join(root, "meta")):
             raise DataPlaneError("no xvs data plane is pinned under %s (is the program attached?)"
                                  % root)
+        abi = pinned_abi(root)
+        if abi != L.ABI_VERSION:      # before the maps: their layouts differ
+            raise DataPlaneError(abi_refusal(root, abi))
         self.maps = {}
         try:
             for name, (mtype, key, value) in L.MAPS.items():
@@ -71,9 +74,6 @@ class DataPlane(object):
                 self.maps[name] = m
                 check_map(m, name, mtype, key, value)
             meta = L.Meta.from_buffer_copy(self.maps["meta"].lookup(_u32(0)))
-            if meta.abi_version != L.ABI_VERSION:
-                raise DataPlaneError("%s holds maps of data-plane ABI %d, this control plane speaks %d"
-                                     % (root, meta.abi_version, L.ABI_VERSION))
         except Exception:
             self.close()
             raise
@@ -410,6 +410,25 @@ class ServiceWrite(object):
     def __init__(self, key, index, gen, new, flags, wanted, plan, new_slots, removed):
         self.key, self.index, self.gen, self.new, self.flags = key, index, gen, new, flags
         self.wanted, self.plan, self.new_slots, self.removed = wanted, plan, new_slots, removed
+
+
+def pinned_abi(root):
+    """The ABI version in the pinned meta map (its layout never changes),
+    or None where nothing is pinned."""
+    path = os.path.join(root, "meta")
+    if not os.path.exists(path):
+        return None
+    with _bpf.Map(path) as m:
+        return L.Meta.from_buffer_copy(m.lookup(_u32(0))).abi_version
+
+
+def abi_refusal(root, abi):
+    """Why maps pinned by another data-plane ABI are not used, and the way on."""
+    return ("%s holds maps of data-plane ABI %d and this version of xvs.lb needs ABI %d: the map "
+            "layouts differ, so they cannot be reused. Remove them (rm -r %s; live flows and "
+            "counters are lost) and attach again, then let the boot restore or the role put the "
+            "services back from the state of record; a reboot does the same"
+            % (root, abi, L.ABI_VERSION, root))
 
 
 def check_map(m, name, mtype, key, value):

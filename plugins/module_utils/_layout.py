@@ -90,7 +90,7 @@ class Stats(ctypes.Structure):
 
 
 class Meta(ctypes.Structure):
-    # never changes between ABI versions: _loader.pinned_abi reads any of them
+    # never changes between ABI versions: _dataplane.pinned_abi reads any of them
     _fields_ = [("abi_version", ctypes.c_uint32), ("max_services", ctypes.c_uint32),
                 ("max_dests", ctypes.c_uint32), ("maglev_size", ctypes.c_uint32),
                 ("flow_table_size", ctypes.c_uint32), ("tcp_timeout", ctypes.c_uint32),

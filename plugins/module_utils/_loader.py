@@ -21,7 +21,7 @@ import ipaddress
 import os
 
 from ansible_collections.xvs.lb.plugins.module_utils import _bpf, _layout as L, _netinfo
-from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane, check_map
+from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane, abi_refusal, check_map, pinned_abi
 
 BPF_FS_MAGIC = 0xCAFE4A11
 PROG_PIN = "prog"
@@ -106,12 +106,7 @@ def check_pins(root, sizes):
     """
     abi = pinned_abi(root)
     if abi not in (None, L.ABI_VERSION):
-        raise LoaderError(
-            "%s holds maps of data-plane ABI %d and this version of xvs.lb needs ABI %d: the map "
-            "layouts differ, so they cannot be reused. Remove them (rm -r %s; live flows and "
-            "counters are lost) and attach again, then let the boot restore or the role put the "
-            "services back from the state of record; a reboot does the same"
-            % (root, abi, L.ABI_VERSION, root))
+        raise LoaderError(abi_refusal(root, abi))
     entries = L.map_entries(sizes)
     resized = []
     for name, (mtype, key, value) in L.MAPS.items():
@@ -123,16 +118,6 @@ def check_pins(root, sizes):
             if m.max_entries != entries[name]:
                 resized.append(name)
     return resized
-
-
-def pinned_abi(root):
-    """The ABI version in the pinned meta map (its layout never changes),
-    or None where nothing is pinned."""
-    path = os.path.join(root, "meta")
-    if not os.path.exists(path):
-        return None
-    with _bpf.Map(path) as m:
-        return L.Meta.from_buffer_copy(m.lookup(bytes(L.U32(0)))).abi_version
 
 
 def resize_refusal(resized, sizes, current):

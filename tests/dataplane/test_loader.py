@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from ansible_collections.xvs.lb.plugins.module_utils import _layout as L, _loader, _netinfo
+from ansible_collections.xvs.lb.plugins.module_utils import _dataplane, _layout as L, _loader, _netinfo
 from xvstest.lab import Lab, inside
 from xvstest.packets import (CLIENT, TEST_SIZES, VIP, Harness, dest_of, dump_maps, expected_dest,
                              harness)
@@ -125,9 +125,14 @@ def test_maps_of_an_older_abi_refused_with_the_way_out(pin_root):
         h.dp.maps["meta"].update(bytes(L.U32(0)), bytes(meta))
         prog_id = _loader.pinned_prog_id(pin_root)
     before = dump_maps(pin_root)
-    with pytest.raises(_loader.LoaderError, match=r"ABI %d and this version of xvs.lb needs ABI %d: .*"
-                       r"Remove them \(rm -r %s" % (L.ABI_VERSION - 1, L.ABI_VERSION, pin_root)):
+    refusal = r"ABI %d and this version of xvs.lb needs ABI %d: .*Remove them \(rm -r %s" % (
+        L.ABI_VERSION - 1, L.ABI_VERSION, pin_root)
+    with pytest.raises(_loader.LoaderError, match=refusal):
         _loader.load(pin_root, TEST_SIZES)
+    # what xvs_attach and every other module read first says the same
+    for read in (_loader.status, _dataplane.DataPlane):
+        with pytest.raises(_dataplane.DataPlaneError, match=refusal):
+            read(pin_root)
     assert dump_maps(pin_root) == before
     assert _loader.pinned_prog_id(pin_root) == prog_id
 
