@@ -9,8 +9,9 @@ Every entry point that changes services goes through here: xvs_services
 (overridden with the state of record).
 
 A desired state is {(address, port, protocol): service}, each service
-{address, port, protocol, sticky, destinations: {address: {address,
-weight, mac}}} with mac None unless given.  The states below turn the
+{address, port, protocol, sticky, check, min_healthy, destinations:
+{address: {address, weight, mac}}} with mac None unless given and check
+None for a service xvs-agent does not check.  The states below turn the
 desired state before a run and the run's entries (checked by _spec) into
 the desired state after it; Plan compares that with the maps, read once,
 and writes only the services that differ: a Maglev table is built only for
@@ -24,7 +25,7 @@ __metaclass__ = type
 import functools
 import ipaddress
 
-from ansible_collections.xvs.lb.plugins.module_utils import _spec, _state
+from ansible_collections.xvs.lb.plugins.module_utils import _health, _spec, _state
 from ansible_collections.xvs.lb.plugins.module_utils._attach import section_from_status
 from ansible_collections.xvs.lb.plugins.module_utils._balancer import EXPECTED_ERRORS
 from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane, dest_dict, svc_key
@@ -33,8 +34,10 @@ from ansible_collections.xvs.lb.plugins.module_utils._spec import XvsError
 STATES = ("merged", "replaced", "overridden", "deleted")
 
 
-def _service(address, port, protocol, sticky, dests):
+def _service(address, port, protocol, sticky, dests, check=None,
+             min_healthy=_spec.DEFAULT_MIN_HEALTHY):
     return {"address": address, "port": port, "protocol": protocol, "sticky": sticky,
+            "check": check, "min_healthy": min_healthy,
             "destinations": dict((d["address"], d) for d in dests)}
 
 
@@ -46,14 +49,16 @@ def _exact(entry):
     """A listed service as replaced and overridden make it: left-out
     options take their defaults."""
     sticky = _spec.DEFAULT_STICKY if entry["sticky"] is None else entry["sticky"]
+    least = _spec.DEFAULT_MIN_HEALTHY if entry["min_healthy"] is None else entry["min_healthy"]
     return _service(entry["address"], entry["port"], entry["protocol"], sticky, [
         _dest(d["address"], _spec.DEFAULT_WEIGHT if d["weight"] is None else d["weight"], d["mac"])
-        for d in entry["destinations"] or []])
+        for d in entry["destinations"] or []], entry["check"], least)
 
 
 def merged(before, entries):
     """Listed services created or updated, their listed destinations set;
-    options left out keep their current values; nothing else touched."""
+    options left out keep their current values (a check given replaces
+    the current one whole); nothing else touched."""
     after = dict(before)
     for key, e in entries.items():
         cur = before.get(key)
@@ -67,7 +72,9 @@ def merged(before, entries):
                                         have["weight"] if d["weight"] is None else d["weight"],
                                         have["mac"] if d["mac"] is None else d["mac"])
         after[key] = _service(e["address"], e["port"], e["protocol"],
-                              cur["sticky"] if e["sticky"] is None else e["sticky"], dests.values())
+                              cur["sticky"] if e["sticky"] is None else e["sticky"], dests.values(),
+                              cur["check"] if e["check"] is None else e["check"],
+                              cur["min_healthy"] if e["min_healthy"] is None else e["min_healthy"])
     return after
 
 
@@ -117,7 +124,9 @@ def _sort_key(key):
 
 def to_config(desired):
     """A desired state in the config shape: services by address, port and
-    protocol; destinations by address; mac only where it was given."""
+    protocol; destinations by address; mac only where it was given; check
+    only where there is one (without its unset options), min_healthy only
+    where it is not the default."""
     out = []
     for key in sorted(desired, key=_sort_key):
         s = desired[key]
@@ -126,8 +135,13 @@ def to_config(desired):
             d = s["destinations"][a]
             dests.append(dict({"address": a, "weight": d["weight"]},
                               **({"mac": d["mac"]} if d["mac"] else {})))
-        out.append({"address": s["address"], "port": s["port"], "protocol": s["protocol"],
-                    "sticky": s["sticky"], "destinations": dests})
+        entry = {"address": s["address"], "port": s["port"], "protocol": s["protocol"],
+                 "sticky": s["sticky"], "destinations": dests}
+        if s["check"] is not None:
+            entry["check"] = dict((k, v) for k, v in s["check"].items() if v is not None)
+        if s["min_healthy"] != _spec.DEFAULT_MIN_HEALTHY:
+            entry["min_healthy"] = s["min_healthy"]
+        out.append(entry)
     return out
 
 
@@ -158,11 +172,14 @@ class Plan(object):
     anything.  strict=False (the boot restore) leaves a destination that
     cannot be resolved out of the maps, not out of the desired state, and
     lists it in errors, so one unreachable backend does not keep the other
-    services down.
+    services down.  down ({service key: {address: reason}}, see _health)
+    masks failing destinations: they are written with weight 0.
     """
 
-    def __init__(self, bal, before, after, option_labels=None, strict=True, current=None):
+    def __init__(self, bal, before, after, option_labels=None, strict=True, current=None,
+                 down=None):
         self.bal, self.before, self.after = bal, before, after
+        down = down or {}
         self.errors = []
         dp = bal.dp
         current = dp.read_services() if current is None else current
@@ -178,6 +195,7 @@ class Plan(object):
         for key in sorted(after, key=_sort_key):
             svc = after[key]
             have = live.get(svc_key(*key), {})
+            failing = down.get(key, ())
             dests = []
             for addr in sorted(svc["destinations"]):
                 d = svc["destinations"][addr]
@@ -194,7 +212,7 @@ class Plan(object):
                             raise
                         self.errors.append("service %s:%d/%s: %s" % (key + (e,)))
                         continue
-                dests.append(dict(fwd, weight=d["weight"]))
+                dests.append(dict(fwd, weight=0 if addr in failing else d["weight"]))
             self.effective[key] = dests
             sw = dp.plan_write(key[0], key[1], key[2], svc["sticky"], dests, current, taken)
             if sw is not None:
@@ -241,8 +259,9 @@ def recorded(bal, state_file, required=False, current=None):
 class Run(object):
     """One run against one balancer's maps and its state of record: the
     desired state before (see recorded()), the desired state after
-    (transform(before)), the Plan for the maps and the record to write.
-    The caller holds the host lock; nothing is written before apply()."""
+    (transform(before)), the Plan for the maps (masked by the health
+    xvs-agent found) and the record to write.  The caller holds the host
+    lock; nothing is written before apply()."""
 
     def __init__(self, bal, state_file, transform, option_labels=None, strict=True,
                  record_required=False):
@@ -250,7 +269,8 @@ class Run(object):
         current = bal.dp.read_services()
         self.record, before = recorded(bal, state_file, record_required, current)
         attach = self.record["attach"] if self.record else section_from_status(bal.status)
-        self.plan = Plan(bal, before, transform(before), option_labels, strict, current)
+        self.plan = Plan(bal, before, transform(before), option_labels, strict, current,
+                         _health.load(state_file))
         self.new_record = _state.make(bal.root, attach, to_config(self.plan.after))
         self.record_changed = self.record != self.new_record
         self.changed = self.plan.changed or self.record_changed

@@ -29,6 +29,16 @@ DEFAULT_PROTOCOL = "tcp"
 DEFAULT_STICKY = False
 DEFAULT_WEIGHT = 1
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+# Health checks (run by xvs-agent): HAProxy's defaults for interval, rise
+# and fall; a check that has not answered in a second has failed.
+CHECK_TYPES = ("tcp", "http", "https", "exec")
+CHECK_DEFAULTS = {"interval": 2.0, "timeout": 1.0, "rise": 2, "fall": 3}
+HTTP_CHECK_DEFAULTS = {"path": "/", "expect_status": 200}
+MAX_CHECK_INTERVAL = 3600
+MIN_CHECK_INTERVAL = 0.1
+MAX_RISE_FALL = 100
+# a service is down (xvs-agent reports it) with fewer healthy destinations
+DEFAULT_MIN_HEALTHY = 1
 
 # Argument specs in AnsibleModule's form.  sticky and weight have no
 # default here so that state=merged can tell "left out" from "given".
@@ -37,12 +47,28 @@ DESTINATION_OPTIONS = dict(
     weight=dict(type="int"),
     mac=dict(type="str"),
 )
+# No defaults here either: _spec.check fills them, so the state of record
+# and gathered show every value a check runs with.
+CHECK_OPTIONS = dict(
+    type=dict(type="str", required=True, choices=list(CHECK_TYPES)),
+    port=dict(type="int"),
+    path=dict(type="str"),
+    host=dict(type="str"),
+    expect_status=dict(type="int"),
+    command=dict(type="str"),
+    interval=dict(type="float"),
+    timeout=dict(type="float"),
+    rise=dict(type="int"),
+    fall=dict(type="int"),
+)
 SERVICE_OPTIONS = dict(
     address=dict(type="str", required=True),
     port=dict(type="int", required=True),
     protocol=dict(type="str", default=DEFAULT_PROTOCOL, choices=sorted(L.PROTOCOLS)),
     sticky=dict(type="bool"),
     destinations=dict(type="list", elements="dict", options=DESTINATION_OPTIONS),
+    check=dict(type="dict", options=CHECK_OPTIONS),
+    min_healthy=dict(type="int"),
 )
 COMMON_OPTIONS = dict(
     bpffs=dict(type="path", default=DEFAULT_BPFFS),
@@ -109,6 +135,59 @@ def boolean(option, value):
     return value
 
 
+def _number(option, value, low, high, kind=int):
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) \
+            or not low <= value <= high:
+        raise XvsError("%s=%s: must be %s from %s to %s"
+                       % (option, value, "a number" if kind is float else "an integer", low, high))
+    return kind(value)
+
+
+# which check types read which options (besides port, interval, timeout, rise, fall)
+_CHECK_ONLY = {"path": ("http", "https"), "host": ("http", "https"),
+               "expect_status": ("http", "https"), "command": ("exec",)}
+
+
+def check(label, item):
+    """A service's health check, checked, with its defaults filled in;
+    port None means the service's port."""
+    prefix = label + "."
+    if not isinstance(item, dict):
+        raise XvsError("%s=%s: must be a dict with type and the check's options" % (label, item))
+    _unknown(label, item, CHECK_OPTIONS)
+    kind = item.get("type")
+    if kind not in CHECK_TYPES:
+        raise XvsError("%stype=%s: must be one of %s" % (prefix, kind, ", ".join(CHECK_TYPES)))
+    given = dict((k, v) for k, v in item.items() if v is not None)
+    for name, types in sorted(_CHECK_ONLY.items()):
+        if name in given and kind not in types:
+            raise XvsError("%s%s: only for type %s, not %s" % (prefix, name, " or ".join(types), kind))
+    out = dict(CHECK_DEFAULTS, type=kind, port=None)
+    if kind in ("http", "https"):
+        out.update(HTTP_CHECK_DEFAULTS, host=None)
+    out.update(given)
+    if out["port"] is not None:
+        port(prefix + "port", out["port"])
+    out["interval"] = _number(prefix + "interval", out["interval"], MIN_CHECK_INTERVAL,
+                              MAX_CHECK_INTERVAL, float)
+    out["timeout"] = _number(prefix + "timeout", out["timeout"], MIN_CHECK_INTERVAL,
+                             out["interval"], float)
+    for name in ("rise", "fall"):
+        out[name] = _number(prefix + name, out[name], 1, MAX_RISE_FALL)
+    if kind in ("http", "https"):
+        if not isinstance(out["path"], str) or not out["path"].startswith("/") \
+                or any(c.isspace() for c in out["path"]):
+            raise XvsError("%spath=%s: must be a URL path starting with / (no spaces)"
+                           % (prefix, out["path"]))
+        if out["host"] is not None and (not isinstance(out["host"], str) or not out["host"].strip()
+                                        or any(c.isspace() for c in out["host"])):
+            raise XvsError("%shost=%s: must be a host name (no spaces)" % (prefix, out["host"]))
+        out["expect_status"] = _number(prefix + "expect_status", out["expect_status"], 100, 599)
+    if kind == "exec" and (not isinstance(out.get("command"), str) or not out["command"].strip()):
+        raise XvsError("%scommand: required for type exec (exit status 0 is healthy)" % prefix)
+    return out
+
+
 def bpffs(value):
     try:
         return _loader.check_root(value)
@@ -152,11 +231,14 @@ def service(label, entry):
     for name in ("address", "port"):
         if entry.get(name) is None:
             raise XvsError("%s%s: required" % (prefix, name))
-    sticky = entry.get("sticky")
+    sticky, chk, least = entry.get("sticky"), entry.get("check"), entry.get("min_healthy")
     out = {"address": ipv4(prefix + "address", entry["address"]),
            "port": port(prefix + "port", entry["port"]),
            "protocol": protocol(prefix + "protocol", entry.get("protocol") or DEFAULT_PROTOCOL),
            "sticky": None if sticky is None else boolean(prefix + "sticky", sticky),
+           "check": None if chk is None else check(prefix + "check", chk),
+           "min_healthy": None if least is None else _number(prefix + "min_healthy", least, 0,
+                                                                     L.SIZE_LIMITS["max_destinations"][2]),
            "destinations": None}
     if entry.get("destinations") is not None:
         if not isinstance(entry["destinations"], list):

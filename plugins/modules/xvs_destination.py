@@ -165,8 +165,9 @@ def main():
                                  "create it with xvs.lb.xvs_service" % key)
         if p["state"] == "absent":
             return _planner.remove_destination(key, dest["address"])(before)
-        entry = {"address": key[0], "port": key[1], "protocol": key[2], "sticky": None,
-                 "destinations": [dest]}
+        # one destination merged: every other option of the service left out
+        entry = dict(dict.fromkeys(_spec.SERVICE_OPTIONS), address=key[0], port=key[1],
+                     protocol=key[2], destinations=[dest])
         return _planner.merged(before, {key: entry})
 
     def view(r, bal):

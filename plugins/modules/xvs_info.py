@@ -138,6 +138,20 @@ source_prefixes:
   sample:
     - prefix: 198.51.96.0/20
       packets: 1200
+failing:
+  description:
+    - The destinations xvs-agent's health checks found failing (see O(xvs.lb.xvs_services#module:config[].check)),
+      which the maps hold with weight 0 while their desired weight stays as recorded. Empty when no
+      agent runs or every check passes.
+  returned: success
+  type: list
+  elements: dict
+  sample:
+    - address: 203.0.113.10
+      port: 80
+      protocol: tcp
+      destination: 192.0.2.22
+      reason: Connection refused (port 80)
 flow_table:
   description:
     - The flow table's C(capacity) (the C(flow_table_size)), its live C(entries), and how many
@@ -153,7 +167,7 @@ flow_table:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.xvs.lb.plugins.module_utils import _balancer, _module, _planner, _spec
+from ansible_collections.xvs.lb.plugins.module_utils import _balancer, _health, _module, _planner, _spec
 
 
 def main():
@@ -166,6 +180,9 @@ def main():
         with _balancer.Balancer(p["bpffs"]) as bal:
             result = _balancer.info(bal, p["source_prefixes"])
             result["desired"] = _planner.to_config(_planner.recorded(bal, p["state_file"])[1])
+            down = _health.load(p["state_file"])
+            result["failing"] = [{"address": k[0], "port": k[1], "protocol": k[2], "destination": a,
+                                  "reason": r} for k in sorted(down) for a, r in sorted(down[k].items())]
             return result
     module.exit_json(changed=False, **_module.run(module, work))
 

@@ -72,6 +72,68 @@ options:
         description:
           - The destination's MAC address, instead of resolving it.
         type: str
+  check:
+    description:
+      - The health check the balancer's xvs-agent (installed by the xvs role) runs against each
+        destination's own address. A destination that fails O(check.fall) checks in a row gets
+        effective weight 0 (no new flows; established flows continue) until it passes O(check.rise)
+        in a row; its desired weight, the state of record, is never changed by health.
+      - Without a check a destination counts as healthy. With O(state=merged) a given check
+        replaces the current one whole; O(state=replaced) or O(state=overridden) without it removes it.
+    type: dict
+    suboptions:
+      type:
+        description:
+          - V(tcp) connects; V(http) and V(https) GET O(check.path) and expect O(check.expect_status)
+            (https does not verify the certificate); V(exec) runs O(check.command) on the balancer.
+        type: str
+        required: true
+        choices: [tcp, http, https, exec]
+      port:
+        description:
+          - The port checked. Default the service's port.
+        type: int
+      path:
+        description:
+          - V(http) and V(https) only. The path to GET. Default V(/).
+        type: str
+      host:
+        description:
+          - V(http) and V(https) only. The Host header (and TLS server name). Default the
+            destination's address.
+        type: str
+      expect_status:
+        description:
+          - V(http) and V(https) only. The status of a healthy answer, 100 to 599. Default V(200).
+        type: int
+      command:
+        description:
+          - V(exec) only, and required. A command line run without a shell, with the environment
+            variables E(XVS_DESTINATION), E(XVS_PORT) (the port checked), E(XVS_SERVICE_ADDRESS),
+            E(XVS_SERVICE_PORT) and E(XVS_SERVICE_PROTOCOL). Exit status 0 is healthy.
+        type: str
+      interval:
+        description:
+          - Seconds from one check of a destination to the next, 0.1 to 3600. Default V(2).
+        type: float
+      timeout:
+        description:
+          - Seconds a check may take before it counts as failed, 0.1 to O(check.interval).
+            Default V(1).
+        type: float
+      rise:
+        description:
+          - Good checks in a row that bring a failed destination back, 1 to 100. Default V(2).
+        type: int
+      fall:
+        description:
+          - Failed checks in a row that drain a destination, 1 to 100. Default V(3).
+        type: int
+  min_healthy:
+    description:
+      - The service is down, as xvs-agent reports it (metric C(xvs_service_up)), while fewer of its
+        destinations than this are healthy with a desired weight above 0. Default V(1).
+    type: int
   purge_destinations:
     description:
       - With O(destinations) given, remove every destination not listed.

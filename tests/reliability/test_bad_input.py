@@ -80,6 +80,28 @@ CASES = [
     ("xvs_services", {"config": [SVC], "state": "sideways"}, "sideways"),
     ("xvs_services", {"state": "merged"}, "config"),
     ("xvs_services", {"config": [dict(SVC, colour="red")]}, "colour"),
+    # health checks (xvs_services and xvs_service share them)
+    ("xvs_services", {"config": [SVC, dict(SVC, port=81, check={"type": "ftp"})]}, "ftp"),
+    ("xvs_services", {"config": [dict(SVC, check={"type": "tcp", "interval": 0})]},
+     "config[0].check.interval=0.0"),
+    ("xvs_services", {"config": [dict(SVC, check={"type": "tcp", "interval": 1, "timeout": 5})]},
+     "config[0].check.timeout=5.0"),
+    ("xvs_services", {"config": [dict(SVC, check={"type": "tcp", "rise": 0})]}, "config[0].check.rise=0"),
+    ("xvs_services", {"config": [dict(SVC, check={"type": "tcp", "fall": 101})]}, "config[0].check.fall=101"),
+    ("xvs_services", {"config": [dict(SVC, check={"type": "tcp", "port": 70000})]},
+     "config[0].check.port=70000"),
+    ("xvs_services", {"config": [dict(SVC, check={"type": "http", "path": "health"})]},
+     "config[0].check.path=health"),
+    ("xvs_services", {"config": [dict(SVC, check={"type": "http", "expect_status": 99})]},
+     "config[0].check.expect_status=99"),
+    ("xvs_services", {"config": [dict(SVC, check={"type": "exec"})]}, "config[0].check.command"),
+    ("xvs_services", {"config": [dict(SVC, check={"type": "tcp", "path": "/"})]}, "config[0].check.path"),
+    ("xvs_services", {"config": [dict(SVC, check={"type": "tcp", "colour": "red"})]}, "colour"),
+    ("xvs_services", {"config": [dict(SVC, min_healthy=-1)]}, "config[0].min_healthy=-1"),
+    ("xvs_service", dict(SVC, check={"type": "https", "host": "a b"}), "check.host=a b"),
+    # ansible-core's own float conversion names the option, not the value
+    ("xvs_service", dict(SVC, check={"type": "tcp", "interval": "often"}), "'interval'"),
+    ("xvs_service", dict(SVC, min_healthy=70000), "min_healthy=70000"),
 ]
 
 

@@ -136,6 +136,33 @@ def test_remove_destination_and_mac_kept_by_merge():
         "address": "192.0.2.21", "weight": 0, "mac": "02:00:00:00:00:15"}
 
 
+CHECK = {"type": "http", "path": "/health", "fall": 5}
+
+
+def test_check_and_min_healthy_kept_by_merge_reset_by_replace():
+    before = desired(svc(80, check=CHECK, min_healthy=2), svc(81))
+    # merged: left out, both kept; a check given replaces the current one whole
+    after = P.merged(before, S.services([svc(80, [("192.0.2.22", None)]),
+                                         svc(81, check={"type": "tcp"})]))
+    assert after[(VIP, 80, "tcp")]["check"] == dict(S.CHECK_DEFAULTS, type="http", port=None, host=None,
+                                                   path="/health", expect_status=200, fall=5)
+    assert after[(VIP, 80, "tcp")]["min_healthy"] == 2
+    assert after[(VIP, 81, "tcp")]["check"] == dict(S.CHECK_DEFAULTS, type="tcp", port=None)
+    # replaced and overridden: left out, the defaults (no check, min_healthy 1)
+    for transform in (P.replaced, P.overridden):
+        svc80 = transform(before, S.services([svc(80)]))[(VIP, 80, "tcp")]
+        assert svc80["check"] is None and svc80["min_healthy"] == S.DEFAULT_MIN_HEALTHY
+
+
+def test_check_in_the_config_shape_round_trips():
+    config = P.to_config(desired(svc(80, check=CHECK, min_healthy=2), svc(81)))
+    assert config[0]["check"] == {"type": "http", "path": "/health", "expect_status": 200, "interval": 2.0,
+                                  "timeout": 1.0, "rise": 2, "fall": 5}
+    assert config[0]["min_healthy"] == 2
+    assert "check" not in config[1] and "min_healthy" not in config[1]
+    assert P.to_config(P.from_config(config)) == config
+
+
 def test_config_round_trip_is_exact():
     config = P.to_config(desired(*BEFORE))
     assert P.to_config(P.from_config(config)) == config
@@ -207,4 +234,5 @@ def test_role_argument_specs_match_the_modules():
         role = yaml.safe_load(f)["argument_specs"]["main"]["options"]["xvs_services"]["options"]
     assert _strip(role) == _strip(S.SERVICE_OPTIONS)
     assert _strip(role["destinations"]["options"]) == _strip(S.DESTINATION_OPTIONS)
+    assert _strip(role["check"]["options"]) == _strip(S.CHECK_OPTIONS)
     assert role["protocol"]["default"] == S.DEFAULT_PROTOCOL
