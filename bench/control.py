@@ -153,7 +153,7 @@ def run(bpffs, coll, smoke=False, repeat=3):
         steps += [
             ("role xvs: 1000 services x 10 destinations (%d distinct pools)" % POOLS, "role", dict(
                 on_role, xvs_interfaces=["eth0"], xvs_install_packages=False, xvs_restore_at_boot=False,
-                xvs_sizes={"max_services": 1024}, xvs_services=services(1000, 10), xvs_bpffs=role_root,
+                xvs_agent=False, xvs_sizes={"max_services": 1024}, xvs_services=services(1000, 10), xvs_bpffs=role_root,
                 xvs_state_dir=os.path.dirname(on_role["state_file"])), fresh(role_root), 1),
             ("xvs_destination: one weight changed among those 1000 services", "destination",
              dict(on_role, destination=services(1, 10)[0]["destinations"][0]["address"], vip=VIP_NET % 1,

@@ -140,20 +140,35 @@ class DataPlane(object):
                 total[i] += n
         return dict(zip(L.COUNTERS, total))
 
-    def _stats(self, mapname, index):
-        m = self.maps[mapname]
+    def _sum_stats(self, m, blob):
         total = {"packets": 0, "bytes": 0, "new_flows": 0}
-        for cpu in m.per_cpu(m.lookup(_u32(index))):
+        for cpu in m.per_cpu(blob):
             s = L.Stats.from_buffer_copy(cpu)
             for f in total:
                 total[f] += getattr(s, f)
         return total
+
+    def _stats(self, mapname, index):
+        m = self.maps[mapname]
+        return self._sum_stats(m, m.lookup(_u32(index)))
+
+    def _stats_range(self, mapname, start, count):
+        m = self.maps[mapname]
+        return [self._sum_stats(m, blob) for blob in m.lookup_range(start, count)]
 
     def service_stats(self, index):
         return self._stats("svc_stats", index)
 
     def dest_stats(self, index, slot):
         return self._stats("dest_stats", index * self.max_dests + slot)
+
+    def all_service_stats(self):
+        """service_stats() of every service index, in one batch read."""
+        return self._stats_range("svc_stats", 0, self.maps["svc_stats"].max_entries)
+
+    def service_dest_stats(self, index):
+        """dest_stats() of every slot of service index, in one batch read."""
+        return self._stats_range("dest_stats", index * self.max_dests, self.max_dests)
 
     def busiest_prefixes(self, n):
         """The n source /20 prefixes that sent the most forwarded VIP

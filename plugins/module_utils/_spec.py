@@ -237,8 +237,8 @@ def service(label, entry):
            "protocol": protocol(prefix + "protocol", entry.get("protocol") or DEFAULT_PROTOCOL),
            "sticky": None if sticky is None else boolean(prefix + "sticky", sticky),
            "check": None if chk is None else check(prefix + "check", chk),
-           "min_healthy": None if least is None else _number(prefix + "min_healthy", least, 0,
-                                                                     L.SIZE_LIMITS["max_destinations"][2]),
+           "min_healthy": None if least is None else _number(
+               prefix + "min_healthy", least, 0, L.SIZE_LIMITS["max_destinations"][2]),
            "destinations": None}
     if entry.get("destinations") is not None:
         if not isinstance(entry["destinations"], list):

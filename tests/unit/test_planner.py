@@ -144,8 +144,8 @@ def test_check_and_min_healthy_kept_by_merge_reset_by_replace():
     # merged: left out, both kept; a check given replaces the current one whole
     after = P.merged(before, S.services([svc(80, [("192.0.2.22", None)]),
                                          svc(81, check={"type": "tcp"})]))
-    assert after[(VIP, 80, "tcp")]["check"] == dict(S.CHECK_DEFAULTS, type="http", port=None, host=None,
-                                                   path="/health", expect_status=200, fall=5)
+    assert after[(VIP, 80, "tcp")]["check"] == dict(
+        S.CHECK_DEFAULTS, type="http", port=None, host=None, path="/health", expect_status=200, fall=5)
     assert after[(VIP, 80, "tcp")]["min_healthy"] == 2
     assert after[(VIP, 81, "tcp")]["check"] == dict(S.CHECK_DEFAULTS, type="tcp", port=None)
     # replaced and overridden: left out, the defaults (no check, min_healthy 1)

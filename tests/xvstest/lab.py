@@ -128,12 +128,17 @@ def build_dsr_lab(lab, tmp_path, backends, realserver):
         www.mkdir()
         (www / "whoami").write_text(short)
         (www / "big").write_bytes(b"x" * BIG)
-        lab.bg(ns, "/usr/bin/python3 -m http.server 80 --bind 0.0.0.0 --directory %s" % www)
+        http_server(lab, short, www)
         lab.bg(ns, "/usr/bin/python3 %s %s %d" % (_ECHO, short, ECHO_PORT))
     for short in backends:
         wait_for(lambda: lab.sh(lab.name(short), "curl -sf -o /dev/null http://127.0.0.1/whoami",
                                 check=False).returncode == 0, what="http server in " + short)
     xdp_pass_on_peer(lab)
+
+
+def http_server(lab, short, www):
+    """Start backend short's HTTP server on port 80, serving www."""
+    return lab.bg(lab.name(short), "/usr/bin/python3 -m http.server 80 --bind 0.0.0.0 --directory %s" % www)
 
 
 def xdp_pass_on_peer(lab):

@@ -1,0 +1,358 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) xvs.lb contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""xvs-agent: the health checks that drain failing destinations.
+
+The agent reads the state of record (the services, their checks and
+min_healthy), checks every destination of a checked service on its own
+schedule, and when a destination crosses its fall or rise count writes the
+health file and re-applies the record through the planner, under the host
+lock, as the boot restore does: the desired state is never changed, only
+masked (see _health).  Every change of a destination or a service is one
+log line with its reason.
+
+It runs as xvs-agent.service on the system Python with the standard
+library (and python3-prometheus-client for the metrics, see _metrics),
+from the same library zip as the restore.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import concurrent.futures
+import http.client
+import os
+import shlex
+import socket
+import ssl
+import subprocess
+import threading
+import time
+
+from ansible_collections.xvs.lb.plugins.module_utils import _health, _planner, _spec, _state
+from ansible_collections.xvs.lb.plugins.module_utils._balancer import EXPECTED_ERRORS, Balancer
+from ansible_collections.xvs.lb.plugins.module_utils._spec import XvsError
+
+RELOAD_EVERY = 1.0      # s between looks at the state of record for changes
+RETRY_EVERY = 5.0       # s before an apply that failed (no attachment yet) is tried again
+TICK = 0.05             # s the loop waits for a check to finish or one to fall due
+MAX_WORKERS = 32        # checks in flight at once
+
+
+def _http(check, address, port):
+    if check["type"] == "https":
+        # a health check asks "does it answer?", not "whom do I trust?":
+        # backends commonly serve self-signed or internal certificates
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        conn = http.client.HTTPSConnection(address, port, timeout=check["timeout"], context=context)
+    else:
+        conn = http.client.HTTPConnection(address, port, timeout=check["timeout"])
+    try:
+        conn.request("GET", check["path"], headers={
+            "Host": check.get("host") or address, "User-Agent": "xvs-agent", "Connection": "close"})
+        status = conn.getresponse().status
+    finally:
+        conn.close()
+    if status != check["expect_status"]:
+        return False, "HTTP status %d, expected %d" % (status, check["expect_status"])
+    return True, "HTTP status %d" % status
+
+
+def _exec(check, address, port, key):
+    env = dict(os.environ, XVS_DESTINATION=address, XVS_PORT=str(port), XVS_SERVICE_ADDRESS=key[0],
+               XVS_SERVICE_PORT=str(key[1]), XVS_SERVICE_PROTOCOL=key[2])
+    r = subprocess.run(shlex.split(check["command"]), env=env, timeout=check["timeout"],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       check=False)
+    if r.returncode != 0:
+        err = r.stderr.decode("utf-8", "replace").strip().splitlines()
+        return False, "exit status %d%s" % (r.returncode, (": " + err[-1][:200]) if err else "")
+    return True, "exit status 0"
+
+
+def run_check(check, address, key):
+    """(healthy, reason) of one check of destination address of the
+    service key; never raises for what the destination does."""
+    port = check["port"] or key[1]
+    try:
+        if check["type"] == "tcp":
+            socket.create_connection((address, port), timeout=check["timeout"]).close()
+            return True, "connected to port %d" % port
+        if check["type"] in ("http", "https"):
+            return _http(check, address, port)
+        return _exec(check, address, port, key)
+    except (socket.timeout, subprocess.TimeoutExpired):
+        return False, "no answer within %gs" % check["timeout"]
+    except ssl.SSLError as e:
+        return False, "TLS: %s" % (e.reason or e)
+    except (http.client.HTTPException, ValueError) as e:
+        return False, "HTTP: %s" % (e.__class__.__name__ if not str(e) else e)
+    except OSError as e:
+        return False, "%s (port %d)" % (e.strerror or e, port)
+
+
+class Target(object):
+    """One checked destination of one service: its check and what the
+    checks found so far."""
+
+    def __init__(self, key, address, check, up, problem=None):
+        self.key, self.address = key, address
+        self.check, self.problem = check, problem   # problem: the check's config is bad
+        self.up = up
+        self.streak = 0          # results in a row that disagree with up
+        self.reason = "not checked yet"
+        self.duration = None     # s the last check took
+        self.due = 0.0
+        self.busy = False
+
+
+class Agent(object):
+    """The checks of one state of record.  run() until stop is set; the
+    metrics read snapshot() from another thread."""
+
+    def __init__(self, state_file, log, clock=time.monotonic):
+        self.state_file, self.log, self.clock = state_file, log, clock
+        self.bpffs = None
+        self.services = {}       # key -> desired service
+        self.targets = {}        # (key, address) -> Target
+        self.service_up = {}     # key -> bool, as last reported
+        self.pending = False     # health to write and apply
+        self.retry_at = 0.0
+        self._stamp = None
+        self._said = set()       # problems already logged once
+        self._guard = threading.Lock()
+
+    def _once(self, line):
+        if line not in self._said:
+            self._said.add(line)
+            self.log(line)
+
+    # ---- the state of record ------------------------------------------------------
+    def reload(self):
+        """Read the record again if it changed; False while it cannot be
+        read (logged once)."""
+        try:
+            st = os.stat(self.state_file)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if stamp == self._stamp:
+                return True
+            record = _state.load(self.state_file, required=True)
+        except (OSError, XvsError) as e:
+            self._once("xvs-agent: %s" % (e if isinstance(e, XvsError) else
+                                          "state_file=%s: %s" % (self.state_file, e.strerror)))
+            return False
+        entries, problems = {}, {}
+        for i, raw in enumerate(record["services"]):
+            label = "%s: services[%d]" % (self.state_file, i)
+            try:
+                try:
+                    entry = _spec.service(label, raw)
+                except XvsError as e:
+                    # a bad check alone does not take the service's other
+                    # facts with it: that check fails, the rest stands
+                    entry = _spec.service(label, dict(raw, check=None))
+                    problems[_spec.service_key(entry)] = str(e)
+            except (XvsError, TypeError) as e:
+                self._once("xvs-agent: %s (service skipped)" % e)
+                continue
+            entries[_spec.service_key(entry)] = entry
+        first = self._stamp is None
+        known = _health.load(self.state_file) if first else {}
+        services = _planner.overridden({}, entries)
+        targets = {}
+        for key, svc in services.items():
+            if svc["check"] is None and key not in problems:
+                continue
+            for address in svc["destinations"]:
+                old = self.targets.get((key, address))
+                if old is not None and old.check == svc["check"] and old.problem == problems.get(key):
+                    targets[(key, address)] = old
+                    continue
+                up = old.up if old is not None else address not in known.get(key, {})
+                t = Target(key, address, svc["check"], up, problems.get(key))
+                if not up:
+                    t.reason = (known.get(key, {}).get(address) or "failing before the restart")
+                targets[(key, address)] = t
+        for problem in sorted(set(problems.values())):
+            self._once("xvs-agent: %s: the check fails until it is fixed" % problem)
+        with self._guard:
+            gone = [k for k, t in self.targets.items() if k not in targets and not t.up]
+            self.bpffs, self.services, self.targets = record["bpffs"], services, targets
+        self._stamp = stamp
+        # the first apply writes what a restarted agent knew back unchanged
+        # and reports the services; a failing destination dropped from the
+        # record leaves the health file
+        self.pending = self.pending or first or bool(gone)
+        self.log("xvs-agent: %d service(s), %d checked destination(s) in %s"
+                 % (len(services), len(targets), self.state_file))
+        return True
+
+    # ---- checks -------------------------------------------------------------------
+    def _check(self, t):
+        start = self.clock()
+        if t.problem:
+            ok, reason = False, "check config: " + t.problem
+        else:
+            ok, reason = run_check(t.check, t.address, t.key)
+        return ok, reason, self.clock() - start
+
+    def result(self, t, ok, reason, took):
+        """Count one check's result; a destination changes state at its
+        fall or rise count."""
+        t.duration = took
+        if ok == t.up:
+            t.streak, t.reason = 0, reason
+            return
+        t.streak += 1
+        if t.streak < (t.check or _spec.CHECK_DEFAULTS)["rise" if ok else "fall"]:
+            return
+        t.up, t.streak, t.reason = ok, 0, reason
+        self.pending = True
+        self.log("xvs-agent: %s destination %s %s: %s (%d %s check(s) in a row)"
+                 % (_health.label(t.key), t.address, "up" if ok else "down", reason,
+                    (t.check or _spec.CHECK_DEFAULTS)["rise" if ok else "fall"],
+                    "good" if ok else "failed"))
+
+    # ---- health applied -----------------------------------------------------------
+    def down(self):
+        out = {}
+        for t in self.targets.values():
+            if not t.up:
+                out.setdefault(t.key, {})[t.address] = t.reason
+        return out
+
+    def services_down(self, down):
+        """Keys of the services with fewer healthy destinations (desired
+        weight above 0, not failing) than their min_healthy."""
+        out = []
+        for key, svc in self.services.items():
+            healthy = sum(1 for a, d in svc["destinations"].items()
+                          if d["weight"] > 0 and a not in down.get(key, ()))
+            if healthy < svc["min_healthy"]:
+                out.append(key)
+        return out
+
+    def apply(self):
+        """Write the health file and re-apply the record masked by it."""
+        down = self.down()
+        services_down = self.services_down(down)
+        try:
+            with _state.host_lock():
+                _health.save(self.state_file, down, services_down)
+                with Balancer(self.bpffs) as bal:
+                    run = _planner.Run(bal, self.state_file, lambda before: before, strict=False,
+                                       record_required=True)
+                    run.plan.apply()
+        except EXPECTED_ERRORS as e:
+            self._once("xvs-agent: cannot apply health yet (retrying every %gs): %s" % (RETRY_EVERY, e))
+            self.retry_at = self.clock() + RETRY_EVERY
+            return
+        self.pending = False
+        for key in sorted(self.services):
+            up = key not in services_down
+            if self.service_up.get(key, True) != up:
+                svc = self.services[key]
+                self.log("xvs-agent: service %s %s: %d of %d destination(s) healthy, min_healthy %d"
+                         % (_health.label(key), "up" if up else "down",
+                            len(svc["destinations"]) - len(down.get(key, ())),
+                            len(svc["destinations"]), svc["min_healthy"]))
+        self.service_up = dict((key, key not in services_down) for key in self.services)
+
+    def snapshot(self):
+        """(bpffs, services, {(key, address): (up, last duration)},
+        {key: up}) for the metrics, consistent with each other."""
+        with self._guard:
+            return (self.bpffs, self.services,
+                    dict((k, (t.up, t.duration)) for k, t in self.targets.items()),
+                    dict((key, key not in self.services_down(self.down())) for key in self.services))
+
+    def run(self, stop, every=None):
+        """Check until stop (a threading.Event) is set; every(now) is called
+        once per loop (the textfile writer)."""
+        next_reload = 0.0
+        pool = concurrent.futures.ThreadPoolExecutor(MAX_WORKERS)
+        inflight = {}
+        try:
+            while not stop.is_set():
+                now = self.clock()
+                if now >= next_reload:
+                    self.reload()
+                    next_reload = now + RELOAD_EVERY
+                for t in list(self.targets.values()):
+                    if not t.busy and t.due <= now:
+                        t.busy, t.due = True, now + (t.check or _spec.CHECK_DEFAULTS)["interval"]
+                        inflight[pool.submit(self._check, t)] = t
+                done, dummy = concurrent.futures.wait(list(inflight), timeout=TICK,
+                                                      return_when=concurrent.futures.FIRST_COMPLETED)
+                if not inflight:
+                    stop.wait(TICK)
+                for fut in done:
+                    t = inflight.pop(fut)
+                    t.busy = False
+                    with self._guard:
+                        self.result(t, *fut.result())
+                if self.pending and self.clock() >= self.retry_at and self.bpffs:
+                    self.apply()
+                if every:
+                    every(self.clock())
+        finally:
+            # checks in flight end within their timeout; none new start
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def main(argv, log=None):
+    """The agent command: STATE_FILE [--metrics-listen ADDRESS:PORT]
+    [--metrics-textfile PATH] [--textfile-interval S]; runs until SIGTERM
+    or SIGINT.  Exit 1 with one line on stderr when it cannot start."""
+    import argparse
+    import signal
+    import sys
+    from ansible_collections.xvs.lb.plugins.module_utils import _metrics
+
+    def say(line):
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()     # one journal line per event, as it happens
+    log = log or say
+    parser = argparse.ArgumentParser(prog="xvs-agent")
+    parser.add_argument("state_file", nargs="?", default=_spec.DEFAULT_STATE_FILE)
+    parser.add_argument("--metrics-listen", default="")
+    parser.add_argument("--metrics-textfile", default="")
+    parser.add_argument("--textfile-interval", type=float, default=15.0)
+    args = parser.parse_args(argv)
+    agent = Agent(args.state_file, log)
+    every = None
+    if args.metrics_listen or args.metrics_textfile:
+        try:
+            import prometheus_client
+        except ImportError:
+            sys.stderr.write("xvs-agent: metrics need prometheus_client (Debian: python3-prometheus-client)\n")
+            return 1
+        registry = prometheus_client.CollectorRegistry(auto_describe=False)
+        registry.register(_metrics.Collector(agent))
+        if args.metrics_listen:
+            try:
+                address, port = _metrics.listen_address(args.metrics_listen)
+                prometheus_client.start_http_server(port, address, registry)
+            except (ValueError, OSError) as e:
+                sys.stderr.write("xvs-agent: --metrics-listen %s: %s\n" % (args.metrics_listen, e))
+                return 1
+            log("xvs-agent: metrics on http://%s/metrics" % args.metrics_listen)
+        if args.metrics_textfile:
+            due = [0.0]
+
+            def every(now):
+                if now >= due[0]:
+                    due[0] = now + args.textfile_interval
+                    try:
+                        prometheus_client.write_to_textfile(args.metrics_textfile, registry)
+                    except OSError as e:
+                        agent._once("xvs-agent: --metrics-textfile %s: %s" % (args.metrics_textfile, e))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *a: stop.set())
+    agent.run(stop, every)
+    log("xvs-agent: stopped")
+    return 0

@@ -1,0 +1,133 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) xvs.lb contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The balancer's metrics in the Prometheus text format, for xvs-agent.
+
+prometheus_client (Debian's python3-prometheus-client) renders and serves
+them: a collector reads the maps at each scrape, so the numbers are the
+kernel's at that moment, the same the xvs_info module returns.  Reading
+takes no host lock (a scrape must not wait for, or hold up, a module run)
+and reads each map in batches: one call for the global counters, one per
+service for its destinations' counters, one for the service counters.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+from ansible_collections.xvs.lb.plugins.module_utils import _layout as L
+from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane
+
+SERVICE_LABELS = ["vip", "port", "protocol"]
+DESTINATION_LABELS = SERVICE_LABELS + ["destination"]
+# the global counters (see _layout.COUNTERS) as Prometheus families:
+# counter name -> (metric name, label name, label value)
+FRAME_ENDS = dict([(n, ("xvs_packets", "action", n)) for n in ("pass", "tx", "redirect", "icmp_echo_reply")]
+                  + [(n, ("xvs_dropped_packets", "reason", n[len("drop_"):]))
+                     for n in L.COUNTERS if n.startswith("drop_")])
+HELP = {
+    "xvs_received_packets": "Frames the XDP program saw.",
+    "xvs_received_bytes": "Bytes of the frames the XDP program saw.",
+    "xvs_packets": "Frames by where they ended (pass to the kernel, tx, redirect, ICMP echo reply).",
+    "xvs_dropped_packets": "Frames dropped, by reason.",
+    "xvs_icmp_ptb_forwarded": "ICMP fragmentation-needed messages steered to a destination.",
+    "xvs_new_flows": "Flows that selected a destination.",
+    "xvs_flow_reselect": "Flow records replaced (idle past the timeout, or destination gone).",
+}
+
+
+def _stats_family(factory, name, labels):
+    """xvs_<name>_{packets,bytes,new_flows}: what the program counted for
+    each service or destination."""
+    return dict((f, factory("xvs_%s_%s" % (name, f), "Forwarded %s (new flows: selections) of the %s, summed over CPUs."
+                            % (f.replace("_", " "), name), labels=labels))
+                for f in ("packets", "bytes", "new_flows"))
+
+
+class Collector(object):
+    """A prometheus_client collector of the maps at agent.snapshot()'s pin
+    root, with the agent's health and check durations."""
+
+    def __init__(self, agent):
+        self.agent = agent
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        bpffs, desired, targets, service_up = self.agent.snapshot()
+        up = GaugeMetricFamily("xvs_dataplane_up", "1 when the program's maps could be read.")
+        try:
+            dp = DataPlane(bpffs) if bpffs else None
+        except Exception:   # no attachment (yet): say so, keep serving the agent's own metrics
+            dp = None
+        up.add_metric([], 1 if dp else 0)
+        yield up
+        healthy = GaugeMetricFamily("xvs_destination_healthy",
+                                    "1 unless the destination's check failed (fall) and has not passed (rise) since.",
+                                    labels=DESTINATION_LABELS)
+        duration = GaugeMetricFamily("xvs_check_duration_seconds", "How long the destination's last check took.",
+                                     labels=DESTINATION_LABELS)
+        svc_up = GaugeMetricFamily("xvs_service_up", "1 while at least min_healthy destinations are healthy.",
+                                   labels=SERVICE_LABELS)
+        desired_weight = GaugeMetricFamily("xvs_destination_desired_weight",
+                                           "The weight in the state of record.", labels=DESTINATION_LABELS)
+        for key in sorted(desired):
+            svc_labels = [key[0], str(key[1]), key[2]]
+            svc_up.add_metric(svc_labels, 1 if service_up.get(key, True) else 0)
+            for address, d in sorted(desired[key]["destinations"].items()):
+                labels = svc_labels + [address]
+                desired_weight.add_metric(labels, d["weight"])
+                state = targets.get((key, address))
+                healthy.add_metric(labels, 1 if state is None or state[0] else 0)
+                if state is not None and state[1] is not None:
+                    duration.add_metric(labels, state[1])
+        yield from (svc_up, healthy, desired_weight, duration)
+        if dp is None:
+            return
+        with dp:
+            yield from self._maps(dp, CounterMetricFamily, GaugeMetricFamily)
+
+    @staticmethod
+    def _maps(dp, Counter, Gauge):
+        counters = dp.counters()
+        families = {}
+        for name, value in counters.items():
+            if name in FRAME_ENDS:
+                metric, label, label_value = FRAME_ENDS[name]
+                if metric not in families:
+                    families[metric] = Counter(metric, HELP[metric], labels=[label])
+                families[metric].add_metric([label_value], value)
+            else:
+                metric = {"rx_packets": "xvs_received_packets", "rx_bytes": "xvs_received_bytes"}.get(
+                    name, "xvs_" + name)
+                families[metric] = Counter(metric, HELP[metric], value=value)
+        for metric in sorted(families):
+            yield families[metric]
+        table = dp.flow_table()
+        yield Gauge("xvs_flow_table_capacity", "Flow records the table holds.", value=table["capacity"])
+        yield Gauge("xvs_flow_table_entries", "Live flow records.", value=table["entries"])
+        yield Counter("xvs_flow_table_evictions", "Flow records the kernel evicted to make room.",
+                      value=table["evicted"])
+        svc = _stats_family(Counter, "service", SERVICE_LABELS)
+        dest = _stats_family(Counter, "destination", DESTINATION_LABELS)
+        weight = Gauge("xvs_destination_weight", "The weight written to the maps (0 while drained by health).",
+                       labels=DESTINATION_LABELS)
+        services = dp.services()
+        svc_stats = dp.all_service_stats()
+        for s in services:
+            labels = [s["address"], str(s["port"]), s["protocol"]]
+            for f, family in svc.items():
+                family.add_metric(labels, svc_stats[s["index"]][f])
+            slots = dp.service_dest_stats(s["index"])
+            for d in s["destinations"]:
+                weight.add_metric(labels + [d["address"]], d["weight"])
+                for f, family in dest.items():
+                    family.add_metric(labels + [d["address"]], slots[d["slot"]][f])
+        yield from list(svc.values()) + list(dest.values()) + [weight]
+
+
+def listen_address(text):
+    """("address", port) of "address:port" ("[v6]:port" for IPv6)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("metrics listen address %r: must be address:port" % text)
+    return host.strip("[]"), int(port)

@@ -1,0 +1,125 @@
+"""xvs-agent's bookkeeping without a network: rise and fall, the record
+read again on change, a bad check that fails alone, min_healthy, and the
+health file (in a test directory, not /run)."""
+import json
+import os
+
+import pytest
+
+from ansible_collections.xvs.lb.plugins.module_utils import _agent, _health, _metrics, _spec, _state
+
+VIP = "203.0.113.10"
+KEY = (VIP, 80, "tcp")
+
+
+@pytest.fixture(autouse=True)
+def health_dir(tmp_path, monkeypatch):
+    d = tmp_path / "run"
+    monkeypatch.setattr(_health, "HEALTH_DIR", str(d))
+    return d
+
+
+def record(tmp_path, services):
+    path = str(tmp_path / "state.json")
+    _state.save(path, _state.make("/sys/fs/bpf/xvs", {"interfaces": ["eth0"]}, services))
+    return path
+
+
+def svc(port, *addresses, **extra):
+    return dict({"address": VIP, "port": port, "protocol": "tcp", "sticky": False,
+                 "destinations": [{"address": a, "weight": 1} for a in addresses]}, **extra)
+
+
+def agent(path):
+    lines = []
+    a = _agent.Agent(path, lines.append)
+    assert a.reload()
+    return a, lines
+
+
+def test_fall_then_rise_counts_results_in_a_row(tmp_path):
+    a, lines = agent(record(tmp_path, [svc(80, "192.0.2.21", check={"type": "tcp", "rise": 2, "fall": 3})]))
+    t = a.targets[(KEY, "192.0.2.21")]
+    a.pending = False
+    for dummy in range(2):
+        a.result(t, False, "refused", 0.01)
+    a.result(t, True, "connected", 0.01)       # a good one in between starts the count again
+    a.result(t, False, "refused", 0.01)
+    a.result(t, False, "refused", 0.01)
+    assert t.up and not a.pending
+    a.result(t, False, "refused", 0.02)
+    assert not t.up and a.pending and t.duration == 0.02
+    assert lines[-1] == "xvs-agent: %s:80/tcp destination 192.0.2.21 down: refused (3 failed check(s) in a row)" % VIP
+    assert a.down() == {KEY: {"192.0.2.21": "refused"}}
+    a.result(t, True, "connected", 0.01)
+    assert not t.up
+    a.result(t, True, "connected", 0.01)
+    assert t.up and a.down() == {}
+    assert lines[-1].endswith("up: connected (2 good check(s) in a row)")
+
+
+def test_a_bad_check_fails_alone_and_is_logged_once(tmp_path):
+    path = record(tmp_path, [svc(80, "192.0.2.21", check={"type": "ftp"}),
+                             svc(81, "192.0.2.22", check={"type": "tcp"}),
+                             svc(82, "192.0.2.23")])
+    a, lines = agent(path)
+    bad, good = a.targets[(KEY, "192.0.2.21")], a.targets[((VIP, 81, "tcp"), "192.0.2.22")]
+    assert len(a.targets) == 2          # no check on port 82: nothing to run there
+    assert good.problem is None and good.check["interval"] == _spec.CHECK_DEFAULTS["interval"]
+    ok, reason, dummy = a._check(bad)
+    assert not ok and reason.startswith("check config: ") and "type=ftp" in reason
+    problems = [line for line in lines if "type=ftp" in line]
+    assert len(problems) == 1 and problems[0].endswith("the check fails until it is fixed")
+    # the record rewritten (a destination added): read again, the problem not logged again,
+    # and what the checks found so far kept
+    good.up = False
+    with open(path) as f:
+        services = json.load(f)["services"]
+    services[1]["destinations"].append({"address": "192.0.2.24", "weight": 1})
+    _state.save(path, _state.make("/sys/fs/bpf/xvs", {"interfaces": ["eth0"]}, services))
+    assert a.reload()
+    assert len([line for line in lines if "type=ftp" in line]) == 1
+    assert a.targets[((VIP, 81, "tcp"), "192.0.2.22")] is good and not good.up
+    assert a.targets[((VIP, 81, "tcp"), "192.0.2.24")].up
+
+
+def test_min_healthy_counts_healthy_destinations_with_weight(tmp_path):
+    three = svc(80, "192.0.2.21", "192.0.2.22", "192.0.2.23", check={"type": "tcp"})
+    a, dummy = agent(record(tmp_path, [dict(three, min_healthy=2)]))
+    a.services[KEY]["destinations"]["192.0.2.23"]["weight"] = 0      # drained by its operator
+    assert a.services_down(a.down()) == []
+    a.targets[(KEY, "192.0.2.21")].up = False
+    assert a.services_down(a.down()) == [KEY]
+
+
+def test_a_restarted_agent_starts_from_the_health_file(tmp_path):
+    path = record(tmp_path, [svc(80, "192.0.2.21", "192.0.2.22", check={"type": "tcp"})])
+    _health.save(path, {KEY: {"192.0.2.22": "refused"}}, [])
+    a, dummy = agent(path)
+    assert a.targets[(KEY, "192.0.2.21")].up
+    t = a.targets[(KEY, "192.0.2.22")]
+    assert not t.up and t.reason == "refused" and a.pending
+    assert _health.load(path) == {KEY: {"192.0.2.22": "refused"}}
+
+
+def test_health_files_of_two_state_files_differ(tmp_path):
+    one, two = _health.path_for("/etc/xvs/a/state.json"), _health.path_for("/etc/xvs/a%2Fstate.json")
+    assert one != two and os.path.dirname(one) == _health.HEALTH_DIR
+    bad = str(tmp_path / "state.json")
+    os.makedirs(_health.HEALTH_DIR)
+    with open(_health.path_for(bad), "w") as f:
+        f.write("{")
+    with pytest.raises(_spec.XvsError, match="not valid JSON"):
+        _health.load(bad)
+
+
+@pytest.mark.parametrize("text,expected", [("127.0.0.1:9405", ("127.0.0.1", 9405)),
+                                           ("[::1]:9405", ("::1", 9405)), ("0.0.0.0:80", ("0.0.0.0", 80))])
+def test_metrics_listen_address(text, expected):
+    assert _metrics.listen_address(text) == expected
+
+
+@pytest.mark.parametrize("text", ["9405", "localhost:", ":9405", "127.0.0.1:70000", "127.0.0.1:http"])
+def test_metrics_listen_address_refused(text):
+    with pytest.raises(ValueError, match="address:port"):
+        _metrics.listen_address(text)
