@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 import time
 
-from ansible_collections.xvs.lb.plugins.module_utils import _bpf, _dataplane, _layout as L, _loader, _maglev
+from ansible_collections.xvs.lb.plugins.module_utils import _bpf, _dataplane, _layout as L, _loader, _maglev, _metrics
 from common import summary, table
 from xvstest.lab import Lab, inside
 from xvstest.modules import BIN, ansible_env, balancer_ns
@@ -83,6 +83,32 @@ def memlock(path):
             return int(re.search(r"memlock:\s+(\d+)", f.read()).group(1))
     finally:
         os.close(fd)
+
+
+class _MapsOnly(object):
+    """What the metrics collector asks xvs-agent for, with no checks."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def snapshot(self):
+        return self.root, {}, {}, {}
+
+
+def scrape_row(root, label, repeat=5):
+    """One xvs-agent scrape's map reads and rendering (prometheus_client's
+    text format), in-process: what a scrape costs besides HTTP."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_metrics.Collector(_MapsOnly(root)))
+    times = []
+    for dummy in range(repeat):
+        start = time.perf_counter()
+        text = generate_latest(registry)
+        times.append(time.perf_counter() - start)
+    s = summary(times)
+    return ["metrics scrape, %s (%d lines)" % (label, text.count(b"\n")), "%.0f ms" % (s["median"] * 1e3),
+            "%.0f-%.0f ms" % (min(times) * 1e3, max(times) * 1e3), ""]
 
 
 def maglev_rows(repeat=5):
@@ -186,6 +212,8 @@ def run(bpffs, coll, smoke=False, repeat=3):
                                  "%.2f-%.2f s" % (min(times_), max(times_)),
                                  "" if play == "ping" else "%.2f x baseline, %+.2f s" % (
                                      med / baseline, med - baseline)])
+            rows.append(scrape_row(root, "one service, 101 destinations") if smoke else
+                        scrape_row(role_root, "1,000 services x 10 destinations"))
         finally:
             fresh(root)()
             fresh(role_root)()

@@ -152,9 +152,14 @@ class DataPlane(object):
         m = self.maps[mapname]
         return self._sum_stats(m, m.lookup(_u32(index)))
 
-    def _stats_range(self, mapname, start, count):
+    def _stats_many(self, mapname, start, offsets):
+        """{offset: _stats(start + offset)} for the offsets given, from one
+        batch read of the range they span; only those are summed."""
+        if not offsets:
+            return {}
         m = self.maps[mapname]
-        return [self._sum_stats(m, blob) for blob in m.lookup_range(start, count)]
+        blobs = m.lookup_range(start, max(offsets) + 1)
+        return dict((o, self._sum_stats(m, blobs[o])) for o in offsets)
 
     def service_stats(self, index):
         return self._stats("svc_stats", index)
@@ -162,13 +167,13 @@ class DataPlane(object):
     def dest_stats(self, index, slot):
         return self._stats("dest_stats", index * self.max_dests + slot)
 
-    def all_service_stats(self):
-        """service_stats() of every service index, in one batch read."""
-        return self._stats_range("svc_stats", 0, self.maps["svc_stats"].max_entries)
+    def services_stats(self, indexes):
+        """{index: service_stats(index)} in one batch read."""
+        return self._stats_many("svc_stats", 0, indexes)
 
-    def service_dest_stats(self, index):
-        """dest_stats() of every slot of service index, in one batch read."""
-        return self._stats_range("dest_stats", index * self.max_dests, self.max_dests)
+    def dests_stats(self, index, slots):
+        """{slot: dest_stats(index, slot)} in one batch read."""
+        return self._stats_many("dest_stats", index * self.max_dests, slots)
 
     def busiest_prefixes(self, n):
         """The n source /20 prefixes that sent the most forwarded VIP

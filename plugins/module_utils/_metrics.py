@@ -112,12 +112,12 @@ class Collector(object):
         weight = Gauge("xvs_destination_weight", "The weight written to the maps (0 while drained by health).",
                        labels=DESTINATION_LABELS)
         services = dp.services()
-        svc_stats = dp.all_service_stats()
+        svc_stats = dp.services_stats([s["index"] for s in services])
         for s in services:
             labels = [s["address"], str(s["port"]), s["protocol"]]
             for f, family in svc.items():
                 family.add_metric(labels, svc_stats[s["index"]][f])
-            slots = dp.service_dest_stats(s["index"])
+            slots = dp.dests_stats(s["index"], [d["slot"] for d in s["destinations"]])
             for d in s["destinations"]:
                 weight.add_metric(labels + [d["address"]], d["weight"])
                 for f, family in dest.items():
