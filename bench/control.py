@@ -92,7 +92,7 @@ class _MapsOnly(object):
         self.root = root
 
     def snapshot(self):
-        return self.root, {}, {}, {}
+        return {"bpffs": self.root, "services": {}, "targets": {}, "service_up": {}, "announced": None}
 
 
 def scrape_row(root, label, repeat=5):

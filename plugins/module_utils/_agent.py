@@ -30,7 +30,7 @@ import subprocess
 import threading
 import time
 
-from ansible_collections.xvs.lb.plugins.module_utils import _health, _planner, _spec, _state
+from ansible_collections.xvs.lb.plugins.module_utils import _announce, _health, _planner, _spec, _state
 from ansible_collections.xvs.lb.plugins.module_utils._balancer import EXPECTED_ERRORS, Balancer
 from ansible_collections.xvs.lb.plugins.module_utils._spec import XvsError
 
@@ -110,11 +110,17 @@ class Target(object):
 
 
 class Agent(object):
-    """The checks of one state of record.  run() until stop is set; the
+    """The checks of one state of record, and with an announcer (see
+    _announce) its VIPs announced while their services are up (policy
+    "any" or "all" of a VIP's services).  run() until stop is set; the
     metrics read snapshot() from another thread."""
 
-    def __init__(self, state_file, log, clock=time.monotonic):
+    def __init__(self, state_file, log, clock=time.monotonic, announcer=None, policy="any"):
         self.state_file, self.log, self.clock = state_file, log, clock
+        self.announcer, self.policy = announcer, policy
+        self.announced = {}      # vip -> announced?, as last set
+        self.announce_due = False
+        self.announce_at = 0.0
         self.bpffs = None
         self.services = {}       # key -> desired service
         self.targets = {}        # (key, address) -> Target
@@ -260,14 +266,52 @@ class Agent(object):
                             len(svc["destinations"]) - len(down.get(key, ())),
                             len(svc["destinations"]), svc["min_healthy"]))
         self.service_up = dict((key, key not in services_down) for key in self.services)
+        self.announce_due = self.announcer is not None
+
+    def announce(self):
+        """Announce the VIPs whose services are up, withdraw the others;
+        the first time only once every checked destination has been
+        checked, so a starting agent announces nothing it has not seen."""
+        if any(t.duration is None for t in self.targets.values()):
+            return
+        self.announce_due = False
+        want = _announce.wanted(self.service_up, self.policy)
+        try:
+            added, removed = self.announcer.set(vip for vip, up in want.items() if up)
+        except (OSError, XvsError) as e:
+            self._once("xvs-agent: cannot announce yet (retrying every %gs): %s" % (RETRY_EVERY, e))
+            self.announce_due, self.announce_at = True, self.clock() + RETRY_EVERY
+            return
+        for vip in added:
+            self.log("xvs-agent: VIP %s announced" % vip)
+        for vip in removed:
+            self.log("xvs-agent: VIP %s withdrawn: %s" % (
+                vip, "no longer in the state of record" if vip not in want else
+                "%s of its services down" % ("one" if self.policy == "all" else "all")))
+        with self._guard:
+            self.announced = want
+
+    def withdraw(self):
+        """Withdraw every VIP (the agent is stopping)."""
+        if self.announcer is None:
+            return
+        try:
+            for vip in self.announcer.set(())[1]:
+                self.log("xvs-agent: VIP %s withdrawn: the agent is stopping" % vip)
+        except (OSError, XvsError) as e:
+            self.log("xvs-agent: could not withdraw the VIPs: %s" % e)
 
     def snapshot(self):
-        """(bpffs, services, {(key, address): (up, last duration)},
-        {key: up}) for the metrics, consistent with each other."""
+        """What the metrics show of the agent, consistent within itself:
+        bpffs, services (desired), targets {(key, address): (up, last
+        duration)}, service_up {key: up}, announced {vip: announced?}
+        (None without an announcer)."""
         with self._guard:
-            return (self.bpffs, self.services,
-                    dict((k, (t.up, t.duration)) for k, t in self.targets.items()),
-                    dict((key, key not in self.services_down(self.down())) for key in self.services))
+            return {"bpffs": self.bpffs, "services": self.services,
+                    "targets": dict((k, (t.up, t.duration)) for k, t in self.targets.items()),
+                    "service_up": dict((key, key not in self.services_down(self.down()))
+                                       for key in self.services),
+                    "announced": dict(self.announced) if self.announcer else None}
 
     def run(self, stop, every=None):
         """Check until stop (a threading.Event) is set; every(now) is called
@@ -296,6 +340,8 @@ class Agent(object):
                         self.result(t, *fut.result())
                 if self.pending and self.clock() >= self.retry_at and self.bpffs:
                     self.apply()
+                if self.announce_due and self.clock() >= self.announce_at:
+                    self.announce()
                 if every:
                     every(self.clock())
         finally:
@@ -303,10 +349,29 @@ class Agent(object):
             pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _notify(state):
+    """Tell systemd (Type=notify, WatchdogSec) how the agent is: a
+    datagram to $NOTIFY_SOCKET, which is all sd_notify(3) does; without
+    systemd there is no socket and nothing to tell."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]            # an abstract socket
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        s.sendto(state.encode(), path)
+    except OSError:
+        pass
+    finally:
+        s.close()
+
+
 def main(argv, log=None):
-    """The agent command: STATE_FILE [--metrics-listen ADDRESS:PORT]
-    [--metrics-textfile PATH] [--textfile-interval S]; runs until SIGTERM
-    or SIGINT.  Exit 1 with one line on stderr when it cannot start."""
+    """The agent command (see --help); runs until SIGTERM or SIGINT and
+    then withdraws its VIPs.  --withdraw only withdraws them (the unit's
+    ExecStopPost, for an agent that died).  Exit 1 with one line on stderr
+    when it cannot start."""
     import argparse
     import signal
     import sys
@@ -316,14 +381,30 @@ def main(argv, log=None):
         sys.stdout.write(line + "\n")
         sys.stdout.flush()     # one journal line per event, as it happens
     log = log or say
-    parser = argparse.ArgumentParser(prog="xvs-agent")
+    parser = argparse.ArgumentParser(prog="xvs-agent", description="xvs.lb health checks, metrics, VIP announcement")
     parser.add_argument("state_file", nargs="?", default=_spec.DEFAULT_STATE_FILE)
-    parser.add_argument("--metrics-listen", default="")
-    parser.add_argument("--metrics-textfile", default="")
+    parser.add_argument("--metrics-listen", default="", help="serve metrics at ADDRESS:PORT")
+    parser.add_argument("--metrics-textfile", default="", help="write metrics to this file")
     parser.add_argument("--textfile-interval", type=float, default=15.0)
+    parser.add_argument("--bgp-table", type=int, default=0,
+                        help="announce VIPs as host routes in this kernel table (BIRD exports it)")
+    parser.add_argument("--announce", choices=_announce.ANNOUNCE_POLICIES, default="any",
+                        help="a VIP is announced while any (or all) of its services are up")
+    parser.add_argument("--bird-socket", default="", help="BIRD's control socket, for the BGP metrics")
+    parser.add_argument("--withdraw", action="store_true", help="withdraw every VIP and exit")
     args = parser.parse_args(argv)
-    agent = Agent(args.state_file, log)
-    every = None
+    announcer = None
+    if args.bgp_table:
+        try:
+            announcer = _announce.Announcer(args.bgp_table)
+        except XvsError as e:
+            sys.stderr.write("xvs-agent: %s\n" % e)
+            return 1
+    agent = Agent(args.state_file, log, announcer=announcer, policy=args.announce)
+    if args.withdraw:
+        agent.withdraw()
+        return 0
+    every = []
     if args.metrics_listen or args.metrics_textfile:
         try:
             import prometheus_client
@@ -331,7 +412,7 @@ def main(argv, log=None):
             sys.stderr.write("xvs-agent: metrics need prometheus_client (Debian: python3-prometheus-client)\n")
             return 1
         registry = prometheus_client.CollectorRegistry(auto_describe=False)
-        registry.register(_metrics.Collector(agent))
+        registry.register(_metrics.Collector(agent, args.bird_socket))
         if args.metrics_listen:
             try:
                 address, port = _metrics.listen_address(args.metrics_listen)
@@ -341,18 +422,35 @@ def main(argv, log=None):
                 return 1
             log("xvs-agent: metrics on http://%s/metrics" % args.metrics_listen)
         if args.metrics_textfile:
-            due = [0.0]
-
-            def every(now):
-                if now >= due[0]:
-                    due[0] = now + args.textfile_interval
-                    try:
-                        prometheus_client.write_to_textfile(args.metrics_textfile, registry)
-                    except OSError as e:
-                        agent._once("xvs-agent: --metrics-textfile %s: %s" % (args.metrics_textfile, e))
+            every.append(_periodic(args.textfile_interval, lambda: _write_textfile(
+                agent, prometheus_client, args.metrics_textfile, registry)))
+    # systemd's watchdog restarts an agent whose loop stopped turning
+    every.append(_periodic(2.0, lambda: _notify("WATCHDOG=1")))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *a: stop.set())
-    agent.run(stop, every)
+    _notify("READY=1")
+    try:
+        agent.run(stop, lambda now: [f(now) for f in every])
+    finally:
+        _notify("STOPPING=1")
+        agent.withdraw()       # a stopping agent withdraws before it exits
     log("xvs-agent: stopped")
     return 0
+
+
+def _periodic(interval, fn):
+    due = [0.0]
+
+    def tick(now):
+        if now >= due[0]:
+            due[0] = now + interval
+            fn()
+    return tick
+
+
+def _write_textfile(agent, prometheus_client, path, registry):
+    try:
+        prometheus_client.write_to_textfile(path, registry)
+    except OSError as e:
+        agent._once("xvs-agent: --metrics-textfile %s: %s" % (path, e))

@@ -15,7 +15,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-from ansible_collections.xvs.lb.plugins.module_utils import _layout as L
+from ansible_collections.xvs.lb.plugins.module_utils import _announce, _layout as L
 from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane
 
 SERVICE_LABELS = ["vip", "port", "protocol"]
@@ -46,14 +46,18 @@ def _stats_family(factory, name, labels):
 
 class Collector(object):
     """A prometheus_client collector of the maps at agent.snapshot()'s pin
-    root, with the agent's health and check durations."""
+    root, with the agent's health, check durations and announcements, and
+    the BGP sessions of the BIRD at bird_socket (if given)."""
 
-    def __init__(self, agent):
-        self.agent = agent
+    def __init__(self, agent, bird_socket=""):
+        self.agent, self.bird_socket = agent, bird_socket
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-        bpffs, desired, targets, service_up = self.agent.snapshot()
+        snap = self.agent.snapshot()
+        bpffs, desired, targets, service_up = (snap["bpffs"], snap["services"], snap["targets"],
+                                               snap["service_up"])
+        yield from self._bgp(snap["announced"], GaugeMetricFamily)
         up = GaugeMetricFamily("xvs_dataplane_up", "1 when the program's maps could be read.")
         try:
             dp = DataPlane(bpffs) if bpffs else None
@@ -85,6 +89,27 @@ class Collector(object):
             return
         with dp:
             yield from self._maps(dp, CounterMetricFamily, GaugeMetricFamily)
+
+    def _bgp(self, announced, Gauge):
+        if announced is not None:
+            vips = Gauge("xvs_vip_announced", "1 while the VIP's host route is offered to BIRD for BGP.",
+                         labels=["vip"])
+            for vip, on in sorted(announced.items()):
+                vips.add_metric([vip], 1 if on else 0)
+            yield vips
+        if not self.bird_socket:
+            return
+        bird = Gauge("xvs_bird_up", "1 when BIRD's control socket answered.")
+        sessions = Gauge("xvs_bgp_session_up", "1 while the BGP session is Established.",
+                         labels=["protocol", "neighbor"])
+        try:
+            for sess in _announce.bgp_sessions(self.bird_socket):
+                sessions.add_metric([sess["protocol"], sess["neighbor"]], 1 if sess["established"] else 0)
+            bird.add_metric([], 1)
+        except OSError:
+            bird.add_metric([], 0)
+        yield bird
+        yield sessions
 
     @staticmethod
     def _maps(dp, Counter, Gauge):

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from ansible_collections.xvs.lb.plugins.module_utils import _agent, _health, _metrics, _spec, _state
+from ansible_collections.xvs.lb.plugins.module_utils import _agent, _announce, _health, _metrics, _spec, _state
 
 VIP = "203.0.113.10"
 KEY = (VIP, 80, "tcp")
@@ -123,3 +123,70 @@ def test_metrics_listen_address(text, expected):
 def test_metrics_listen_address_refused(text):
     with pytest.raises(ValueError, match="address:port"):
         _metrics.listen_address(text)
+
+
+# ---- announcing (see _announce) ----------------------------------------------------
+def test_a_vip_is_announced_while_any_or_all_of_its_services_are_up():
+    up = {(VIP, 80, "tcp"): True, (VIP, 443, "tcp"): False, ("203.0.113.11", 80, "tcp"): False}
+    assert _announce.wanted(up, "any") == {VIP: True, "203.0.113.11": False}
+    assert _announce.wanted(up, "all") == {VIP: False, "203.0.113.11": False}
+
+
+SHOW_PROTOCOLS_ALL = (
+    b"0001 BIRD 2.0.12 ready.\n"
+    b"2002-Name       Proto      Table      State  Since         Info\n"
+    b"1002-device1    Device     ---        up     13:05:47.655  \n"
+    b"1006-\n"
+    b"1002-xvs_192_0_2_1 BGP        ---        up     13:05:51.606  Established   \n"
+    b"1006-  BGP state:          Established\n"
+    b"     Neighbor address: 192.0.2.1\n"
+    b"     Neighbor AS:      65000\n"
+    b"1002-xvs_192_0_2_9 BGP        ---        start  13:05:47.655  Active        \n"
+    b"1006-  BGP state:          Active\n"
+    b"     Neighbor address: 192.0.2.9\n"
+    b"0000 \n")
+
+
+def fake_bird(path, reply):
+    """A one-connection BIRD control socket at path answering reply."""
+    import socket
+    import threading
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+
+    def serve():
+        conn, dummy = srv.accept()
+        greeting, rest = reply.split(b"\n", 1)
+        conn.sendall(greeting + b"\n")
+        conn.makefile("rb").readline()
+        conn.sendall(rest)
+        conn.close()
+        srv.close()
+    threading.Thread(target=serve, daemon=True).start()
+
+
+def test_bgp_sessions_from_birds_control_socket(tmp_path):
+    path = str(tmp_path / "bird.ctl")
+    fake_bird(path, SHOW_PROTOCOLS_ALL)
+    assert _announce.bgp_sessions(path) == [
+        {"protocol": "xvs_192_0_2_1", "neighbor": "192.0.2.1", "state": "up", "established": True},
+        {"protocol": "xvs_192_0_2_9", "neighbor": "192.0.2.9", "state": "start", "established": False}]
+
+
+def test_a_bird_error_is_an_error(tmp_path):
+    path = str(tmp_path / "bird.ctl")
+    fake_bird(path, b"0001 BIRD 2.0.12 ready.\n9001 syntax error\n")
+    with pytest.raises(OSError, match="syntax error"):
+        _announce.bgp_sessions(path)
+
+
+def test_systemd_notify(tmp_path, monkeypatch):
+    import socket
+    path = str(tmp_path / "notify")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(path)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    _agent._notify("WATCHDOG=1")
+    assert s.recv(64) == b"WATCHDOG=1"
+    s.close()

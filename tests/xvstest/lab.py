@@ -4,6 +4,7 @@ Only documentation ranges are used, only inside the namespaces made here.
 """
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -129,7 +130,7 @@ def build_dsr_lab(lab, tmp_path, backends, realserver):
         (www / "whoami").write_text(short)
         (www / "big").write_bytes(b"x" * BIG)
         http_server(lab, short, www)
-        lab.bg(ns, "/usr/bin/python3 %s %s %d" % (_ECHO, short, ECHO_PORT))
+        echo_server(lab, short)
     for short in backends:
         wait_for(lambda: lab.sh(lab.name(short), "curl -sf -o /dev/null http://127.0.0.1/whoami",
                                 check=False).returncode == 0, what="http server in " + short)
@@ -139,6 +140,69 @@ def build_dsr_lab(lab, tmp_path, backends, realserver):
 def http_server(lab, short, www):
     """Start backend short's HTTP server on port 80, serving www."""
     return lab.bg(lab.name(short), "/usr/bin/python3 -m http.server 80 --bind 0.0.0.0 --directory %s" % www)
+
+
+def echo_server(lab, short):
+    """Start backend short's echo service on ECHO_PORT."""
+    return lab.bg(lab.name(short), "/usr/bin/python3 %s %s %d" % (_ECHO, short, ECHO_PORT))
+
+
+# ---- the routed lab of the BGP scale-out (tests/integration/test_bgp.py, molecule/bgp)
+CLIENT_NET_CLIENT, ROUTER_CLIENT_SIDE, ROUTER = "198.51.100.10", "198.51.100.1", "192.0.2.1"
+BGP_BALANCERS = {"bal1": "192.0.2.2", "bal2": "192.0.2.3"}
+ROUTER_AS, BALANCER_AS = 65000, 65001
+ROUTER_BIRD = """
+router id %(router)s;
+protocol device { }
+# every balancer's route for a VIP becomes one next hop of a multipath route
+protocol kernel { merge paths on; ipv4 { import none; export all; }; }
+template bgp balancer { local as %(router_as)d; ipv4 { import all; export none; }; }
+%(neighbours)s
+"""
+
+
+def build_bgp_lab(lab, tmp_path, backends):
+    """A client behind a router (BIRD 2, AS 65000, ECMP over the 5-tuple)
+    and, on one bridge behind it, the balancers' namespaces (addresses
+    only: the role and the agent do the rest) and backends with the VIP on
+    lo and their default route through the router, each serving HTTP on 80
+    and the echo service."""
+    sw = lab.add("sw")
+    lab.sh(sw, "ip link add br0 type bridge && ip link set br0 up")
+    router, cli = lab.add("rtr"), lab.add("cli")
+    lab.veth(cli, "eth0", router, "eth1")
+    lab.sh(cli, "ip addr add %s/24 dev eth0 && ip route add default via %s && ethtool -K eth0 tx off >/dev/null"
+           % (CLIENT_NET_CLIENT, ROUTER_CLIENT_SIDE))
+    lab.sh(router, "ip addr add %s/24 dev eth1 && sysctl -qw net.ipv4.ip_forward=1 "
+                   "net.ipv4.fib_multipath_hash_policy=1" % ROUTER_CLIENT_SIDE)
+    for short, addr in dict(BGP_BALANCERS, rtr=ROUTER, **backends).items():
+        ns = lab.name(short) if short == "rtr" else lab.add(short)
+        lab.veth(ns, "eth0", sw, "p-" + short)
+        lab.sh(sw, "ip link set p-%s master br0" % short)
+        lab.sh(ns, "ip addr add %s/24 dev eth0" % addr)
+    for short in backends:
+        ns = lab.name(short)
+        lab.sh(ns, "ip addr add %s/32 dev lo && ip route add default via %s && sysctl -qw "
+                   "net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2" % (VIP, ROUTER))
+        www = tmp_path / "www" / short
+        www.mkdir(parents=True, exist_ok=True)
+        (www / "whoami").write_text(short)
+        http_server(lab, short, www)
+        echo_server(lab, short)
+    conf = tmp_path / "router-bird.conf"
+    conf.write_text(ROUTER_BIRD % {"router": ROUTER, "router_as": ROUTER_AS, "neighbours": "\n".join(
+        "protocol bgp %s from balancer { neighbor %s as %d; }" % (short, addr, BALANCER_AS)
+        for short, addr in sorted(BGP_BALANCERS.items()))})
+    lab.bg(router, "/usr/sbin/bird -f -c %s -s %s" % (conf, tmp_path / "router-bird.ctl"))
+    for short in backends:
+        wait_for(lambda: lab.sh(lab.name(short), "curl -sf -o /dev/null http://127.0.0.1/whoami",
+                                check=False).returncode == 0, what="http server in " + short)
+
+
+def next_hops(lab):
+    """The router's next hops for the VIP (its kernel route, as BIRD put it)."""
+    out = lab.sh(lab.name("rtr"), "ip -4 route show %s/32" % VIP).stdout
+    return sorted(re.findall(r"via (\S+)", out))
 
 
 def xdp_pass_on_peer(lab):
@@ -174,11 +238,12 @@ def main(argv):
     """For Molecule's create and destroy steps, which outlive one process:
     `lab.py up TAG DIR web1=192.0.2.21 ...` mounts a bpffs at DIR/bpffs and
     builds the lab (backends without the realserver settings, which the role
-    makes), leaving it running; `lab.py down TAG DIR` removes its namespaces,
-    every process in them, and the bpffs."""
+    makes), leaving it running; `lab.py up-bgp TAG DIR web1=...` builds the
+    routed lab of build_bgp_lab instead; `lab.py down TAG DIR` removes its
+    namespaces, every process in them, and the bpffs."""
     import pathlib
     import sys
-    if argv[:1] == ["up"]:
+    if argv[:1] in (["up"], ["up-bgp"]):
         tag, work = argv[1], pathlib.Path(argv[2])
         backends = dict(a.split("=") for a in argv[3:])
         (work / "bpffs").mkdir(parents=True, exist_ok=True)
@@ -186,7 +251,10 @@ def main(argv):
         subprocess.run(["mount", "-t", "bpf", "bpf", str(work / "bpffs")], check=True)
         lab = Lab(tag, exact=True)
         try:
-            build_dsr_lab(lab, work / "www", backends, realserver=False)
+            if argv[0] == "up":
+                build_dsr_lab(lab, work / "www", backends, realserver=False)
+            else:
+                build_bgp_lab(lab, work, backends)
         except Exception:
             lab.close()
             raise
@@ -207,7 +275,7 @@ def main(argv):
         if len(argv) > 2 and os.path.ismount(os.path.join(argv[2], "bpffs")):
             subprocess.run(["umount", "-l", os.path.join(argv[2], "bpffs")], check=False)
         return 0
-    sys.stderr.write("usage: lab.py up TAG DIR NAME=ADDR... | lab.py down TAG [DIR]\n")
+    sys.stderr.write("usage: lab.py up|up-bgp TAG DIR NAME=ADDR... | lab.py down TAG [DIR]\n")
     return 2
 
 
