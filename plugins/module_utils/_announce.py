@@ -34,7 +34,6 @@ try:
 except ImportError:  # the agent reports it when announcing is asked for
     IPRoute = None
 
-DEFAULT_TABLE = 4242
 # rtm_protocol of the agent's routes: not one iproute2's rt_protos assigns,
 # so the agent never touches a route it did not make
 ROUTE_PROTO = 253

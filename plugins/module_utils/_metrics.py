@@ -36,12 +36,14 @@ HELP = {
 }
 
 
+STATS_HELP = {"packets": "Packets forwarded to the %s.", "bytes": "Bytes forwarded to the %s.",
+              "new_flows": "New flows that selected the %s."}
+
+
 def _stats_family(factory, name, labels):
     """xvs_<name>_{packets,bytes,new_flows}: what the program counted for
-    each service or destination."""
-    return dict((f, factory("xvs_%s_%s" % (name, f), "Forwarded %s (new flows: selections) of the %s, summed over CPUs."
-                            % (f.replace("_", " "), name), labels=labels))
-                for f in ("packets", "bytes", "new_flows"))
+    each service or destination (summed over CPUs)."""
+    return dict((f, factory("xvs_%s_%s" % (name, f), text % name, labels=labels)) for f, text in STATS_HELP.items())
 
 
 class Collector(object):
