@@ -132,6 +132,7 @@ def timed(predicate, what, limit):
     wait_for(predicate, timeout=limit + 5, what=what)
     took = time.monotonic() - start
     assert took <= limit, "%s took %.2fs, more than %.2fs" % (what, took, limit)
+    print("%s in %.2fs (limit %.2fs)" % (what, took, limit))     # shown with pytest -s
     return took
 
 

@@ -230,6 +230,7 @@ def test_two_balancers_behind_ecmp(fleet, tmp_path):
     wait_for(lambda: next_hops(lab) == [], timeout=FALL * INTERVAL + 10, what="the VIP withdrawn")
     took = time.monotonic() - start
     assert took <= FALL * INTERVAL + 3, "withdrawn after %.1fs" % took
+    print("the VIP left the router %.2fs after every backend stopped" % took)     # shown with pytest -s
     assert bals["bal1"].metrics()[("xvs_vip_announced", (("vip", VIP),))] == 0
     # and back when they answer again
     for short in BACKENDS:
