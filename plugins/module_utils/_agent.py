@@ -38,6 +38,7 @@ RELOAD_EVERY = 1.0      # s between looks at the state of record for changes
 RETRY_EVERY = 5.0       # s before an apply that failed (no attachment yet) is tried again
 TICK = 0.05             # s the loop waits for a check to finish or one to fall due
 MAX_WORKERS = 32        # checks in flight at once
+WATCHDOG_EVERY = 2.0    # s between "alive" notes to systemd (the unit's WatchdogSec is 30)
 
 
 def _http(check, address, port):
@@ -115,8 +116,9 @@ class Agent(object):
     "any" or "all" of a VIP's services).  run() until stop is set; the
     metrics read snapshot() from another thread."""
 
-    def __init__(self, state_file, log, clock=time.monotonic, announcer=None, policy="any"):
+    def __init__(self, state_file, log, clock=time.monotonic, announcer=None, policy="any", alive=None):
         self.state_file, self.log, self.clock = state_file, log, clock
+        self.alive = alive or (lambda: None)   # called each loop, and while waiting for the lock
         self.announcer, self.policy = announcer, policy
         self.announced = {}      # vip -> announced?, as last set
         self.announce_due = False
@@ -246,7 +248,7 @@ class Agent(object):
         down = self.down()
         services_down = self.services_down(down)
         try:
-            with _state.host_lock():
+            with _state.host_lock(waiting=self.alive):
                 _health.save(self.state_file, down, services_down)
                 with Balancer(self.bpffs) as bal:
                     run = _planner.Run(bal, self.state_file, lambda before: before, strict=False,
@@ -344,6 +346,7 @@ class Agent(object):
                     self.announce()
                 if every:
                     every(self.clock())
+                self.alive()
         finally:
             # checks in flight end within their timeout; none new start
             pool.shutdown(wait=False, cancel_futures=True)
@@ -400,7 +403,10 @@ def main(argv, log=None):
         except XvsError as e:
             sys.stderr.write("xvs-agent: %s\n" % e)
             return 1
-    agent = Agent(args.state_file, log, announcer=announcer, policy=args.announce)
+    # systemd's watchdog restarts an agent whose loop stopped turning
+    watchdog = _periodic(WATCHDOG_EVERY, lambda: _notify("WATCHDOG=1"))
+    agent = Agent(args.state_file, log, announcer=announcer, policy=args.announce,
+                  alive=lambda: watchdog(time.monotonic()))
     if args.withdraw:
         agent.withdraw()
         return 0
@@ -424,8 +430,6 @@ def main(argv, log=None):
         if args.metrics_textfile:
             every.append(_periodic(args.textfile_interval, lambda: _write_textfile(
                 agent, prometheus_client, args.metrics_textfile, registry)))
-    # systemd's watchdog restarts an agent whose loop stopped turning
-    every.append(_periodic(2.0, lambda: _notify("WATCHDOG=1")))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *a: stop.set())

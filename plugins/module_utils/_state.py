@@ -39,8 +39,10 @@ FORMAT = 1
 
 
 @contextlib.contextmanager
-def host_lock(path=LOCK_FILE, timeout=LOCK_TIMEOUT):
-    """Serialise xvs.lb runs on this host: one at a time changes the maps."""
+def host_lock(path=LOCK_FILE, timeout=LOCK_TIMEOUT, waiting=None):
+    """Serialise xvs.lb runs on this host: one at a time changes the maps.
+    waiting(), if given, is called while another run holds the lock (the
+    agent tells systemd's watchdog it is alive, only waiting)."""
     d = os.path.dirname(path)
     if not os.path.isdir(d):
         os.makedirs(d, 0o755)
@@ -56,6 +58,8 @@ def host_lock(path=LOCK_FILE, timeout=LOCK_TIMEOUT):
                     raise
                 if time.monotonic() > deadline:
                     raise XvsError("another xvs.lb run has held %s for %ds" % (path, timeout))
+                if waiting:
+                    waiting()
                 time.sleep(0.05)
         yield
     finally:

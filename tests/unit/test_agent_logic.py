@@ -190,3 +190,16 @@ def test_systemd_notify(tmp_path, monkeypatch):
     _agent._notify("WATCHDOG=1")
     assert s.recv(64) == b"WATCHDOG=1"
     s.close()
+
+
+def test_waiting_for_the_host_lock_keeps_saying_alive(tmp_path):
+    """The agent's watchdog note goes on while another run holds the lock."""
+    import fcntl
+    path = str(tmp_path / "xvs.lock")
+    calls = []
+    with open(path, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(_spec.XvsError, match="held"):
+            with _state.host_lock(path, timeout=0.3, waiting=lambda: calls.append(1)):
+                pass
+    assert len(calls) >= 3
