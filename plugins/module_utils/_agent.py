@@ -41,6 +41,21 @@ MAX_WORKERS = 32        # checks in flight at once
 WATCHDOG_EVERY = 2.0    # s between "alive" notes to systemd (the unit's WatchdogSec is 30)
 
 
+class _HTTPSToAddress(http.client.HTTPSConnection):
+    """HTTPS to one address with another name as the TLS server name (SNI):
+    the check reaches the destination itself, as a client of the service's
+    name would.  http.client takes the server name from the host it
+    connects to."""
+
+    def __init__(self, address, port, server_name, timeout, context):
+        http.client.HTTPSConnection.__init__(self, address, port, timeout=timeout, context=context)
+        self.server_name, self.tls = server_name, context
+
+    def connect(self):
+        sock = socket.create_connection((self.host, self.port), self.timeout)
+        self.sock = self.tls.wrap_socket(sock, server_hostname=self.server_name)
+
+
 def _http(check, address, port):
     if check["type"] == "https":
         # a health check asks "does it answer?", not "whom do I trust?":
@@ -48,7 +63,7 @@ def _http(check, address, port):
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-        conn = http.client.HTTPSConnection(address, port, timeout=check["timeout"], context=context)
+        conn = _HTTPSToAddress(address, port, check.get("host"), check["timeout"], context)
     else:
         conn = http.client.HTTPConnection(address, port, timeout=check["timeout"])
     try:

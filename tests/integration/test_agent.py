@@ -258,11 +258,14 @@ def test_agent_drains_a_dead_backend_and_brings_it_back(balancer, tmp_path):
 
 # ---- each check type against a real server ------------------------------------
 SERVER = "192.0.2.50"
+# an HTTPS server that, like a name-based virtual host, serves only the
+# TLS server name backend.example
 HTTPS_SERVER = """
 import http.server, ssl, sys
 httpd = http.server.HTTPServer((sys.argv[1], int(sys.argv[2])), http.server.SimpleHTTPRequestHandler)
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 ctx.load_cert_chain(sys.argv[3], sys.argv[4])
+ctx.sni_callback = lambda sock, name, c: None if name == "backend.example" else ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
 httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
 httpd.serve_forever()
 """
@@ -290,9 +293,10 @@ def servers(tmp_path):
         lab.bg(ns, "sh -c 'cd %s && exec /usr/bin/python3 %s %s 8443 %s %s'"
                % (www, tmp_path / "https.py", SERVER, cert, key))
         for port in (8080, 8443):
-            wait_for(lambda: lab.sh(ns, "curl -skf -o /dev/null http%s://%s:%d/ok"
-                                    % ("s" if port == 8443 else "", SERVER, port), check=False).returncode == 0,
-                     what="server on %d" % port)
+            wait_for(lambda: lab.sh(ns, "curl -skf -o /dev/null --connect-to backend.example:%d:%s:%d "
+                                        "http%s://backend.example:%d/ok" % (port, SERVER, port,
+                                                                           "s" if port == 8443 else "", port),
+                                    check=False).returncode == 0, what="server on %d" % port)
         yield ns
 
 
@@ -303,6 +307,7 @@ def servers(tmp_path):
     (check("http", port=8080, path="/missing"), False, "HTTP status 404, expected 200"),
     (check("http", port=8080, path="/missing", expect_status=404), True, "HTTP status 404"),
     (check("https", port=8443, path="/ok", host="backend.example"), True, "HTTP status 200"),
+    (check("https", port=8443, path="/ok"), False, "TLS: "),       # no server name: refused
     (check("https", port=8080, path="/ok"), False, "TLS: "),
     (check("exec", command="/bin/sh -c 'test \"$XVS_DESTINATION:$XVS_PORT:$XVS_SERVICE_PORT\" = %s:80:80'"
            % SERVER), True, "exit status 0"),
