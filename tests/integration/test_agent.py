@@ -292,11 +292,11 @@ def servers(tmp_path):
         lab.bg(ns, "/usr/bin/python3 -m http.server 8080 --bind %s --directory %s" % (SERVER, www))
         lab.bg(ns, "sh -c 'cd %s && exec /usr/bin/python3 %s %s 8443 %s %s'"
                % (www, tmp_path / "https.py", SERVER, cert, key))
-        for port in (8080, 8443):
-            wait_for(lambda: lab.sh(ns, "curl -skf -o /dev/null --connect-to backend.example:%d:%s:%d "
-                                        "http%s://backend.example:%d/ok" % (port, SERVER, port,
-                                                                           "s" if port == 8443 else "", port),
-                                    check=False).returncode == 0, what="server on %d" % port)
+        for scheme, port in (("http", 8080), ("https", 8443)):
+            url = "%s://backend.example:%d/ok" % (scheme, port)     # the name the https server serves
+            wait_for(lambda: lab.sh(ns, "curl -skf -o /dev/null --connect-to backend.example:%d:%s:%d %s"
+                                    % (port, SERVER, port, url), check=False).returncode == 0,
+                     what="server on %d" % port)
         yield ns
 
 
