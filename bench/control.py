@@ -111,6 +111,64 @@ def scrape_row(root, label, repeat=5):
             "%.0f-%.0f ms" % (min(times) * 1e3, max(times) * 1e3), ""]
 
 
+def check_rate_row(targets, seconds, interval=1.0):
+    """What one xvs-agent keeps up with: `targets` tcp checks due every
+    `interval` against a listener in a namespace (the 254 addresses of
+    192.0.2.0/24 on its lo), for `seconds`: the checks completed against
+    those scheduled, and the CPU the agent's process used."""
+    import resource
+    import threading
+    from ansible_collections.xvs.lb.plugins.module_utils import _agent, _state
+    work = tempfile.mkdtemp(prefix="xvs-bench-agent-")
+    state_file = os.path.join(work, "state.json")
+    per = 10
+    _state.save(state_file, _state.make("/nonexistent", None, [
+        {"address": VIP_NET % (1 + i % 250), "port": 80 + i // 250, "protocol": "tcp", "sticky": False,
+         "check": {"type": "tcp", "port": 80, "interval": interval, "timeout": 1.0},
+         "destinations": [{"address": "192.0.2.%d" % (1 + (i * per + j) % 254), "weight": 1}
+                          for j in range(per)]} for i in range(targets // per)]))
+    try:
+        with Lab("xh") as lab:
+            ns = lab.add("chk")
+            lab.sh(ns, "for i in $(seq 1 254); do ip addr add 192.0.2.$i/32 dev lo; done")
+            # accepts and closes, with a backlog that is not the bottleneck
+            # (http.server listens with a backlog of 5)
+            lab.bg(ns, "/usr/bin/python3 -c 'import socket\ns = socket.create_server((\"\", 80), backlog=4096)"
+                       "\nwhile True: s.accept()[0].close()'")
+            with inside(ns):
+                wait_for_listener = time.monotonic() + 10
+                while subprocess.run(["ip", "netns", "exec", ns, "python3", "-c",
+                                      "import socket; socket.create_connection(('192.0.2.1', 80), 1)"],
+                                     capture_output=True, check=False).returncode:
+                    if time.monotonic() > wait_for_listener:
+                        raise RuntimeError("the listener did not start")
+                    time.sleep(0.1)
+                agent = _agent.Agent(state_file, lambda line: None)
+                done = []
+                counted = agent.result
+
+                def result(t, ok, reason, took):
+                    done.append(ok)
+                    counted(t, ok, reason, took)
+                agent.result = result
+                stop = threading.Event()
+                cpu = resource.getrusage(resource.RUSAGE_SELF)
+                runner = threading.Thread(target=agent.run, args=(stop,))
+                runner.start()
+                time.sleep(seconds)
+                stop.set()
+                runner.join()
+                used = resource.getrusage(resource.RUSAGE_SELF)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    scheduled = targets * seconds / interval
+    return ["agent: %d tcp checks every %gs, %gs" % (targets, interval, seconds),
+            "%.0f%% done" % (100.0 * len(done) / scheduled),
+            "%d of %d scheduled, %d failed" % (len(done), scheduled, done.count(False)),
+            "CPU %.0f%% of one core" % (100.0 * (used.ru_utime + used.ru_stime - cpu.ru_utime - cpu.ru_stime)
+                                        / seconds)]
+
+
 def maglev_rows(repeat=5):
     rows = []
     size = L.SIZE_LIMITS["maglev_table_size"][0]
@@ -214,6 +272,7 @@ def run(bpffs, coll, smoke=False, repeat=3):
                                      med / baseline, med - baseline)])
             rows.append(scrape_row(root, "one service, 101 destinations") if smoke else
                         scrape_row(role_root, "1,000 services x 10 destinations"))
+            rows += [check_rate_row(n, 3 if smoke else 5) for n in ((100,) if smoke else (1000, 3000, 5000))]
         finally:
             fresh(root)()
             fresh(role_root)()
