@@ -118,7 +118,7 @@ def check_rate_row(targets, seconds, interval=1.0):
     those scheduled, and the CPU the agent's process used."""
     import resource
     import threading
-    from ansible_collections.xvs.lb.plugins.module_utils import _agent, _state
+    from ansible_collections.xvs.lb.plugins.module_utils import _agent, _health, _state
     work = tempfile.mkdtemp(prefix="xvs-bench-agent-")
     state_file = os.path.join(work, "state.json")
     per = 10
@@ -160,6 +160,7 @@ def check_rate_row(targets, seconds, interval=1.0):
                 runner.join()
                 used = resource.getrusage(resource.RUSAGE_SELF)
     finally:
+        _health.remove(state_file)      # the agent wrote one at its first apply
         shutil.rmtree(work, ignore_errors=True)
     scheduled = targets * seconds / interval
     return ["agent: %d tcp checks every %gs, %gs" % (targets, interval, seconds),
