@@ -1,7 +1,9 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later
  *
- * xvs.lb data plane: an IPv4 layer-2 direct-server-return load balancer
- * as one XDP program, compiled and loaded by bcc.
+ * xvs.lb data plane: an IPv4 direct-server-return load balancer as one
+ * XDP program, compiled and loaded by bcc.  Destinations are reached on
+ * the balancer's own segment (layer 2: the frame's MACs rewritten) or
+ * through a tunnel (layer 3: IPIP or GUE, routed to them).
  *
  * The contract this program keeps is docs/design.md section 2; every
  * branch below names the contract line it implements.  The program knows nothing
@@ -13,7 +15,8 @@
  * counter list against the enum below.
  *
  * The entry point, xdp_lb() at the end, reads as the contract: a frame
- * goes through five stages (parse, classify, select, account, forward),
+ * goes through five stages (parse, classify, select, account, forward;
+ * a tunnelled frame's MTU is checked before account),
  * each a function below that returns CONTINUE or the frame's verdict,
  * counted.  A packet of an established TCP or UDP flow reads one per-CPU
  * counters record, one word of the VIP filter, its service, its flow
@@ -25,6 +28,7 @@
 #include <uapi/linux/ip.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/icmp.h>
+#include <uapi/linux/udp.h>
 
 /* ---- sizes and options, set by the loader with -D ------------------- */
 #ifndef XVS_PIN_ROOT
@@ -52,7 +56,7 @@
 #define MAX_IFACES 64           /* devmap slots for XDP_REDIRECT */
 #endif
 
-#define ABI_VERSION 2
+#define ABI_VERSION 3
 
 /* ---- named constants ------------------------------------------------- */
 #define CONTINUE (-1)           /* a stage's "go on"; verdicts are >= 0 */
@@ -90,6 +94,25 @@
 #define IPV4_MIN_IHL 5          /* in 32-bit words ... */
 #define IPV4_IHL_UNIT 4         /* ... of 4 bytes */
 #define ECHO_REPLY_TTL 64
+#define IP_DF 0x4000            /* frag_off: don't fragment */
+
+/* Forwarding methods (contract 2), per service, copied into its dests. */
+#define FWD_L2 0                /* rewrite the MACs: the destination is on-link */
+#define FWD_IPIP 1              /* IPv4-in-IPv4 (protocol 4) */
+#define FWD_GUE 2               /* GUE variant 1: IPv4 directly in UDP */
+#define IPIP_OVERHEAD (sizeof(struct iphdr))
+#define GUE_OVERHEAD (sizeof(struct iphdr) + sizeof(struct udphdr))
+#define TUNNEL_TTL 64
+/* A GUE packet's UDP source port comes from the flow hash, in the dynamic
+ * range (RFC 6335), so ECMP and RSS on the way spread the flows. */
+#define GUE_SPORT_BASE 0xc000
+#define GUE_SPORT_MASK 0x3fff
+/* A frame too big to encapsulate is answered with an ICMP
+ * fragmentation-needed quoting this many bytes of it (RFC 792 asks for the
+ * header and 8 bytes; more lets the client match the quoted segment).  A
+ * multiple of 4 for bpf_csum_diff, and below every MTU that can trigger it. */
+#define ICMP_QUOTE_LEN 128
+#define ICMP_TOO_BIG_TTL 64
 
 #define PIN(name) XVS_PIN_ROOT "/" name
 
@@ -108,6 +131,10 @@ struct svc_val {
     u32 flags;      /* SVC_STICKY */
     u32 gen;        /* which maglev half (0/1) is live */
     u32 ndest;      /* eligible destinations (weight > 0); 0: drop */
+    u8 forwarding;  /* FWD_*, and ... */
+    u8 pad;
+    __be16 gue_port;/* ... GUE's port: kept for the control plane, the
+                     * program reads the copies in each dest */
 };
 
 /* Per VIP: which port a non-first fragment belongs to (sticky services
@@ -130,6 +157,12 @@ struct dest {
     u16 tx_port;     /* slot in tx_ports when ifindex is not the ingress */
     u32 ifindex;
     u32 weight;      /* for the control plane; selection uses the maglev map */
+    u8 forwarding;   /* FWD_*: the service's method; for a tunnel, mac is the */
+    u8 pad;          /* next hop's and ... */
+    __be16 gue_port; /* ... the outer UDP destination port (FWD_GUE) */
+    __be32 tun_src;  /* the outer source address */
+    u16 mtu;         /* the egress MTU: a tunnelled frame must fit */
+    u16 pad2;
 };
 
 struct maglev_chunk {
@@ -195,6 +228,10 @@ enum counter {
     C_ICMP_PTB_FORWARDED,
     C_NEW_FLOWS,
     C_FLOW_RESELECT,
+    C_ENCAP_IPIP,
+    C_ENCAP_GUE,
+    C_ICMP_TOO_BIG,
+    C_DROP_ENCAP,
     C_MAX,
 };
 
@@ -284,6 +321,25 @@ static __always_inline __sum16 csum_replace(__sum16 check, __be16 old, __be16 ne
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     return ~sum;
+}
+
+static __always_inline __sum16 csum_fold(u32 sum)
+{
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    return ~sum;
+}
+
+/* The checksum of an option-less IPv4 header (its check field zero),
+ * summed in memory order like every checksum here. */
+static __always_inline __sum16 ipv4_csum(struct iphdr *ip)
+{
+    u16 *w = (u16 *)ip;
+    u32 sum = 0;
+#pragma unroll
+    for (int i = 0; i < sizeof(*ip) / 2; i++)
+        sum += w[i];
+    return csum_fold(sum);
 }
 
 static __always_inline int vip_filter_hit(__be32 vip)
@@ -567,14 +623,156 @@ static __always_inline void account(struct counters *c, struct packet *p, struct
 }
 
 /* ---- stage 5: forward -------------------------------------------------- */
+/* Contract 2 (tunnels): a frame that would not fit the egress MTU once
+ * encapsulated is answered, from the VIP, with an ICMP
+ * fragmentation-needed carrying the MTU the client may use: never a silent
+ * drop, and checked before account() so it is not counted as forwarded.
+ * The frame is cut to the quote and the new headers go in front of it. */
+static __always_inline int icmp_too_big(struct xdp_md *ctx, struct counters *c, struct packet *p,
+                                        u16 mtu)
+{
+    struct ethhdr *eth = p->eth;
+    struct iphdr *ip = p->ip;
+    __be32 client = ip->saddr, vip = ip->daddr;
+    u8 client_mac[ETH_ALEN], own_mac[ETH_ALEN];
+    __builtin_memcpy(client_mac, eth->h_source, ETH_ALEN);
+    __builtin_memcpy(own_mac, eth->h_dest, ETH_ALEN);
+    int tagged = p->vh != 0;
+    struct vlan_hdr tag = {};
+    if (tagged)
+        tag = *p->vh;
+    u32 l2 = (void *)ip - (void *)eth;
+    if (bpf_xdp_adjust_tail(ctx, (int)(l2 + ICMP_QUOTE_LEN) - (int)p->len) ||
+        bpf_xdp_adjust_head(ctx, -(int)(sizeof(struct iphdr) + sizeof(struct icmphdr))))
+        return verdict(c, C_DROP_ENCAP, XDP_DROP);
+
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    eth = data;
+    void *l3 = eth + 1;
+    if (tagged) {
+        struct vlan_hdr *vh = l3;
+        if ((void *)(vh + 1) > data_end)
+            return verdict(c, C_DROP_ENCAP, XDP_DROP);
+        *vh = tag;
+        l3 = vh + 1;
+    }
+    struct iphdr *nip = l3;
+    struct icmphdr *icmp = (void *)(nip + 1);
+    if ((void *)(icmp + 1) + ICMP_QUOTE_LEN > data_end)
+        return verdict(c, C_DROP_ENCAP, XDP_DROP);
+    __builtin_memcpy(eth->h_dest, client_mac, ETH_ALEN);
+    __builtin_memcpy(eth->h_source, own_mac, ETH_ALEN);
+    eth->h_proto = bpf_htons(tagged ? ETH_P_8021Q : ETH_P_IP);
+
+    struct iphdr h = {};
+    h.version = IPV4_VERSION;
+    h.ihl = IPV4_MIN_IHL;
+    h.tot_len = bpf_htons(sizeof(h) + sizeof(*icmp) + ICMP_QUOTE_LEN);
+    h.ttl = ICMP_TOO_BIG_TTL;
+    h.protocol = IPPROTO_ICMP;
+    h.saddr = vip;
+    h.daddr = client;
+    h.check = ipv4_csum(&h);
+    *nip = h;
+
+    icmp->type = ICMP_DEST_UNREACH;
+    icmp->code = ICMP_FRAG_NEEDED;
+    icmp->checksum = 0;
+    icmp->un.frag.__unused = 0;
+    icmp->un.frag.mtu = bpf_htons(mtu);
+    icmp->checksum = csum_fold(bpf_csum_diff(0, 0, (void *)icmp, sizeof(*icmp) + ICMP_QUOTE_LEN, 0));
+    return verdict(c, C_ICMP_TOO_BIG, XDP_TX);
+}
+
+static __always_inline int fits(struct xdp_md *ctx, struct counters *c, struct packet *p,
+                                struct dest *d)
+{
+    if (d->forwarding == FWD_L2)
+        return CONTINUE;
+    u32 overhead = d->forwarding == FWD_GUE ? GUE_OVERHEAD : IPIP_OVERHEAD;
+    u32 len = bpf_ntohs(p->ip->tot_len);
+    if (len + overhead <= d->mtu)
+        return CONTINUE;
+    if (len < ICMP_QUOTE_LEN || d->mtu <= overhead)    /* the control plane prevents both */
+        return verdict(c, C_DROP_ENCAP, XDP_DROP);
+    return icmp_too_big(ctx, c, p, d->mtu - overhead);
+}
+
+/* Contract 2 (tunnels): an outer IPv4 header (and for GUE a UDP header)
+ * goes in front of the client's packet, from the tunnel source to the
+ * destination, DF set (a fragmented outer packet could not be decapsulated
+ * by XDP) and TOS copied; the Ethernet header and its 802.1Q tag move to
+ * the new front for forward() to address to the next hop. */
+static __always_inline int encapsulate(struct xdp_md *ctx, struct counters *c, struct packet *p,
+                                       struct dest *d, u8 proto, int overhead)
+{
+    struct iphdr h = {};
+    h.version = IPV4_VERSION;
+    h.ihl = IPV4_MIN_IHL;
+    h.tos = p->ip->tos;
+    u16 inner_len = bpf_ntohs(p->ip->tot_len);
+    h.tot_len = bpf_htons(inner_len + overhead);
+    h.frag_off = bpf_htons(IP_DF);
+    h.ttl = TUNNEL_TTL;
+    h.protocol = proto;
+    h.saddr = d->tun_src;
+    h.daddr = d->addr;
+    h.check = ipv4_csum(&h);
+    struct udphdr u = {};
+    if (proto == IPPROTO_UDP) {
+        u.source = bpf_htons(GUE_SPORT_BASE | (flow_hash(&p->key) & GUE_SPORT_MASK));
+        u.dest = d->gue_port;
+        u.len = bpf_htons(inner_len + sizeof(u));   /* checksum 0: none, as IPv4 allows */
+    }
+    int tagged = p->vh != 0;
+    if (bpf_xdp_adjust_head(ctx, -overhead))
+        return verdict(c, C_DROP_ENCAP, XDP_DROP);
+
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+    struct ethhdr *old = data + overhead;    /* overhead > l2: no overlap */
+    if ((void *)(old + 1) + sizeof(struct vlan_hdr) > data_end)
+        return verdict(c, C_DROP_ENCAP, XDP_DROP);
+    __builtin_memcpy(eth, old, sizeof(*eth));
+    void *l3 = eth + 1;
+    p->vh = 0;
+    if (tagged) {
+        struct vlan_hdr *vh = l3;
+        *vh = *(struct vlan_hdr *)(old + 1);
+        l3 = vh + 1;
+        p->vh = vh;
+    }
+    p->eth = eth;
+    struct iphdr *outer = l3;
+    if ((void *)outer + overhead > data_end)
+        return verdict(c, C_DROP_ENCAP, XDP_DROP);
+    *outer = h;
+    if (proto == IPPROTO_UDP) {
+        *(struct udphdr *)(outer + 1) = u;
+        c->n[C_ENCAP_GUE]++;
+    } else {
+        c->n[C_ENCAP_IPIP]++;
+    }
+    return CONTINUE;
+}
+
 /* Contract 2: rewrite the Ethernet header (and the 802.1Q id) for the
- * destination and hand the frame back out. */
+ * destination, or for a tunnel its next hop, and hand the frame back out. */
 static __always_inline int forward(struct xdp_md *ctx, struct counters *c, struct packet *p,
                                    struct dest *d)
 {
-    struct vlan_hdr *vh = p->vh;
-    if ((vh != 0) != (d->vlan != 0))
+    if ((p->vh != 0) != (d->vlan != 0))
         return verdict(c, C_DROP_VLAN, XDP_DROP);
+    int action = CONTINUE;
+    if (d->forwarding == FWD_IPIP)
+        action = encapsulate(ctx, c, p, d, IPPROTO_IPIP, IPIP_OVERHEAD);
+    else if (d->forwarding == FWD_GUE)
+        action = encapsulate(ctx, c, p, d, IPPROTO_UDP, GUE_OVERHEAD);
+    if (action != CONTINUE)
+        return action;
+    struct vlan_hdr *vh = p->vh;
     if (vh)
         vh->tci = (vh->tci & bpf_htons(VLAN_PRIO_MASK)) | bpf_htons(d->vlan & VLAN_VID_MASK);
     __builtin_memcpy(p->eth->h_dest, d->mac, ETH_ALEN);
@@ -603,6 +801,9 @@ int xdp_lb(struct xdp_md *ctx)
     struct choice ch = {};
     action = select_dest(c, &p, &ch);
     if (action != CONTINUE || !ch.d)
+        return action;
+    action = fits(ctx, c, &p, ch.d);
+    if (action != CONTINUE)
         return action;
     account(c, &p, &ch);
     return forward(ctx, c, &p, ch.d);

@@ -40,6 +40,7 @@ class LimitError(DataPlaneError):
 
 
 _PROTOCOL_NAMES = {v: k for k, v in L.PROTOCOLS.items()}
+_FORWARDING_NAMES = {v: k for k, v in L.FORWARDING.items()}
 _DEST_FLAGS = L.Dest.flags.offset
 
 
@@ -53,7 +54,8 @@ def _u32(n):
 
 def _fwd_bytes(d):
     """The bytes the data plane reads to forward: everything but weight."""
-    return (d.addr, bytes(d.mac), bytes(d.src_mac), d.vlan, d.tx_port, d.ifindex)
+    return (d.addr, bytes(d.mac), bytes(d.src_mac), d.vlan, d.tx_port, d.ifindex, d.forwarding,
+            d.gue_port, d.tun_src, d.mtu)
 
 
 class DataPlane(object):
@@ -114,7 +116,9 @@ class DataPlane(object):
         dests = sorted((dest_dict(d, slot) for slot, d in slots.items()), key=lambda d: d["address"])
         return {"address": L.ip_str(key.vip), "port": L.be16(key.port),
                 "protocol": _PROTOCOL_NAMES.get(key.proto, str(key.proto)),
-                "sticky": bool(v.flags & L.SVC_STICKY), "index": v.index, "destinations": dests}
+                "sticky": bool(v.flags & L.SVC_STICKY), "index": v.index,
+                "forwarding": _FORWARDING_NAMES.get(v.forwarding, str(v.forwarding)),
+                "gue_port": L.be16(v.gue_port), "destinations": dests}
 
     def services(self):
         """Every service with its destinations, as plain dicts."""
@@ -233,7 +237,8 @@ class DataPlane(object):
         its live destination slots, the one read a plan starts from."""
         return {k: (v, self._dest_slots(v.index)) for k, v in self._services_raw().items()}
 
-    def plan_write(self, address, port, protocol, sticky, destinations, current, taken):
+    def plan_write(self, address, port, protocol, sticky, destinations, current, taken,
+                   forwarding="l2", gue_port=0):
         """What writing one service takes, checked against the limits before
         anything is written: a ServiceWrite, or None when the maps already
         hold exactly this (no Maglev table is built to find that out: equal
@@ -241,8 +246,10 @@ class DataPlane(object):
         with them is still the right one).
 
         destinations: dicts with address, weight, mac, src_mac, vlan,
-        ifindex, tx_port (already resolved); current: read_services();
-        taken: service indexes already given out in this plan (updated).
+        ifindex, tx_port and for a tunnel tun_src and mtu (already
+        resolved; mac is then the next hop's); current: read_services();
+        taken: service indexes already given out in this plan (updated);
+        forwarding: a key of L.FORWARDING, gue_port its port for gue.
         """
         label = "service %s:%d/%s" % (address, port, protocol)
         if len(destinations) > self.max_dests:
@@ -263,7 +270,8 @@ class DataPlane(object):
         else:
             index, gen = old.index, old.gen
         taken.add(index)
-        wanted = {d["address"]: make_dest(d) for d in destinations}
+        fwd, gue_port = L.FORWARDING[forwarding], gue_port if forwarding == "gue" else 0
+        wanted = {d["address"]: make_dest(d, fwd, gue_port) for d in destinations}
         by_addr = {L.ip_str(d.addr): (slot, d) for slot, d in live.items()}
         plan, new_slots = {}, []
         free_slots = [s for s in range(self.max_dests) if s not in live]
@@ -281,9 +289,11 @@ class DataPlane(object):
         flags = L.SVC_STICKY if sticky else 0
         removed = [s for s in live if s not in plan.values()]
         if (old is not None and old.flags == flags and not new_slots and not removed
+                and (old.forwarding, L.be16(old.gue_port)) == (fwd, gue_port)
                 and all(bytes(live[plan[a]]) == bytes(d) for a, d in wanted.items())):
             return None
-        return ServiceWrite(key, index, gen, old is None, flags, wanted, plan, new_slots, removed)
+        return ServiceWrite(key, index, gen, old is None, flags, wanted, plan, new_slots, removed,
+                            fwd, gue_port)
 
     def write(self, sw, tables=None):
         """Write one planned service in the order that keeps every packet on
@@ -309,7 +319,8 @@ class DataPlane(object):
         names, table = tables[weights]
         new_gen = sw.gen ^ 1
         self._write_table(sw.index, new_gen, names, table, sw.plan)
-        val = L.SvcVal(index=sw.index, flags=sw.flags, gen=new_gen, ndest=len(weights) if names else 0)
+        val = L.SvcVal(index=sw.index, flags=sw.flags, gen=new_gen, ndest=len(weights) if names else 0,
+                       forwarding=sw.forwarding, gue_port=L.be16(sw.gue_port))
         self.maps["services"].update(sw.key, _raw(val))
         for slot in sw.removed:
             dests.update(_u32(base + slot), _raw(L.Dest()))
@@ -322,12 +333,13 @@ class DataPlane(object):
         for slot in live:
             dests.update(_u32(old.index * self.max_dests + slot), _raw(L.Dest()))
 
-    def set_service(self, address, port, protocol, sticky, destinations):
+    def set_service(self, address, port, protocol, sticky, destinations, forwarding="l2",
+                    gue_port=0):
         """Make one service exist with exactly these destinations (see
         plan_write).  Returns True when anything was written."""
         current = self.read_services()
         sw = self.plan_write(address, port, protocol, sticky, destinations, current,
-                             set(v.index for v, dummy in current.values()))
+                             set(v.index for v, dummy in current.values()), forwarding, gue_port)
         if sw is None:
             return False
         self.write(sw)
@@ -427,9 +439,11 @@ class ServiceWrite(object):
     the destinations by address with the slot each goes to, the slots that
     are new and those to clear after the switch."""
 
-    def __init__(self, key, index, gen, new, flags, wanted, plan, new_slots, removed):
+    def __init__(self, key, index, gen, new, flags, wanted, plan, new_slots, removed, forwarding,
+                 gue_port):
         self.key, self.index, self.gen, self.new, self.flags = key, index, gen, new, flags
         self.wanted, self.plan, self.new_slots, self.removed = wanted, plan, new_slots, removed
+        self.forwarding, self.gue_port = forwarding, gue_port
 
 
 def pinned_abi(root):
@@ -468,23 +482,30 @@ def svc_key(address, port, protocol):
     return _raw(L.SvcKey(vip=L.be32(address), port=L.be16(port), proto=L.PROTOCOLS[protocol]))
 
 
-def make_dest(d):
-    """The Dest for a resolved destination dict.  Read-only and cached: a
+def make_dest(d, forwarding=0, gue_port=0):
+    """The Dest for a resolved destination dict, of a service forwarding
+    (L.FORWARDING value) through gue_port.  Read-only and cached: a
     thousand services over one pool compare the same few hundred."""
     return _dest(d["address"], d["weight"], d["mac"], d["src_mac"], d.get("vlan", 0),
-                 d.get("tx_port", 0), d["ifindex"])
+                 d.get("tx_port", 0), d["ifindex"], forwarding, gue_port,
+                 d.get("tun_src"), d.get("mtu", 0))
 
 
 @functools.lru_cache(maxsize=8192)
-def _dest(address, weight, mac, src_mac, vlan, tx_port, ifindex):
+def _dest(address, weight, mac, src_mac, vlan, tx_port, ifindex, forwarding, gue_port, tun_src, mtu):
     out = L.Dest(addr=L.be32(address), flags=L.DEST_VALID, vlan=vlan, tx_port=tx_port,
-                 ifindex=ifindex, weight=weight)
+                 ifindex=ifindex, weight=weight, forwarding=forwarding, gue_port=L.be16(gue_port),
+                 tun_src=L.be32(tun_src) if tun_src else 0, mtu=mtu)
     out.mac[:] = L.mac_bytes(mac)
     out.src_mac[:] = L.mac_bytes(src_mac)
     return out
 
 
 def dest_dict(d, slot):
-    return {"address": L.ip_str(d.addr), "weight": d.weight, "mac": L.mac_str(d.mac),
-            "src_mac": L.mac_str(d.src_mac), "vlan": d.vlan, "ifindex": d.ifindex,
-            "tx_port": d.tx_port, "slot": slot}
+    """A Dest as a plain dict; tun_src and mtu only for a tunnel."""
+    out = {"address": L.ip_str(d.addr), "weight": d.weight, "mac": L.mac_str(d.mac),
+           "src_mac": L.mac_str(d.src_mac), "vlan": d.vlan, "ifindex": d.ifindex,
+           "tx_port": d.tx_port, "slot": slot}
+    if d.forwarding != L.FORWARDING["l2"]:
+        out.update(tun_src=L.ip_str(d.tun_src), mtu=d.mtu)
+    return out

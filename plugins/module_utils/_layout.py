@@ -18,7 +18,7 @@ import ipaddress
 import socket
 import sys
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 MAGLEV_CHUNK = 16          # Maglev slots per array element
 SRC_PREFIX_LEN = 20        # source prefix counters count per /20
 PREFIX_SLOTS = 1 << SRC_PREFIX_LEN
@@ -30,6 +30,12 @@ VIP_FILTER_WORDS = (1 << VIP_FILTER_ORDER) // 64
 VLAN_IDS = 4096            # 802.1Q ids, the index of the vlans map
 SVC_STICKY = 1
 DEST_VALID = 1
+# Forwarding methods: a service's, copied into each of its destinations.
+FORWARDING = {"l2": 0, "ipip": 1, "gue": 2}
+# Bytes a tunnel adds in front of the client's IPv4 packet.
+TUNNEL_OVERHEAD = {"l2": 0, "ipip": 20, "gue": 28}
+ICMP_QUOTE_LEN = 128       # bytes of a too-big frame its ICMP quotes
+MAX_TUNNEL_MTU = 65535     # struct dest's mtu is a u16
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 
 # Global counters, in the order of enum counter in xdp_lb.c.
@@ -37,10 +43,12 @@ COUNTERS = (
     "rx_packets", "rx_bytes", "pass", "tx", "redirect",
     "drop_no_service", "drop_no_dest", "drop_fragment", "drop_icmp", "drop_vlan",
     "icmp_echo_reply", "icmp_ptb_forwarded", "new_flows", "flow_reselect",
+    "encap_ipip", "encap_gue", "icmp_too_big", "drop_encap",
 )
 # Where a frame ends: every frame counted in rx_packets lands in exactly one.
 VERDICT_COUNTERS = ("pass", "tx", "redirect", "drop_no_service", "drop_no_dest",
-                    "drop_fragment", "drop_icmp", "drop_vlan", "icmp_echo_reply")
+                    "drop_fragment", "drop_icmp", "drop_vlan", "icmp_echo_reply", "icmp_too_big",
+                    "drop_encap")
 
 
 class SvcKey(ctypes.Structure):
@@ -50,7 +58,9 @@ class SvcKey(ctypes.Structure):
 
 class SvcVal(ctypes.Structure):
     _fields_ = [("index", ctypes.c_uint32), ("flags", ctypes.c_uint32),
-                ("gen", ctypes.c_uint32), ("ndest", ctypes.c_uint32)]
+                ("gen", ctypes.c_uint32), ("ndest", ctypes.c_uint32),
+                ("forwarding", ctypes.c_uint8), ("pad", ctypes.c_uint8),
+                ("gue_port", ctypes.c_uint16)]
 
 
 class VipVal(ctypes.Structure):
@@ -62,7 +72,10 @@ class Dest(ctypes.Structure):
     _fields_ = [("addr", ctypes.c_uint32), ("flags", ctypes.c_uint32),
                 ("mac", ctypes.c_uint8 * 6), ("src_mac", ctypes.c_uint8 * 6),
                 ("vlan", ctypes.c_uint16), ("tx_port", ctypes.c_uint16),
-                ("ifindex", ctypes.c_uint32), ("weight", ctypes.c_uint32)]
+                ("ifindex", ctypes.c_uint32), ("weight", ctypes.c_uint32),
+                ("forwarding", ctypes.c_uint8), ("pad", ctypes.c_uint8),
+                ("gue_port", ctypes.c_uint16), ("tun_src", ctypes.c_uint32),
+                ("mtu", ctypes.c_uint16), ("pad2", ctypes.c_uint16)]
 
 
 class MaglevChunk(ctypes.Structure):

@@ -214,7 +214,8 @@ def _restore(root, services, ports, vlans):
             dp.maps["tx_ports"].update(k, v)
         write_vlans(dp, vlans)
         for s in services:
-            dp.set_service(s["address"], s["port"], s["protocol"], s["sticky"], s["destinations"])
+            dp.set_service(s["address"], s["port"], s["protocol"], s["sticky"], s["destinations"],
+                           s["forwarding"], s["gue_port"])
 
 
 class Program(object):
