@@ -47,13 +47,45 @@ class Balancer(object):
             self._ifnames = dict((_netinfo.interface(n)["index"], n) for n in self.status["interfaces"])
         return self._ifnames.get(index)
 
-    def resolve(self, option, address, mac_override=None):
-        """A destination's forwarding data: interface, VLAN, MACs.  Cached
-        for the run: a thousand services over one pool resolve it once."""
-        key = (address, mac_override)
+    def resolve(self, option, address, mac_override=None, tunnel=False):
+        """A destination's forwarding data: interface, VLAN, MACs, and for
+        a tunnel (tunnel=True) its source address and the egress MTU.
+        Cached for the run: a thousand services over one pool resolve it
+        once."""
+        key = (address, mac_override, tunnel)
         if key not in self._resolved:
-            self._resolved[key] = self._resolve(option, address, mac_override)
+            self._resolved[key] = (self._resolve_tunnel if tunnel else self._resolve)(
+                option, address, mac_override)
         return dict(self._resolved[key])
+
+    def _resolve_tunnel(self, option, address, mac_override):
+        """A tunnel's forwarding data (docs/design.md §2.2): the next hop is
+        the kernel's route to the destination (its gateway, or the
+        destination itself when on-link), reached as an L2 destination is
+        (mac: the next hop's MAC); the outer source is the route's
+        preferred source, the balancer's address on that interface."""
+        try:
+            route = _netinfo.route(address)
+        except _netinfo.NetInfoError as e:
+            raise XvsError("%s=%s: %s" % (option, address, e))
+        hop = route["gateway"] or address
+        try:
+            out = self._resolve("its next hop", hop, mac_override)
+        except XvsError as e:
+            raise XvsError("%s=%s: %s" % (option, address, e))
+        overhead = L.TUNNEL_OVERHEAD["gue"]
+        mtu = min(route["mtu"] or self._info(out["ifindex"])["mtu"], L.MAX_TUNNEL_MTU)
+        if mtu - overhead < L.ICMP_QUOTE_LEN:
+            raise XvsError("%s=%s: the egress MTU %d is too small to tunnel through"
+                           % (option, address, mtu))
+        if not route["prefsrc"]:
+            raise XvsError("%s=%s: the route to it has no source address for the tunnel"
+                           % (option, address))
+        out.update(address=address, tun_src=route["prefsrc"], mtu=mtu)
+        return out
+
+    def _info(self, index):
+        return next(i for i in self._infos if i["index"] == index)
 
     def _resolve(self, option, address, mac_override):
         interfaces = sorted(self.status["interfaces"])
@@ -83,13 +115,20 @@ class Balancer(object):
 
     def view(self, svc):
         """A service as the maps hold it, with where each destination is."""
-        return {"address": svc["address"], "port": svc["port"], "protocol": svc["protocol"],
-                "sticky": svc["sticky"],
-                "destinations": [self.dest_view(d) for d in svc["destinations"]]}
+        out = {"address": svc["address"], "port": svc["port"], "protocol": svc["protocol"],
+               "sticky": svc["sticky"], "forwarding": svc["forwarding"],
+               "destinations": [self.dest_view(d) for d in svc["destinations"]]}
+        if svc["forwarding"] == "gue":
+            out["gue_port"] = svc["gue_port"]
+        return out
 
     def dest_view(self, d):
-        return {"address": d["address"], "weight": d["weight"], "mac": d["mac"],
-                "interface": self.ifname(d["ifindex"]), "vlan": d["vlan"]}
+        """mac is the destination's, or for a tunnel its next hop's."""
+        out = {"address": d["address"], "weight": d["weight"], "mac": d["mac"],
+               "interface": self.ifname(d["ifindex"]), "vlan": d["vlan"]}
+        if "mtu" in d:
+            out.update(tunnel_source=d["tun_src"], mtu=d["mtu"])
+        return out
 
 
 def info(bal, source_prefixes=0):

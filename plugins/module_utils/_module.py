@@ -67,6 +67,7 @@ def service_view(r, bal, key):
     if svc is None:
         return None
     return bal.view({"address": key[0], "port": key[1], "protocol": key[2], "sticky": svc["sticky"],
+                     "forwarding": svc["forwarding"], "gue_port": svc["gue_port"],
                      "destinations": sorted(r.plan.effective.get(key, []), key=lambda d: d["address"])})
 
 

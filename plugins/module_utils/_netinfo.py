@@ -16,6 +16,7 @@ import time
 
 try:
     from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
     HAS_PYROUTE2 = True
 except ImportError:  # reported by the modules with missing_required_lib
     HAS_PYROUTE2 = False
@@ -33,7 +34,7 @@ class NetInfoError(ValueError):
 
 
 def interface(name):
-    """{'name', 'index', 'mac', 'networks': [IPv4Network], 'xdp_mode', 'xdp_prog_id'}."""
+    """{'name', 'index', 'mac', 'mtu', 'networks': [IPv4Network], 'xdp_mode', 'xdp_prog_id'}."""
     with IPRoute() as ipr:
         idx = ipr.link_lookup(ifname=name)
         if not idx:
@@ -43,7 +44,8 @@ def interface(name):
                 for a in ipr.get_addr(index=idx[0], family=socket.AF_INET)]
     mode, prog_id = _xdp(link)
     return {"name": name, "index": idx[0], "mac": link.get_attr("IFLA_ADDRESS"),
-            "networks": nets, "xdp_mode": mode, "xdp_prog_id": prog_id}
+            "mtu": link.get_attr("IFLA_MTU"), "networks": nets, "xdp_mode": mode,
+            "xdp_prog_id": prog_id}
 
 
 def _xdp(link):
@@ -83,6 +85,21 @@ def locate(address, interfaces, vlans=None, infos=None):
             return info, 0
     raise NetInfoError("destination %s is not on-link through any attached interface (%s)"
                        % (address, ", ".join(interfaces) or "none attached"))
+
+
+def route(address):
+    """How the kernel routes to address: {'gateway' (None when on-link),
+    'prefsrc', 'mtu' (the route's MTU metric, or None)}."""
+    with IPRoute() as ipr:
+        try:
+            r = ipr.route("get", dst=address)[0]
+        except NetlinkError as e:
+            raise NetInfoError("no route to %s (%s)" % (address, e.args[-1] if e.args else e))
+    if r["type"] != 1:      # RTN_UNICAST: not local, blackhole, unreachable ...
+        raise NetInfoError("%s is not routed to another host (route type %d)" % (address, r["type"]))
+    metrics = r.get_attr("RTA_METRICS")
+    return {"gateway": r.get_attr("RTA_GATEWAY"), "prefsrc": r.get_attr("RTA_PREFSRC"),
+            "mtu": metrics.get_attr("RTAX_MTU") if metrics else None}
 
 
 def neighbours(index, ipr=None):

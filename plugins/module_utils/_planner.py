@@ -9,9 +9,10 @@ Every entry point that changes services goes through here: xvs_services
 (overridden with the state of record).
 
 A desired state is {(address, port, protocol): service}, each service
-{address, port, protocol, sticky, check, min_healthy, destinations:
-{address: {address, weight, mac}}} with mac None unless given and check
-None for a service xvs-agent does not check.  The states below turn the
+{address, port, protocol, sticky, check, min_healthy, forwarding, gue_port,
+destinations: {address: {address, weight, mac}}} with mac None unless
+given, check None for a service xvs-agent does not check and gue_port None
+unless forwarding is gue.  The states below turn the
 desired state before a run and the run's entries (checked by _spec) into
 the desired state after it; Plan compares that with the maps, read once,
 and writes only the services that differ: a Maglev table is built only for
@@ -35,10 +36,10 @@ STATES = ("merged", "replaced", "overridden", "deleted")
 
 
 def _service(address, port, protocol, sticky, dests, check=None,
-             min_healthy=_spec.DEFAULT_MIN_HEALTHY):
+             min_healthy=_spec.DEFAULT_MIN_HEALTHY, tunnel=(_spec.DEFAULT_FORWARDING, None)):
     return {"address": address, "port": port, "protocol": protocol, "sticky": sticky,
-            "check": check, "min_healthy": min_healthy,
-            "destinations": dict((d["address"], d) for d in dests)}
+            "check": check, "min_healthy": min_healthy, "forwarding": tunnel[0],
+            "gue_port": tunnel[1], "destinations": dict((d["address"], d) for d in dests)}
 
 
 def _dest(address, weight, mac=None):
@@ -52,7 +53,8 @@ def _exact(entry):
     least = _spec.DEFAULT_MIN_HEALTHY if entry["min_healthy"] is None else entry["min_healthy"]
     return _service(entry["address"], entry["port"], entry["protocol"], sticky, [
         _dest(d["address"], _spec.DEFAULT_WEIGHT if d["weight"] is None else d["weight"], d["mac"])
-        for d in entry["destinations"] or []], entry["check"], least)
+        for d in entry["destinations"] or []], entry["check"], least,
+        _spec.forwarding(entry["label"], entry["forwarding"], entry["gue_port"]))
 
 
 def merged(before, entries):
@@ -74,7 +76,9 @@ def merged(before, entries):
         after[key] = _service(e["address"], e["port"], e["protocol"],
                               cur["sticky"] if e["sticky"] is None else e["sticky"], dests.values(),
                               cur["check"] if e["check"] is None else e["check"],
-                              cur["min_healthy"] if e["min_healthy"] is None else e["min_healthy"])
+                              cur["min_healthy"] if e["min_healthy"] is None else e["min_healthy"],
+                              _spec.forwarding(e["label"], e["forwarding"], e["gue_port"],
+                                               (cur["forwarding"], cur["gue_port"])))
     return after
 
 
@@ -110,7 +114,9 @@ def from_maps(dp_services):
     of record yet: weights as written, no MAC overrides."""
     return dict(((s["address"], s["port"], s["protocol"]),
                  _service(s["address"], s["port"], s["protocol"], s["sticky"],
-                          [_dest(d["address"], d["weight"]) for d in s["destinations"]]))
+                          [_dest(d["address"], d["weight"]) for d in s["destinations"]],
+                          tunnel=(s["forwarding"],
+                                  s["gue_port"] if s["forwarding"] == "gue" else None)))
                 for s in dp_services)
 
 
@@ -125,8 +131,8 @@ def _sort_key(key):
 def to_config(desired):
     """A desired state in the config shape: services by address, port and
     protocol; destinations by address; mac only where it was given; check
-    only where there is one (without its unset options), min_healthy only
-    where it is not the default."""
+    only where there is one (without its unset options), min_healthy and
+    forwarding only where they are not the default, gue_port with gue."""
     out = []
     for key in sorted(desired, key=_sort_key):
         s = desired[key]
@@ -141,6 +147,10 @@ def to_config(desired):
             entry["check"] = dict((k, v) for k, v in s["check"].items() if v is not None)
         if s["min_healthy"] != _spec.DEFAULT_MIN_HEALTHY:
             entry["min_healthy"] = s["min_healthy"]
+        if s["forwarding"] != _spec.DEFAULT_FORWARDING:
+            entry["forwarding"] = s["forwarding"]
+        if s["gue_port"] is not None:
+            entry["gue_port"] = s["gue_port"]
         out.append(entry)
     return out
 
@@ -196,17 +206,18 @@ class Plan(object):
             svc = after[key]
             have = live.get(svc_key(*key), {})
             failing = down.get(key, ())
+            tunnel = svc["forwarding"] != "l2"
             dests = []
             for addr in sorted(svc["destinations"]):
                 d = svc["destinations"][addr]
                 cur = have.get(addr)
-                if cur is not None and d["mac"] in (None, cur["mac"]):
+                if cur is not None and d["mac"] in (None, cur["mac"]) and ("mtu" in cur) == tunnel:
                     fwd = cur
                 else:
                     option = (option_labels or {}).get(
                         (key, addr), "service %s:%d/%s destination" % key)
                     try:
-                        fwd = bal.resolve(option, addr, d["mac"])
+                        fwd = bal.resolve(option, addr, d["mac"], tunnel)
                     except EXPECTED_ERRORS as e:
                         if strict:
                             raise
@@ -214,7 +225,8 @@ class Plan(object):
                         continue
                 dests.append(dict(fwd, weight=0 if addr in failing else d["weight"]))
             self.effective[key] = dests
-            sw = dp.plan_write(key[0], key[1], key[2], svc["sticky"], dests, current, taken)
+            sw = dp.plan_write(key[0], key[1], key[2], svc["sticky"], dests, current, taken,
+                               svc["forwarding"], svc["gue_port"] or 0)
             if sw is not None:
                 self.writes.append(sw)
         self._current = current

@@ -28,6 +28,12 @@ MAX_WEIGHT = 65535
 DEFAULT_PROTOCOL = "tcp"
 DEFAULT_STICKY = False
 DEFAULT_WEIGHT = 1
+# How a service reaches its destinations (docs/design.md §2.2): on the
+# balancer's segment (l2) or through a tunnel; GUE's port is the one the
+# Linux fou/gue documentation uses.
+FORWARDING = tuple(L.FORWARDING)
+DEFAULT_FORWARDING = "l2"
+DEFAULT_GUE_PORT = 6080
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 # Health checks (run by xvs-agent): HAProxy's defaults for interval, rise
 # and fall; a check that has not answered in a second has failed.
@@ -69,6 +75,8 @@ SERVICE_OPTIONS = dict(
     destinations=dict(type="list", elements="dict", options=DESTINATION_OPTIONS),
     check=dict(type="dict", options=CHECK_OPTIONS),
     min_healthy=dict(type="int"),
+    forwarding=dict(type="str", choices=list(FORWARDING)),
+    gue_port=dict(type="int"),
 )
 COMMON_OPTIONS = dict(
     bpffs=dict(type="path", default=DEFAULT_BPFFS),
@@ -188,6 +196,24 @@ def check(label, item):
     return out
 
 
+def forwarding(label, value, gue_port, current=None):
+    """(forwarding, gue_port) of a service: value and gue_port as given
+    (None: left out), current the service's (forwarding, gue_port) that
+    left-out options keep, or None for the defaults.  gue_port is None
+    unless forwarding is gue."""
+    prefix = label + "." if label else ""
+    cur_fwd, cur_port = current or (DEFAULT_FORWARDING, None)
+    fwd = cur_fwd if value is None else value
+    if fwd not in FORWARDING:
+        raise XvsError("%sforwarding=%s: must be one of %s" % (prefix, fwd, ", ".join(FORWARDING)))
+    if fwd != "gue":
+        if gue_port is not None:
+            raise XvsError("%sgue_port: only for forwarding gue, not %s" % (prefix, fwd))
+        return fwd, None
+    return fwd, port(prefix + "gue_port", gue_port if gue_port is not None
+                     else cur_port if cur_port is not None else DEFAULT_GUE_PORT)
+
+
 def bpffs(value):
     try:
         return _loader.check_root(value)
@@ -232,6 +258,11 @@ def service(label, entry):
         if entry.get(name) is None:
             raise XvsError("%s%s: required" % (prefix, name))
     sticky, chk, least = entry.get("sticky"), entry.get("check"), entry.get("min_healthy")
+    fwd, gue_port = entry.get("forwarding"), entry.get("gue_port")
+    if fwd is not None:
+        forwarding(label, fwd, gue_port)       # checked here; planned with the current one
+    elif gue_port is not None:
+        port(prefix + "gue_port", gue_port)
     out = {"address": ipv4(prefix + "address", entry["address"]),
            "port": port(prefix + "port", entry["port"]),
            "protocol": protocol(prefix + "protocol", entry.get("protocol") or DEFAULT_PROTOCOL),
@@ -239,6 +270,7 @@ def service(label, entry):
            "check": None if chk is None else check(prefix + "check", chk),
            "min_healthy": None if least is None else _number(
                prefix + "min_healthy", least, 0, L.SIZE_LIMITS["max_destinations"][2]),
+           "forwarding": fwd, "gue_port": gue_port, "label": label,
            "destinations": None}
     if entry.get("destinations") is not None:
         if not isinstance(entry["destinations"], list):

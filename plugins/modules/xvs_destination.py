@@ -55,7 +55,7 @@ options:
     default: 1
   mac:
     description:
-      - The destination's MAC address, instead of resolving it. Required for destinations on a
+      - The destination's MAC address (for a tunnel, its next hop's), instead of resolving it. Required for destinations on a
         VLAN of a trunk, which the balancer cannot probe.
     type: str
   state:

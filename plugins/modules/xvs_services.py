@@ -76,7 +76,7 @@ options:
         suboptions:
           address:
             description:
-              - The destination's IPv4 address; it must be on-link through an attached interface.
+              - The destination's IPv4 address: on-link through an attached interface (l2), or routed through one (tunnels).
             type: str
             required: true
           weight:
@@ -87,7 +87,7 @@ options:
             type: int
           mac:
             description:
-              - The destination's MAC address, instead of resolving it. Required for destinations
+              - The destination's MAC address (for a tunnel, its next hop's), instead of resolving it. Required for destinations
                 on a VLAN of a trunk, which the balancer cannot probe.
             type: str
       check:
@@ -147,6 +147,26 @@ options:
             description:
               - Failed checks in a row that drain a destination, 1 to 100. Default V(3).
             type: int
+      forwarding:
+        description:
+          - How the balancer reaches the destinations (docs/design.md §2.2).
+          - V(l2) (layer-2 direct server return) rewrites the frame's MAC addresses; every destination
+            must be on-link through an attached interface.
+          - V(ipip) puts an outer IPv4 header (protocol 4) in front of the client's packet and V(gue) an
+            outer IPv4 and UDP header (GUE variant 1, to O(config[].gue_port)). Destinations may be anywhere
+            the balancer routes to through an attached interface: the next hop is the kernel's route
+            to each destination, the outer source the route's source address, the balancer's address
+            on that interface. A packet that would not fit the egress MTU once encapsulated is
+            answered with an ICMP fragmentation-needed. The realservers must decapsulate
+            (the P(xvs.lb.realserver#role) role's C(realserver_decap)).
+          - Default V(l2) for a new service; with O(state=merged) a service left without it keeps its own.
+        type: str
+        choices: [l2, ipip, gue]
+      gue_port:
+        description:
+          - With O(config[].forwarding=gue), the UDP port the realservers decapsulate GUE on. Default V(6080).
+          - The UDP source port is taken from the flow's hash, so ECMP and RSS on the way spread flows.
+        type: int
       min_healthy:
         description:
           - The service is down, as xvs-agent reports it (metric C(xvs_service_up)), while fewer of its

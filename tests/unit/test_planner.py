@@ -84,6 +84,9 @@ def desired(*services):
     ([{"port": 80}], r"config\[0\].address: required"),
     ([svc(destinations=[{"address": "192.0.2.21", "mac": "01:00:5e:00:00:01"}])],
      r"config\[0\].destinations\[0\].mac=01:00:5e:00:00:01: not a unicast MAC"),
+    ([svc(forwarding="gre")], r"config\[0\].forwarding=gre: must be one of l2, ipip, gue"),
+    ([svc(forwarding="ipip", gue_port=6080)], r"config\[0\].gue_port: only for forwarding gue, not ipip"),
+    ([svc(forwarding="gue", gue_port=0)], r"config\[0\].gue_port=0: must be a port number"),
 ])
 def test_config_errors_name_entry_option_and_value(config, msg):
     with pytest.raises(S.XvsError, match=msg):
@@ -160,6 +163,28 @@ def test_check_in_the_config_shape_round_trips():
                                   "timeout": 1.0, "rise": 2, "fall": 5}
     assert config[0]["min_healthy"] == 2
     assert "check" not in config[1] and "min_healthy" not in config[1]
+    assert P.to_config(P.from_config(config)) == config
+
+
+def test_forwarding_kept_by_merge_reset_by_replace():
+    before = desired(svc(80, forwarding="gue", gue_port=7000), svc(81, forwarding="ipip"), svc(82))
+    key = (VIP, 80, "tcp")
+    kept = P.merged(before, S.services([svc(80, [("192.0.2.22", None)])]))[key]
+    assert (kept["forwarding"], kept["gue_port"]) == ("gue", 7000)
+    moved = P.merged(before, S.services([svc(80, gue_port=7001)]))[key]
+    assert (moved["forwarding"], moved["gue_port"]) == ("gue", 7001)   # port alone: still gue
+    l2 = P.merged(before, S.services([svc(80, forwarding="l2")]))[key]
+    assert (l2["forwarding"], l2["gue_port"]) == ("l2", None)           # the port goes with gue
+    gue = P.merged(before, S.services([svc(81, forwarding="gue")]))[(VIP, 81, "tcp")]
+    assert (gue["forwarding"], gue["gue_port"]) == ("gue", S.DEFAULT_GUE_PORT)
+    with pytest.raises(S.XvsError, match=r"config\[0\].gue_port: only for forwarding gue, not ipip"):
+        P.merged(before, S.services([svc(81, gue_port=7000)]))
+    for transform in (P.replaced, P.overridden):
+        svc80 = transform(before, S.services([svc(80)]))[key]
+        assert (svc80["forwarding"], svc80["gue_port"]) == ("l2", None)
+    config = P.to_config(before)
+    assert [(c.get("forwarding"), c.get("gue_port")) for c in config] == \
+        [("gue", 7000), ("ipip", None), (None, None)]
     assert P.to_config(P.from_config(config)) == config
 
 
