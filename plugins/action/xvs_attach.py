@@ -24,7 +24,8 @@ import zipfile
 from ansible.plugins.action import ActionBase
 
 COLLECTION = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PROGRAM = os.path.join(COLLECTION, "files", "xdp_lb.c")
+# the XDP programs, in the library for the boot restores (xvs-restore, xvs-decap)
+PROGRAMS = ("xdp_decap.c", "xdp_lb.c")
 # the library's layout: what the restore puts on sys.path
 PREFIX = "ansible_collections/xvs/lb/"
 PACKAGES = ("ansible_collections/", "ansible_collections/xvs/", PREFIX, PREFIX + "plugins/",
@@ -37,7 +38,7 @@ def library(root=COLLECTION):
     members = [("plugins/module_utils/" + name, os.path.join(root, "plugins", "module_utils", name))
                for name in sorted(os.listdir(os.path.join(root, "plugins", "module_utils")))
                if name.endswith(".py")]
-    members.append(("files/xdp_lb.c", os.path.join(root, "files", "xdp_lb.c")))
+    members += [("files/" + name, os.path.join(root, "files", name)) for name in PROGRAMS]
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
         for package in PACKAGES:      # zipimport finds only packages with an __init__
@@ -53,6 +54,8 @@ def library(root=COLLECTION):
 class ActionModule(ActionBase):
 
     TRANSFERS_FILES = True
+    MODULE = "xvs.lb.xvs_attach"
+    PROGRAM = "xdp_lb.c"        # shipped as source unless the task gives one
 
     def run(self, tmp=None, task_vars=None):
         result = super(ActionModule, self).run(tmp, task_vars)
@@ -65,8 +68,8 @@ class ActionModule(ActionBase):
         tmpdir = self._connection._shell.tmpdir
         try:
             if present and not args.get("source"):
-                remote = self._connection._shell.join_path(tmpdir, "xdp_lb.c")
-                self._transfer_file(PROGRAM, remote)
+                remote = self._connection._shell.join_path(tmpdir, self.PROGRAM)
+                self._transfer_file(os.path.join(COLLECTION, "files", self.PROGRAM), remote)
                 self._fixup_perms2((tmpdir, remote))
                 args["source"] = remote
             if present and args.get("library"):
@@ -74,7 +77,7 @@ class ActionModule(ActionBase):
                 self._transfer_data(remote, library())
                 self._fixup_perms2((tmpdir, remote))
                 args["library_source"] = remote
-            result.update(self._execute_module(module_name="xvs.lb.xvs_attach", module_args=args,
+            result.update(self._execute_module(module_name=self.MODULE, module_args=args,
                                                task_vars=task_vars))
         finally:
             self._remove_tmp_path(self._connection._shell.tmpdir)

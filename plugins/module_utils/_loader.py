@@ -260,6 +260,13 @@ def attach(prog, ifname, mode="auto"):
     """Attach prog to ifname in native, generic or auto mode (native where
     the driver supports it, else generic).  Replaces whatever XDP program
     is there atomically.  Returns the mode used."""
+    m = attach_fd(prog.fd, ENTRY, ifname, mode)
+    _set_tx_port(prog.root, _netinfo.interface(ifname)["index"])
+    return m
+
+
+def attach_fd(fd, entry, ifname, mode="auto"):
+    """attach() for any XDP program: fd, its function name entry."""
     if mode not in MODES:
         raise LoaderError("mode=%s: must be one of %s" % (mode, ", ".join(MODES)))
     info = _netinfo.interface(ifname)
@@ -272,12 +279,10 @@ def attach(prog, ifname, mode="auto"):
     last = None
     for m in tried:
         try:
-            BPF.attach_xdp(ifname.encode(), BPF.Function(None, ENTRY.encode(), prog.fd),
-                           XDP_FLAGS[m])
+            BPF.attach_xdp(ifname.encode(), BPF.Function(None, entry.encode(), fd), XDP_FLAGS[m])
         except Exception as e:  # bcc raises a bare Exception
             last = e
             continue
-        _set_tx_port(prog.root, info["index"])
         return m
     raise LoaderError("cannot attach XDP to %s in %s mode: %s" % (ifname, " or ".join(tried), last))
 

@@ -167,7 +167,7 @@ def main():
             return _planner.remove_destination(key, dest["address"])(before)
         # one destination merged: every other option of the service left out
         entry = dict(dict.fromkeys(_spec.SERVICE_OPTIONS), address=key[0], port=key[1],
-                     protocol=key[2], destinations=[dest])
+                     protocol=key[2], destinations=[dest], label="")
         return _planner.merged(before, {key: entry})
 
     def view(r, bal):

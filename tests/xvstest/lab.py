@@ -199,6 +199,53 @@ def build_bgp_lab(lab, tmp_path, backends):
                                 check=False).returncode == 0, what="http server in " + short)
 
 
+# ---- the routed lab of layer-3 DSR (tests/integration/test_tunnel.py)
+# The client and the balancer share one segment (VIP routed via the
+# balancer); the backends are on another, behind a router.
+ROUTED_FRONT = {"cli": CLIENT, "bal": BALANCER, "rtr": "192.0.2.1"}
+ROUTED_BACK_ROUTER = "198.51.100.1"
+
+
+def build_routed_lab(lab, tmp_path, backends):
+    """Two bridges: front (client, balancer, router) and back (router,
+    backends); the balancer routes the backends' net via the router, the
+    backends route everything via the router and answer the client
+    directly.  Backends serve HTTP and the echo service; the VIP, the
+    sysctls and the decapsulation are the realserver role's to make."""
+    for side in ("front", "back"):
+        sw = lab.add("sw" + side)
+        lab.sh(sw, "ip link add br0 type bridge && ip link set br0 up")
+    hosts = [(short, "front", addr) for short, addr in ROUTED_FRONT.items()]
+    hosts += [(short, "back", addr) for short, addr in backends.items()]
+    hosts.append(("rtr", "back", ROUTED_BACK_ROUTER))
+    for short, side, addr in hosts:
+        ns = lab.name(short) if lab.name(short) in lab.namespaces else lab.add(short)
+        dev = "eth1" if (short, side) == ("rtr", "back") else "eth0"
+        sw = lab.name("sw" + side)
+        lab.veth(ns, dev, sw, "p-" + short)
+        lab.sh(sw, "ip link set p-%s master br0" % short)
+        lab.sh(ns, "ip addr add %s/24 dev %s" % (addr, dev))
+    lab.sh(lab.name("rtr"), "sysctl -qw net.ipv4.ip_forward=1")
+    lab.sh(lab.name("cli"), "ip route add %s/32 via %s && ethtool -K eth0 tx off >/dev/null"
+           % (VIP, BALANCER))
+    lab.sh(lab.name("bal"), "ip route add %s.0/24 via %s" % (ROUTED_BACK_ROUTER.rsplit(".", 1)[0],
+                                                              ROUTED_FRONT["rtr"]))
+    for short in backends:
+        ns = lab.name(short)
+        lab.sh(ns, "ip route add default via %s" % ROUTED_BACK_ROUTER)
+        www = tmp_path / "www" / short
+        www.mkdir(parents=True, exist_ok=True)
+        (www / "whoami").write_text(short)
+        (www / "big").write_bytes(b"x" * BIG)
+        http_server(lab, short, www)
+        echo_server(lab, short)
+    for short in backends:
+        wait_for(lambda: lab.sh(lab.name(short), "curl -sf -o /dev/null http://127.0.0.1/whoami",
+                                check=False).returncode == 0, what="http server in " + short)
+    with inside(lab.name("swfront")):
+        _xdp_pass("p-bal")
+
+
 def next_hops(lab):
     """The router's next hops for the VIP (its kernel route, as BIRD put it)."""
     out = lab.sh(lab.name("rtr"), "ip -4 route show %s/32" % VIP).stdout
@@ -209,11 +256,15 @@ def xdp_pass_on_peer(lab):
     """Native XDP_TX on a veth reaches the peer only when the peer runs an
     XDP program itself (the kernel's veth XDP path needs one to receive the
     frames): give the switch side an XDP_PASS one."""
+    with inside(lab.name("sw")):
+        _xdp_pass("p-bal")
+
+
+def _xdp_pass(ifname):
     from bcc import BPF
     b = BPF(text=b"int pass(struct xdp_md *ctx) { return XDP_PASS; }")
     fn = b.load_func(b"pass", BPF.XDP)
-    with inside(lab.name("sw")):
-        BPF.attach_xdp(b"p-bal", fn, 1 << 2)  # XDP_FLAGS_DRV_MODE
+    BPF.attach_xdp(ifname.encode(), fn, 1 << 2)  # XDP_FLAGS_DRV_MODE
     b.cleanup()
 
 

@@ -1,0 +1,169 @@
+"""Layer-3 DSR end to end (docs/design.md §2.2, §2.3): the client and the
+balancer on one segment, three backends on another behind a router.  The
+xvs role tunnels to them (ipip, then gue) and the realserver role's XDP
+decapsulator undoes the tunnel; curl reaches every backend, replies go
+from the backends to the client without the balancer, path-MTU discovery
+works through the tunnel, drain and remove behave as for layer 2, and the
+decapsulator comes back from its boot restore."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from ansible_collections.xvs.lb.plugins.module_utils import _decap, _loader
+from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane
+from xvstest.lab import BALANCER, BIG, ECHO_PORT, VIP, Lab, build_routed_lab, echo_connect, inside
+from xvstest.modules import Modules, ansible_env
+
+BIN = os.path.dirname(sys.executable)
+BACKENDS = {"web1": "198.51.100.21", "web2": "198.51.100.22", "web3": "198.51.100.23"}
+
+
+def playbook(work, role):
+    path = str(work / ("%s.yml" % role))
+    with open(path, "w") as f:
+        json.dump([{"hosts": "localhost", "gather_facts": False,
+                    "tasks": [{"ansible.builtin.include_role": {"name": "xvs.lb." + role}}]}], f)
+    return path
+
+
+def start_role(ns, book, variables):
+    return subprocess.Popen(["ip", "netns", "exec", ns, os.path.join(BIN, "ansible-playbook"), "-i", "localhost,",
+                             "-c", "local", "-e", json.dumps(variables), book],
+                            env=ansible_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def changed(procs):
+    """Run the role processes to the end: the changed count of each."""
+    out = []
+    for p in procs:
+        text = p.communicate(timeout=600)[0]
+        assert p.returncode == 0, text[-6000:]
+        out.append(int(re.search(r"localhost\s+:.*changed=(\d+)", text).group(1)))
+    return out
+
+
+class Fleet(object):
+    """The balancer's and the backends' role variables and pins."""
+
+    def __init__(self, lab, bpffs, work, forwarding):
+        self.lab, self.work = lab, work
+        self.root = os.path.join(bpffs, "tun-bal")
+        self.state_file = str(work / "bal" / "state.json")
+        dests = [{"address": a} for a in sorted(BACKENDS.values())]
+        self.bal_vars = {
+            "xvs_interfaces": ["eth0"], "xvs_bpffs": self.root, "xvs_install_packages": False,
+            "xvs_restore_at_boot": False, "xvs_agent": False, "xvs_purge_services": True,
+            "xvs_sizes": {"flow_table_size": 65536, "max_services": 8},
+            "xvs_state_dir": str(work / "bal"), "xvs_lib_dir": str(work / "bal" / "lib"),
+            "xvs_services": [{"address": VIP, "port": port, "forwarding": forwarding, "destinations": dests}
+                             for port in (80, ECHO_PORT)]}
+        self.decap_roots = {}
+        self.rs_vars = {}
+        for short in BACKENDS:
+            d = work / short
+            self.decap_roots[short] = os.path.join(bpffs, "tun-" + short)
+            self.rs_vars[short] = {
+                "realserver_vips": [VIP], "realserver_decap": forwarding, "realserver_decap_method": "xdp",
+                "realserver_decap_interfaces": ["eth0"], "realserver_decap_sources": [BALANCER],
+                "realserver_decap_bpffs": self.decap_roots[short], "realserver_install_packages": False,
+                "realserver_decap_config_file": str(d / "decap.json"), "realserver_lib_dir": str(d / "lib"),
+                "realserver_sysctl_file": str(d / "sysctl.conf"), "realserver_systemd_dir": str(d)}
+        self.books = {role: playbook(work, role) for role in ("xvs", "realserver")}
+
+    def roles(self):
+        """Both roles, the backends' at once: their changed counts."""
+        procs = [start_role(self.lab.name("bal"), self.books["xvs"], self.bal_vars)]
+        procs += [start_role(self.lab.name(s), self.books["realserver"], self.rs_vars[s]) for s in BACKENDS]
+        return changed(procs)
+
+    def counters(self):
+        with DataPlane(self.root) as dp:
+            return dp.counters()
+
+    def close(self):
+        with inside(self.lab.name("bal")):
+            _loader.detach("eth0")
+        _loader.unpin_all(self.root)
+        for root in self.decap_roots.values():
+            _decap.remove(root)
+
+
+@pytest.fixture
+def fleet(request, bpffs, tmp_path):
+    with Lab("xt") as lab:
+        for short in ["bal"] + list(BACKENDS):
+            (tmp_path / short).mkdir()
+        build_routed_lab(lab, tmp_path, BACKENDS)
+        f = Fleet(lab, bpffs, tmp_path, request.param)
+        try:
+            yield f
+        finally:
+            f.close()
+
+
+def whoami(lab, port):
+    r = lab.sh(lab.name("cli"), "curl -s --max-time 3 --local-port %d http://%s/whoami" % (port, VIP), check=False)
+    return r.stdout if r.returncode == 0 else "failed (%d)" % r.returncode
+
+
+@pytest.mark.parametrize("fleet", ["ipip", "gue"], indirect=True)
+def test_routed_backends_through_the_tunnel(fleet):
+    lab = fleet.lab
+    forwarding = fleet.bal_vars["xvs_services"][0]["forwarding"]
+    assert all(n > 0 for n in fleet.roles())
+    assert fleet.roles() == [0, 0, 0, 0]          # idempotent, decapsulators included
+
+    answers = [whoami(lab, 21000 + i) for i in range(30)]
+    assert sorted(set(answers)) == sorted(BACKENDS), answers
+    for short, root in fleet.decap_roots.items():
+        assert _decap.counters(root)["decap_" + forwarding] > 0, short
+
+    # replies bypass the balancer: it sees the requests, not the downloads
+    before = fleet.counters()
+    fetched = sum(len(lab.sh(lab.name("cli"), "curl -s --max-time 5 --local-port %d http://%s/big"
+                             % (22000 + i, VIP)).stdout) for i in range(4))
+    after = fleet.counters()
+    assert fetched == 4 * BIG
+    assert after["rx_bytes"] - before["rx_bytes"] < fetched / 10
+    assert after["encap_" + forwarding] > before["encap_" + forwarding]
+
+    # a segment too big for the tunnel gets frag-needed and the client resends smaller
+    s, f, backend = echo_connect(lab.name("cli"))
+    try:
+        line = b"m" * 6000 + b"\n"
+        s.sendall(line)
+        assert f.readline() == line
+    finally:
+        f.close()
+        s.close()
+    assert fleet.counters()["icmp_too_big"] > after["icmp_too_big"]
+
+    # web1 reboots: XDP and the pins are gone; its boot command brings the decapsulator back
+    web1 = fleet.decap_roots["web1"]
+    with inside(lab.name("web1")):
+        _loader.detach("eth0")
+    _decap.remove(web1)
+    assert os.path.exists(fleet.rs_vars["web1"]["realserver_decap_config_file"])
+    with open(os.path.join(fleet.rs_vars["web1"]["realserver_systemd_dir"], "xvs-realserver.service")) as unit:
+        boot = [line.split("=", 1)[1] for line in unit.read().splitlines() if "xvs-decap " in line]
+    assert len(boot) == 1
+    r = lab.sh(lab.name("web1"), boot[0], check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(set(whoami(lab, 23000 + i) for i in range(30))) == sorted(BACKENDS)
+
+    # drain web1, then remove it: as for layer 2
+    mods = Modules(lab.name("bal"), fleet.root)
+    mods.state_file = fleet.state_file
+    try:
+        for step, args in enumerate(({"weight": 0}, {"state": "absent"})):
+            rc, res = mods.call("xvs_destination", dict(
+                {"service_address": VIP, "service_port": 80, "address": BACKENDS["web1"]}, **args))
+            assert rc == 0 and res["changed"], res
+            got = set(whoami(lab, 24000 + 100 * step + i) for i in range(30))
+            assert got == {"web2", "web3"}, got
+    finally:
+        mods.close()
