@@ -179,7 +179,7 @@ class DecapPlan(object):
 
     def apply(self):
         if self.load:
-            self._load()
+            self.load_program()
         elif self.want != self.have:
             _write_maps(self.root, self.want, self.have)
         fd = _bpf.obj_get(os.path.join(self.root, PROG_PIN))
@@ -193,7 +193,7 @@ class DecapPlan(object):
             _loader.detach(name)
             self.attached.pop(name, None)
 
-    def _load(self):
+    def load_program(self):
         """A new build: fresh maps, filled before the program is pinned
         and swapped in (the running one keeps its own maps until then)."""
         _loader.check_bpffs(self.root)

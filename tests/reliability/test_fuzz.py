@@ -12,9 +12,13 @@ Invariants:
 * a frame whose IPv4 destination is not a VIP (or that is not IPv4 at
   all) passes, byte for byte unchanged;
 * a forwarded frame goes to the MAC of a destination the service has now,
-  with everything after the MACs unchanged but the 802.1Q id; the only
-  other XDP_TX is an ICMP echo reply, back to the sender's MAC;
-* no frame changes length, none aborts;
+  with everything after the MACs unchanged but the 802.1Q id; a tunnelled
+  one goes to the next hop with an outer header to a current destination
+  in front of the client's unchanged packet; the only other XDP_TX are an
+  ICMP echo reply and a fragmentation-needed quoting the frame, back to the
+  sender's MAC;
+* no frame changes length but by a tunnel's header or into that ICMP
+  reply, none aborts;
 * the counters add up: every frame run is counted in rx_packets and in
   exactly one verdict counter, matching the verdicts seen.
 
@@ -39,6 +43,14 @@ VIPS = {VIP, VIP2}
 POOLS = [["192.0.2.21", "192.0.2.22", "192.0.2.23"], ["192.0.2.22", "192.0.2.24"],
          ["192.0.2.25"]]
 TAGGED = ["192.0.2.31", "192.0.2.32"]
+# tunnelled services: GUE on TCP 8443 and IPIP on UDP 5353, to routed
+# destinations through one next hop, with an MTU small enough that the
+# fuzzed frames cross it
+ROUTED = ["198.51.100.21", "198.51.100.22"]
+NEXT_HOP_MAC = "02:00:00:00:00:fe"
+TUN_SRC = "192.0.2.2"
+TUN_MTU = 200
+TUNNELS = {(8443, "tcp"): "gue", (5353, "udp"): "ipip"}
 FRAMES = int(os.environ.get("XVS_FUZZ_FRAMES", "200000"))
 # BPF_PROG_TEST_RUN refuses XDP input shorter than an Ethernet header
 # (EINVAL), so truncation starts there.
@@ -56,6 +68,9 @@ class Checker(object):
         h.dp.set_service(VIP, 53, "udp", True, [h.dest(a) for a in POOLS[0]])
         h.dp.set_service(VIP, 8080, "tcp", False, [h.dest(a, vlan=10) for a in TAGGED])
         h.dp.set_service(VIP2, 80, "tcp", False, [])
+        for (port, proto), forwarding in TUNNELS.items():
+            h.dp.set_service(VIP, port, proto, False, [dict(h.dest(a), mac=NEXT_HOP_MAC, tun_src=TUN_SRC,
+                                                            mtu=TUN_MTU) for a in ROUTED], forwarding)
         self.tagged_macs = {L.mac_bytes(mac_for(a)) for a in TAGGED}
 
     def configure(self, n):
@@ -70,7 +85,7 @@ class Checker(object):
         self.frames += 1
         self.seen[verdict] += 1
         assert verdict in ("pass", "tx", "drop", "redirect"), (verdict, raw.hex())
-        assert len(out) == len(raw), raw.hex()
+        assert len(out) == len(raw) or verdict == "tx", raw.hex()
         if not for_vip(raw):
             assert verdict == "pass" and out == raw, ("non-VIP frame changed", verdict, raw.hex())
         if verdict == "tx":
@@ -80,7 +95,17 @@ class Checker(object):
         return verdict
 
     def check_tx(self, raw, out):
+        off = l3_offset(raw)
+        if len(out) > len(raw):
+            return self.check_tunnel(raw, out, off)
         if out[0:6] == raw[6:12] and ip_src(out) in VIPS:
+            if len(out) < len(raw):                  # fragmentation-needed, quoting the frame
+                icmp = IP(out[off:])
+                assert (icmp.proto, icmp[ICMP].type, icmp[ICMP].code) == (1, 3, 4), raw.hex()
+                assert icmp[ICMP].nexthopmtu in (TUN_MTU - 20, TUN_MTU - 28)
+                assert out[off + 28:] == raw[off:off + L.ICMP_QUOTE_LEN] and out[12:off] == raw[12:off]
+            else:
+                assert len(out) == len(raw)
             return                                   # ICMP echo reply to the sender
         assert out[0:6] in self.macs | self.tagged_macs, ("forwarded to a MAC that is not a current "
                                                           "destination", out[0:6].hex(), raw.hex())
@@ -90,12 +115,22 @@ class Checker(object):
         else:
             assert out[12:] == raw[12:]
 
+    def check_tunnel(self, raw, out, off):
+        overhead = len(out) - len(raw)
+        assert overhead in (20, 28), raw.hex()
+        assert out[0:6] == L.mac_bytes(NEXT_HOP_MAC) and out[6:12] == L.mac_bytes(BALANCER_MAC)
+        assert out[12:off] == raw[12:off] and out[off + overhead:] == raw[off:]
+        outer = IP(out[off:off + 20])
+        assert (outer.src, outer.dst in ROUTED, outer.proto, outer.ttl, outer.flags) == \
+            (TUN_SRC, True, 4 if overhead == 20 else 17, 64, 2), raw.hex()
+        assert IP(bytes(outer)).chksum == outer.chksum
+
     def check_counters(self):
         c = self.h.counters()
         assert c["rx_packets"] == self.frames
         assert sum(c[name] for name in L.VERDICT_COUNTERS) == self.frames
         assert c["pass"] == self.seen["pass"]
-        assert c["tx"] + c["icmp_echo_reply"] == self.seen["tx"]
+        assert c["tx"] + c["icmp_echo_reply"] + c["icmp_too_big"] == self.seen["tx"]
         assert c["redirect"] == self.seen["redirect"]
         assert sum(c[n] for n in L.VERDICT_COUNTERS if n.startswith("drop_")) == self.seen["drop"]
 
@@ -151,6 +186,10 @@ def seeds():
         eth() / ip / ICMP(type=3, code=4) / (b"\x45" + bytes(27)),
         eth() / ip / ICMP(type=11) / b"garbage",
         eth() / IP(src=CLIENT, dst="192.0.2.99") / TCP(dport=80),
+        eth() / ip / TCP(sport=40008, dport=8443, flags="S"),
+        eth() / ip / TCP(sport=40009, dport=8443, flags="A") / (b"t" * 300),
+        eth() / ip / UDP(sport=40010, dport=5353) / b"q",
+        eth() / ip / UDP(sport=40011, dport=5353) / (b"u" * 300),
         eth() / IP(src=CLIENT, dst=VIP2) / TCP(sport=40006, dport=80),
         eth() / ARP(psrc=CLIENT, pdst=VIP),
         eth() / (b"\x60" + bytes(60)),
@@ -223,6 +262,8 @@ def test_random_mutations(checker):
     checker.check_counters()
     # the run reached every outcome: otherwise it fuzzed only one path
     assert verdicts["pass"] and verdicts["tx"] and verdicts["drop"], verdicts
+    c = checker.h.counters()
+    assert c["encap_gue"] and c["encap_ipip"] and c["icmp_too_big"], c     # and every tunnel path
     print("fuzzed %d frames: %s" % (FRAMES, dict(verdicts)))
 
 
@@ -246,7 +287,7 @@ def frames(draw):
     options = bytes(draw(st.lists(_byte, min_size=max(0, ihl - 5) * 4, max_size=max(0, ihl - 5) * 4)))
     l4 = bytes(draw(st.binary(max_size=60)))
     if proto in (6, 17) and draw(st.booleans()):
-        l4 = struct.pack("!HH", draw(st.integers(0, 65535)), draw(st.sampled_from([80, 53, 8080, 81])))\
+        l4 = struct.pack("!HH", draw(st.integers(0, 65535)), draw(st.sampled_from([80, 53, 8080, 81, 8443, 5353])))\
             + l4
     tot = 4 * ihl + len(l4) if draw(st.booleans()) else draw(st.integers(0, 65535))
     b += struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, tot & 0xffff, 1, frag, draw(st.integers(0, 255)),
