@@ -239,6 +239,15 @@ struct counters {
     u64 n[C_MAX];
 };
 
+/* The outer source of tunnels per family (xvs_attach's tunnel_source),
+ * zero where the route's source address is used.  Like vlans, not read by
+ * the program (each dest holds its own tun_src): pinned so the control
+ * plane finds the whole configuration in one place. */
+struct tunnel_src {
+    __be32 ipv4;
+    u8 ipv6[16];
+};
+
 BPF_TABLE_PINNED("array", u32, struct meta, meta, 1, PIN("meta"));
 BPF_TABLE_PINNED("array", u32, u64, vip_filter, VIP_FILTER_WORDS, PIN("vip_filter"));
 BPF_TABLE_PINNED("hash", __be32, struct vip_val, vips, MAX_SERVICES, PIN("vips"));
@@ -251,6 +260,7 @@ BPF_TABLE_PINNED("percpu_array", u32, struct stats, svc_stats, MAX_SERVICES, PIN
 BPF_TABLE_PINNED("percpu_array", u32, struct stats, dest_stats, MAX_SERVICES * MAX_DESTS, PIN("dest_stats"));
 BPF_TABLE_PINNED("percpu_array", u32, u64, prefix_stats, PREFIX_SLOTS, PIN("prefix_stats"));
 BPF_TABLE_PINNED("array", u32, struct vlan_net, vlans, VLAN_IDS, PIN("vlans"));
+BPF_TABLE_PINNED("array", u32, struct tunnel_src, tunnel_src, 1, PIN("tunnel_src"));
 BPF_XDP_REDIRECT_MAP("devmap:" PIN("tx_ports"), int, tx_ports, MAX_IFACES);
 
 /* ---- headers and the parsed packet ------------------------------------ */

@@ -15,11 +15,12 @@ from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane
 from ansible_collections.xvs.lb.plugins.module_utils._spec import XvsError, bpffs
 
 
-def record_section(interfaces, mode, sizes, vlans):
+def record_section(interfaces, mode, sizes, vlans, tunnel_source):
     """The attachment as the state of record keeps it (JSON: VLAN ids as
     strings, interfaces sorted)."""
     return {"interfaces": sorted(interfaces), "mode": mode, "sizes": dict(sizes),
-            "vlans": dict((str(k), v) for k, v in sorted((vlans or {}).items()))}
+            "vlans": dict((str(k), v) for k, v in sorted((vlans or {}).items())),
+            "tunnel_source": dict(tunnel_source or {})}
 
 
 def section_from_status(st):
@@ -27,7 +28,7 @@ def section_from_status(st):
     record: what is attached now, in one mode where all agree."""
     modes = set(st["interfaces"].values())
     return record_section(st["interfaces"], modes.pop() if len(modes) == 1 else "auto",
-                          st["sizes"], st["vlans"])
+                          st["sizes"], st["vlans"], st["tunnel_source"])
 
 
 class AttachPlan(object):
@@ -47,6 +48,7 @@ class AttachPlan(object):
         self.to_detach = []
         self.sizes = self.status["sizes"] if self.status else None
         self.vlans = self.status["vlans"] if self.status else {}
+        self.tunnel_source = self.status["tunnel_source"] if self.status else {}
         if params["state"] == "absent":
             names = params.get("interfaces") or list(current)
             self.to_detach = [n for n in names if n in current]
@@ -73,6 +75,7 @@ class AttachPlan(object):
         try:
             self.sizes = L.sizes(**given)
             self.vlans = _loader.normalise_vlans(p.get("vlans"))
+            self.tunnel_source = _loader.normalise_tunnel_source(p.get("tunnel_source"))
         except (L.SizeError, _loader.LoaderError) as e:
             raise XvsError("sizes: %s" % e if isinstance(e, L.SizeError) else str(e))
         bid = _loader.build_id(self.text, self.root, self.sizes)
@@ -90,12 +93,12 @@ class AttachPlan(object):
         self.to_detach = [n for n in current if n not in p["interfaces"]]
         interfaces = dict((n, self.to_attach.get(n) or current[n]) for n in p["interfaces"])
         self.after = {"interfaces": interfaces, "sizes": self.sizes, "vlans": self.vlans,
-                      "build_id": bid, "bpffs": self.root}
+                      "tunnel_source": self.tunnel_source, "build_id": bid, "bpffs": self.root}
 
     @staticmethod
     def _view(st):
         return {"interfaces": st["interfaces"], "sizes": st["sizes"], "vlans": st["vlans"],
-                "build_id": st["build_id"], "bpffs": st["bpffs"]}
+                "tunnel_source": st["tunnel_source"], "build_id": st["build_id"], "bpffs": st["bpffs"]}
 
     def record(self):
         """The attachment the state of record keeps after this run (None
@@ -105,7 +108,7 @@ class AttachPlan(object):
         if self.params["state"] == "absent":
             return section_from_status(dict(self.status, interfaces=self.after["interfaces"]))
         return record_section(self.params["interfaces"], self.params.get("mode") or "auto",
-                              self.sizes, self.vlans)
+                              self.sizes, self.vlans, self.tunnel_source)
 
     def apply(self):
         if not self.changed:
@@ -128,11 +131,13 @@ class AttachPlan(object):
                 self.after["interfaces"][name] = _loader.attach(prog, name, mode)
         with DataPlane(self.root) as dp:
             _loader.write_vlans(dp, self.vlans)
+            _loader.write_tunnel_source(dp, self.tunnel_source)
 
     def result(self):
         st = _loader.status(self.root) if not self.unpin and os.path.isdir(self.root) else None
         if st is None:
             return {"bpffs": self.root, "interfaces": {}, "program": None, "sizes": self.sizes,
-                    "vlans": self.vlans}
+                    "vlans": self.vlans, "tunnel_source": self.tunnel_source}
         return {"bpffs": self.root, "interfaces": st["interfaces"], "program": st["program"],
-                "sizes": st["sizes"], "vlans": st["vlans"], "build_id": st["build_id"]}
+                "sizes": st["sizes"], "vlans": st["vlans"], "tunnel_source": st["tunnel_source"],
+                "build_id": st["build_id"]}

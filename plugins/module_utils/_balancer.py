@@ -32,6 +32,7 @@ class Balancer(object):
         self._resolved = {}
         self._infos = None        # the attached interfaces, read once a run
         self._neighbours = {}     # ifindex -> neighbours(), read once a run
+        self._routes = {}         # address -> _netinfo.route(), read once a run
 
     def close(self):
         self.dp.close()
@@ -62,12 +63,10 @@ class Balancer(object):
         """A tunnel's forwarding data (docs/design.md §2.2): the next hop is
         the kernel's route to the destination (its gateway, or the
         destination itself when on-link), reached as an L2 destination is
-        (mac: the next hop's MAC); the outer source is the route's
-        preferred source, the balancer's address on that interface."""
-        try:
-            route = _netinfo.route(address)
-        except _netinfo.NetInfoError as e:
-            raise XvsError("%s=%s: %s" % (option, address, e))
+        (mac: the next hop's MAC); the outer source is xvs_attach's
+        tunnel_source, else the route's preferred source, the balancer's
+        address on that interface."""
+        route = self._route(option, address)
         hop = route["gateway"] or address
         try:
             out = self._resolve("its next hop", hop, mac_override)
@@ -78,11 +77,25 @@ class Balancer(object):
         if mtu - overhead < L.ICMP_QUOTE_LEN:
             raise XvsError("%s=%s: the egress MTU %d is too small to tunnel through"
                            % (option, address, mtu))
-        if not route["prefsrc"]:
-            raise XvsError("%s=%s: the route to it has no source address for the tunnel"
-                           % (option, address))
-        out.update(address=address, tun_src=route["prefsrc"], mtu=mtu)
+        out.update(address=address, tun_src=self.tunnel_source(option, address), mtu=mtu)
         return out
+
+    def tunnel_source(self, option, address):
+        """The outer source a tunnel to address takes now: xvs_attach's
+        tunnel_source, else the source of the route to it."""
+        source = self.status["tunnel_source"].get("ipv4") or self._route(option, address)["prefsrc"]
+        if not source:
+            raise XvsError("%s=%s: the route to it has no source address for the tunnel; set "
+                           "xvs_attach's tunnel_source" % (option, address))
+        return source
+
+    def _route(self, option, address):
+        if address not in self._routes:
+            try:
+                self._routes[address] = _netinfo.route(address)
+            except _netinfo.NetInfoError as e:
+                raise XvsError("%s=%s: %s" % (option, address, e))
+        return self._routes[address]
 
     def _info(self, index):
         return next(i for i in self._infos if i["index"] == index)
@@ -143,7 +156,7 @@ def info(bal, source_prefixes=0):
         services.append(v)
     return {"attachment": {"bpffs": bal.root, "interfaces": bal.status["interfaces"],
                            "program": bal.status["program"], "sizes": bal.status["sizes"],
-                           "vlans": bal.status["vlans"]},
+                           "vlans": bal.status["vlans"], "tunnel_source": bal.status["tunnel_source"]},
             "services": services, "counters": bal.dp.counters(),
             "flow_table": bal.dp.flow_table(),
             "source_prefixes": bal.dp.busiest_prefixes(source_prefixes)}

@@ -115,6 +115,10 @@ class VlanNet(ctypes.Structure):
     _fields_ = [("net", ctypes.c_uint32), ("prefixlen", ctypes.c_uint32)]
 
 
+class TunnelSrc(ctypes.Structure):
+    _fields_ = [("ipv4", ctypes.c_uint32), ("ipv6", ctypes.c_uint8 * 16)]
+
+
 U32 = ctypes.c_uint32
 U64 = ctypes.c_uint64
 
@@ -186,6 +190,7 @@ def map_entries(s):
         "flows": s["flow_table_size"], "counters": 1, "vip_filter": VIP_FILTER_WORDS,
         "svc_stats": s["max_services"], "dest_stats": per_dest,
         "prefix_stats": PREFIX_SLOTS, "tx_ports": s["max_interfaces"], "vlans": VLAN_IDS,
+        "tunnel_src": 1,
     }
 
 
@@ -204,6 +209,7 @@ MAPS = {
     "prefix_stats": (6, U32, U64),
     "tx_ports": (14, U32, U32),
     "vlans": (2, U32, VlanNet),
+    "tunnel_src": (2, U32, TunnelSrc),
 }
 
 

@@ -147,6 +147,7 @@ def _snapshot(root, sizes):
         services = dp.services()
         ports = dp.maps["tx_ports"].items()
         vlans = read_vlans(dp)
+        tunnel_source = read_tunnel_source(dp)
     if len(services) > sizes["max_services"]:
         raise LoaderError("max_services=%d: %d services are configured"
                           % (sizes["max_services"], len(services)))
@@ -159,7 +160,7 @@ def _snapshot(root, sizes):
         if int.from_bytes(k, "little") >= sizes["max_interfaces"]:
             raise LoaderError("max_interfaces=%d: redirect slot %d is in use"
                               % (sizes["max_interfaces"], int.from_bytes(k, "little")))
-    return services, ports, vlans
+    return services, ports, vlans, tunnel_source
 
 
 def load(root, sizes=None, source=None, allow_flow_reset=False, text=None):
@@ -208,11 +209,12 @@ def load(root, sizes=None, source=None, allow_flow_reset=False, text=None):
     return Program(root, fn.fd, b)
 
 
-def _restore(root, services, ports, vlans):
+def _restore(root, services, ports, vlans, tunnel_source):
     with DataPlane(root) as dp:
         for k, v in ports:
             dp.maps["tx_ports"].update(k, v)
         write_vlans(dp, vlans)
+        write_tunnel_source(dp, tunnel_source)
         for s in services:
             dp.set_service(s["address"], s["port"], s["protocol"], s["sticky"], s["destinations"],
                            s["forwarding"], s["gue_port"])
@@ -392,6 +394,41 @@ def normalise_vlans(vlans):
     return out
 
 
+def read_tunnel_source(dp):
+    """{'ipv4': address} as pinned (families not set left out)."""
+    val = L.TunnelSrc.from_buffer_copy(dp.maps["tunnel_src"].lookup(bytes(L.U32(0))))
+    return {"ipv4": L.ip_str(val.ipv4)} if val.ipv4 else {}
+
+
+def write_tunnel_source(dp, tunnel_source):
+    """Make the pinned tunnel source tunnel_source; True if changed."""
+    want = normalise_tunnel_source(tunnel_source)
+    if want == read_tunnel_source(dp):
+        return False
+    val = L.TunnelSrc(ipv4=L.be32(want["ipv4"]) if "ipv4" in want else 0)
+    dp.maps["tunnel_src"].update(bytes(L.U32(0)), bytes(val))
+    return True
+
+
+def normalise_tunnel_source(tunnel_source):
+    """Validate {family: address}: a unicast IPv4 address for ipv4.  IPv6
+    services do not exist yet, so neither does an IPv6 tunnel source."""
+    out = {}
+    for family, address in (tunnel_source or {}).items():
+        if address is None:
+            continue
+        if family != "ipv4":
+            raise LoaderError("tunnel_source: %s: must be ipv4 (the only family services have)" % family)
+        try:
+            a = ipaddress.IPv4Address(str(address))
+        except ValueError:
+            a = None
+        if a is None or a.is_unspecified or a.is_multicast or a.is_loopback or str(a) == "255.255.255.255":
+            raise LoaderError("tunnel_source: ipv4=%s: not a unicast IPv4 address" % address)
+        out[family] = str(a)
+    return out
+
+
 def status(root):
     """The pinned program and its attachment, or None when nothing is pinned.
     Reads only: no compiler involved."""
@@ -401,13 +438,14 @@ def status(root):
     with DataPlane(root) as dp:
         meta = dp.meta
         vlans = read_vlans(dp)
+        tunnel_source = read_tunnel_source(dp)
     with open_pinned(root) as p:
         info = p.info
     sizes = pinned_sizes(root)
     return {"program": {"id": info["id"], "tag": info["tag"], "name": info["name"]},
             "build_id": "".join("%08x" % w for w in meta.build_id),
             "interfaces": _netinfo.xdp_interfaces(info["id"]),
-            "sizes": sizes, "vlans": vlans, "bpffs": root}
+            "sizes": sizes, "vlans": vlans, "tunnel_source": tunnel_source, "bpffs": root}
 
 
 def unpin_all(root):

@@ -173,6 +173,22 @@ def remove_destination(key, address):
     return transform
 
 
+def _option(option_labels, key, address):
+    """How errors name a destination: where in the input it came from."""
+    return (option_labels or {}).get((key, address), "service %s:%d/%s destination" % key)
+
+
+def _reusable(bal, cur, d, tunnel, option_labels, key):
+    """Whether a destination's forwarding data in the maps (cur) still
+    serves: the same method, the MAC override (if any) it was resolved with,
+    and for a tunnel the source it would take now (xvs_attach's
+    tunnel_source or the route's).  Otherwise it is resolved again."""
+    if cur is None or d["mac"] not in (None, cur["mac"]) or ("mtu" in cur) != tunnel:
+        return False
+    return not tunnel or cur["tun_src"] == bal.tunnel_source(_option(option_labels, key, cur["address"]),
+                                                             cur["address"])
+
+
 class Plan(object):
     """What one run writes to the maps to make them hold `after`.
 
@@ -211,18 +227,16 @@ class Plan(object):
             for addr in sorted(svc["destinations"]):
                 d = svc["destinations"][addr]
                 cur = have.get(addr)
-                if cur is not None and d["mac"] in (None, cur["mac"]) and ("mtu" in cur) == tunnel:
-                    fwd = cur
-                else:
-                    option = (option_labels or {}).get(
-                        (key, addr), "service %s:%d/%s destination" % key)
-                    try:
-                        fwd = bal.resolve(option, addr, d["mac"], tunnel)
-                    except EXPECTED_ERRORS as e:
-                        if strict:
-                            raise
-                        self.errors.append("service %s:%d/%s: %s" % (key + (e,)))
-                        continue
+                try:
+                    if _reusable(bal, cur, d, tunnel, option_labels, key):
+                        fwd = cur
+                    else:
+                        fwd = bal.resolve(_option(option_labels, key, addr), addr, d["mac"], tunnel)
+                except EXPECTED_ERRORS as e:
+                    if strict:
+                        raise
+                    self.errors.append("service %s:%d/%s: %s" % (key + (e,)))
+                    continue
                 dests.append(dict(fwd, weight=0 if addr in failing else d["weight"]))
             self.effective[key] = dests
             sw = dp.plan_write(key[0], key[1], key[2], svc["sticky"], dests, current, taken,

@@ -39,7 +39,8 @@ def _attach_params(record, state_file):
         raise XvsError("state_file=%s: attach.mode=%s: must be one of %s"
                        % (state_file, mode, ", ".join(_loader.MODES)))
     return {"interfaces": interfaces, "mode": mode, "sizes": attach.get("sizes") or {},
-            "vlans": attach.get("vlans") or {}, "bpffs": record["bpffs"], "state": "present"}
+            "vlans": attach.get("vlans") or {}, "tunnel_source": attach.get("tunnel_source") or {},
+            "bpffs": record["bpffs"], "state": "present"}
 
 
 def program(library):

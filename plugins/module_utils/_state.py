@@ -10,7 +10,8 @@ file and renamed over the old one, so a crash leaves the old or the new
 record, never half of one):
 
     {"format": 1, "bpffs": "/sys/fs/bpf/xvs",
-     "attach": {"interfaces": [...], "mode": ..., "sizes": {...}, "vlans": {...}} or null,
+     "attach": {"interfaces": [...], "mode": ..., "sizes": {...}, "vlans": {...},
+                "tunnel_source": {...}} or null,
      "services": [{"address", "port", "protocol", "sticky",
                    "destinations": [{"address", "weight"[, "mac"]}]}]}
 

@@ -102,6 +102,20 @@ options:
         by VLAN id. Destinations in these prefixes are reached through the trunk with that
         VLAN id.
     type: dict
+  tunnel_source:
+    description:
+      - The outer source address of tunnels (services with
+        O(xvs.lb.xvs_services#module:config[].forwarding=ipip) or V(gue)), per family. By default each
+        tunnel takes the source address of the balancer's route to its destination, its address on
+        the egress interface.
+      - Every run of M(xvs.lb.xvs_services), M(xvs.lb.xvs_service) and M(xvs.lb.xvs_destination) moves
+        the tunnels of the services it plans to the source in force.
+    type: dict
+    suboptions:
+      ipv4:
+        description:
+          - For IPv4 tunnels.
+        type: str
   source:
     description:
       - Path on the target of a program to load instead of the collection's own.
@@ -192,6 +206,11 @@ vlans:
   returned: always
   type: dict
   sample: {}
+tunnel_source:
+  description: The tunnels' outer source address per family, where one is set.
+  returned: always
+  type: dict
+  sample: {"ipv4": "192.0.2.2"}
 '''
 
 from ansible.module_utils.basic import AnsibleModule
@@ -211,6 +230,7 @@ def main():
             mode=dict(type="str", default="auto", choices=list(_loader.MODES)),
             sizes=dict(type="dict", options=SIZE_OPTIONS),
             vlans=dict(type="dict"),
+            tunnel_source=dict(type="dict", options=dict(ipv4=dict(type="str"))),
             source=dict(type="path"),
             library=dict(type="path"),
             library_source=dict(type="path"),
@@ -246,6 +266,7 @@ def main():
     result.setdefault("bpffs", p.root)
     result.setdefault("sizes", p.sizes)
     result.setdefault("vlans", p.vlans)
+    result.setdefault("tunnel_source", p.tunnel_source)
     result.pop("build_id", None)
     result["changed"] = r.changed
     if module._diff:

@@ -93,11 +93,39 @@ def test_state_matrix(mods, state, config, want, sticky):
     assert again["before"] == res["after"] and "after" not in again
 
 
+def test_tunnel_source_and_forwarding_in_the_view(mods):
+    """A tunnel's outer source is the route's (the balancer's address)
+    unless xvs_attach's tunnel_source says otherwise; changing the
+    forwarding re-resolves the destinations with it."""
+    res = ok(mods, "xvs_service", svc(80, A, forwarding="gue", gue_port=7000))
+    assert (res["service"]["forwarding"], res["service"]["gue_port"]) == ("gue", 7000)
+    dest = res["service"]["destinations"][0]
+    assert (dest["tunnel_source"], dest["mtu"], dest["interface"]) == ("192.0.2.2", 1500, "eth0")
+    res = ok(mods, "xvs_attach", {"interfaces": ["eth0"], "sizes": SIZES, "tunnel_source": {"ipv4": "192.0.2.9"}})
+    assert res["tunnel_source"] == {"ipv4": "192.0.2.9"}
+    ok(mods, "xvs_attach", {"interfaces": ["eth0"], "sizes": SIZES, "tunnel_source": {"ipv4": "192.0.2.9"}},
+       changed=False)
+    res = ok(mods, "xvs_service", svc(80, A, forwarding="ipip"))
+    assert res["service"]["destinations"][0]["tunnel_source"] == "192.0.2.9"
+    assert "gue_port" not in res["service"]
+    info = ok(mods, "xvs_info", {}, changed=False)
+    assert info["attachment"]["tunnel_source"] == {"ipv4": "192.0.2.9"}
+    assert info["services"][0]["forwarding"] == "ipip"
+    with open(mods.state_file) as f:
+        record = json.load(f)
+    assert record["attach"]["tunnel_source"] == {"ipv4": "192.0.2.9"}
+    assert record["services"][0]["forwarding"] == "ipip"
+    res = ok(mods, "xvs_service", svc(80, A, forwarding="l2"))
+    assert "tunnel_source" not in res["service"]["destinations"][0]
+
+
 def test_gathered_fed_back_as_overridden_changes_nothing(mods):
-    ok(mods, "xvs_services", {"config": START + [svc(82, {"address": C, "mac": "02:00:00:00:00:99"})],
+    ok(mods, "xvs_services", {"config": START + [svc(82, {"address": C, "mac": "02:00:00:00:00:99"}),
+                                                 svc(83, D, forwarding="gue", gue_port=7000)],
                               "state": "merged"})
     gathered = ok(mods, "xvs_services", {"state": "gathered"}, changed=False)["gathered"]
     assert gathered[2]["destinations"] == [{"address": C, "weight": 1, "mac": "02:00:00:00:00:99"}]
+    assert (gathered[3]["forwarding"], gathered[3]["gue_port"]) == ("gue", 7000)
     with inside(mods.ns):
         before = dump_maps(mods.root)
     mtime = os.stat(mods.state_file).st_mtime_ns

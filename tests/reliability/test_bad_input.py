@@ -102,6 +102,15 @@ CASES = [
     # ansible-core's own float conversion names the option, not the value
     ("xvs_service", dict(SVC, check={"type": "tcp", "interval": "often"}), "'interval'"),
     ("xvs_service", dict(SVC, min_healthy=70000), "min_healthy=70000"),
+    # tunnels: the method, its port, a destination the balancer has no route to
+    ("xvs_service", dict(SVC, forwarding="gre"), "gre"),
+    ("xvs_service", dict(SVC, forwarding="ipip", gue_port=6080), "gue_port: only for forwarding gue, not ipip"),
+    ("xvs_service", dict(SVC, forwarding="gue", gue_port=70000), "gue_port=70000"),
+    ("xvs_service", dict(SVC, forwarding="ipip", destinations=[{"address": "203.0.113.77"}]),
+     "no route to 203.0.113.77"),
+    ("xvs_services", {"config": [dict(SVC, port=81, gue_port=7000)]}, "gue_port: only for forwarding gue, not l2"),
+    ("xvs_attach", dict(ATTACH, tunnel_source={"ipv4": "224.0.0.1"}), "ipv4=224.0.0.1"),
+    ("xvs_attach", dict(ATTACH, tunnel_source={"ipv6": "2001:db8::1"}), "ipv6"),
 ]
 
 
