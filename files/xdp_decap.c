@@ -1,12 +1,12 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later
  *
  * xvs.lb realserver decapsulation: the other end of the balancer's IPIP
- * and GUE tunnels (files/xdp_lb.c, docs/design.md section 2.2), as one XDP
+ * and GUE tunnels (files/xdp_lb.c, docs/design.md section 2.13), as one XDP
  * program for hosts whose kernel has no ipip or fou module, or that should
  * not grow tunnel devices.  Compiled and loaded by bcc
  * (plugins/module_utils/_decap.py, the xvs_decap module).
  *
- * The contract (docs/design.md section 2.3): a packet is decapsulated only
+ * The contract (docs/design.md section 2.14): a packet is decapsulated only
  * when all hold, else it passes untouched (XDP_PASS, byte-identical):
  *   - it is an unfragmented IPv4 packet (one 802.1Q tag allowed) carrying
  *     IPIP (protocol 4) with ipip enabled, or UDP to the configured GUE port

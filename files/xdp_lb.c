@@ -633,7 +633,7 @@ static __always_inline void account(struct counters *c, struct packet *p, struct
 }
 
 /* ---- stage 5: forward -------------------------------------------------- */
-/* Contract 2 (tunnels): a frame that would not fit the egress MTU once
+/* Contract 13: a frame that would not fit the egress MTU once
  * encapsulated is answered, from the VIP, with an ICMP
  * fragmentation-needed carrying the MTU the client may use: never a silent
  * drop, and checked before account() so it is not counted as forwarded.
@@ -709,7 +709,7 @@ static __always_inline int fits(struct xdp_md *ctx, struct counters *c, struct p
     return icmp_too_big(ctx, c, p, d->mtu - overhead);
 }
 
-/* Contract 2 (tunnels): an outer IPv4 header (and for GUE a UDP header)
+/* Contract 13: an outer IPv4 header (and for GUE a UDP header)
  * goes in front of the client's packet, from the tunnel source to the
  * destination, DF set (a fragmented outer packet could not be decapsulated
  * by XDP) and TOS copied; the Ethernet header and its 802.1Q tag move to

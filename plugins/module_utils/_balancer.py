@@ -60,7 +60,7 @@ class Balancer(object):
         return dict(self._resolved[key])
 
     def _resolve_tunnel(self, option, address, mac_override):
-        """A tunnel's forwarding data (docs/design.md §2.2): the next hop is
+        """A tunnel's forwarding data (docs/design.md §2.13): the next hop is
         the kernel's route to the destination (its gateway, or the
         destination itself when on-link), reached as an L2 destination is
         (mac: the next hop's MAC); the outer source is xvs_attach's

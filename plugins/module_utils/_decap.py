@@ -2,7 +2,7 @@
 # Copyright (c) xvs.lb contributors
 # GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The realserver's decapsulating XDP program (files/xdp_decap.c,
-docs/design.md §2.3): compile, pin, configure, attach and remove it, and
+docs/design.md §2.14): compile, pin, configure, attach and remove it, and
 the boot restore that does it again from the file the module keeps.
 
 Its whole state is its configuration (no flows, nothing learned), so a new

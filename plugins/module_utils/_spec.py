@@ -28,7 +28,7 @@ MAX_WEIGHT = 65535
 DEFAULT_PROTOCOL = "tcp"
 DEFAULT_STICKY = False
 DEFAULT_WEIGHT = 1
-# How a service reaches its destinations (docs/design.md §2.2): on the
+# How a service reaches its destinations (docs/design.md §2.13): on the
 # balancer's segment (l2) or through a tunnel; GUE's port is the one the
 # Linux fou/gue documentation uses.
 FORWARDING = tuple(L.FORWARDING)

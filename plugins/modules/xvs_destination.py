@@ -128,6 +128,7 @@ service:
     port: 80
     protocol: tcp
     sticky: false
+    forwarding: l2
     destinations: []
 '''
 

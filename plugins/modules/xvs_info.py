@@ -96,12 +96,19 @@ attachment:
       description: VLAN id to prefix, for a trunk.
       type: dict
       sample: {}
+    tunnel_source:
+      description: The tunnels' outer source address per family, where O(xvs.lb.xvs_attach#module:tunnel_source) set one.
+      type: dict
+      sample: {}
     bpffs:
       description: The pin root.
       type: str
       sample: /sys/fs/bpf/xvs
 services:
-  description: Every service, its destinations, and their counters (packets, bytes, new flows).
+  description:
+    - Every service, its destinations, and their counters (packets, bytes, new flows).
+    - C(forwarding) is the service's method (l2, ipip, gue; C(gue_port) with gue). A tunnelled
+      service's destinations add C(tunnel_source) and C(mtu), and their C(mac) is the next hop's.
   returned: success
   type: list
   elements: dict
@@ -110,6 +117,7 @@ services:
       port: 80
       protocol: tcp
       sticky: false
+      forwarding: l2
       counters: {"packets": 10, "bytes": 1200, "new_flows": 2}
       destinations:
         - address: 192.0.2.21
@@ -121,13 +129,15 @@ services:
 counters:
   description:
     - Global counters, summed over CPUs. C(rx_packets) equals the sum of C(pass), C(tx),
-      C(redirect), C(icmp_echo_reply) and the C(drop_*) reasons.
+      C(redirect), C(icmp_echo_reply), C(icmp_too_big) and the C(drop_*) reasons.
+    - C(encap_ipip) and C(encap_gue) count tunnelled frames (within C(tx) and C(redirect));
+      C(icmp_too_big) the fragmentation-needed replies to frames too big to tunnel.
   returned: success
   type: dict
   sample: {"rx_packets": 12, "rx_bytes": 868, "pass": 9, "tx": 3, "redirect": 0,
            "drop_no_service": 0, "drop_no_dest": 0, "drop_fragment": 0, "drop_icmp": 0,
            "drop_vlan": 0, "icmp_echo_reply": 0, "icmp_ptb_forwarded": 0, "new_flows": 1,
-           "flow_reselect": 0}
+           "flow_reselect": 0, "encap_ipip": 0, "encap_gue": 0, "icmp_too_big": 0, "drop_encap": 0}
 source_prefixes:
   description:
     - The O(source_prefixes) busiest client source /20 prefixes, busiest first, with the VIP

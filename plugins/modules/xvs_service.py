@@ -131,7 +131,7 @@ options:
         type: int
   forwarding:
     description:
-      - How the balancer reaches the destinations (docs/design.md §2.2).
+      - How the balancer reaches the destinations (docs/design.md §2.13).
       - V(l2) (layer-2 direct server return) rewrites the frame's MAC addresses; every destination
         must be on-link through an attached interface.
       - V(ipip) puts an outer IPv4 header (protocol 4) in front of the client's packet and V(gue) an
@@ -221,8 +221,14 @@ service:
       description: Whether selection uses addresses only.
       type: bool
       sample: false
+    forwarding:
+      description: How destinations are reached (l2, ipip, gue); C(gue_port) is returned with gue.
+      type: str
+      sample: l2
     destinations:
-      description: The destinations, by address.
+      description:
+        - The destinations, by address. For a tunnel, C(mac) is the next hop's and C(tunnel_source)
+          and C(mtu) are added.
       type: list
       elements: dict
       sample:

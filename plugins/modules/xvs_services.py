@@ -149,7 +149,7 @@ options:
             type: int
       forwarding:
         description:
-          - How the balancer reaches the destinations (docs/design.md §2.2).
+          - How the balancer reaches the destinations (docs/design.md §2.13).
           - V(l2) (layer-2 direct server return) rewrites the frame's MAC addresses; every destination
             must be on-link through an attached interface.
           - V(ipip) puts an outer IPv4 header (protocol 4) in front of the client's packet and V(gue) an

@@ -1,4 +1,4 @@
-"""The realserver's decapsulator (files/xdp_decap.c, docs/design.md §2.3),
+"""The realserver's decapsulator (files/xdp_decap.c, docs/design.md §2.14),
 frame by frame through BPF_PROG_TEST_RUN: what it decapsulates comes out
 as the inner packet behind the same Ethernet header (and tag); everything
 else passes byte for byte, and the refusals are counted."""

@@ -1,4 +1,4 @@
-"""Layer-3 DSR (docs/design.md §2.2, tunnels): IPIP and GUE encapsulation
+"""Layer-3 DSR (docs/design.md §2.13): IPIP and GUE encapsulation
 and the ICMP fragmentation-needed for frames that would not fit, frame by
 frame through the real program (BPF_PROG_TEST_RUN), compared byte for byte
 with what scapy builds and checked field by field."""

@@ -1,4 +1,4 @@
-"""Layer-3 DSR end to end (docs/design.md §2.2, §2.3): the client and the
+"""Layer-3 DSR end to end (docs/design.md §2.13, §2.14): the client and the
 balancer on one segment, three backends on another behind a router.  The
 xvs role tunnels to them (ipip, then gue) and the realserver role's XDP
 decapsulator undoes the tunnel; curl reaches every backend, replies go
