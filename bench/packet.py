@@ -55,8 +55,13 @@ def tcp(flags="A", dport=80, dst=VIP, vlan=None):
     return ether(vlan) / IP(src="198.51.100.1", dst=dst) / TCP(sport=1024, dport=dport, flags=flags)
 
 
-def dests(n, vlan=0):
-    """n resolved destinations on ifindex 1 (a test run's ingress is lo)."""
+def dests(n, vlan=0, tunnel=False):
+    """n resolved destinations on ifindex 1 (a test run's ingress is lo);
+    tunnel: routed ones behind one next hop, with an MTU of 1500."""
+    if tunnel:
+        return [{"address": "198.51.100.%d" % (101 + i), "weight": 1, "mac": mac_for("192.0.2.254"),
+                 "src_mac": BALANCER_MAC, "ifindex": 1, "vlan": vlan, "tx_port": 0,
+                 "tun_src": "192.0.2.2", "mtu": 1500} for i in range(n)]
     return [{"address": "192.0.2.%d" % (1 + i), "weight": 1, "mac": mac_for("192.0.2.%d" % (1 + i)),
              "src_mac": BALANCER_MAC, "ifindex": 1, "vlan": vlan, "tx_port": 0} for i in range(n)]
 
@@ -93,10 +98,14 @@ def basic_cases(root, fd_floor_tx, fd_floor_pass, established=1024):
     dp.set_service(VIP, 80, "tcp", False, dests(10))
     dp.set_service(VIP, 53, "udp", False, dests(10))
     dp.set_service(VIP, 8080, "tcp", False, dests(10, vlan=10))
+    dp.set_service(VIP, 81, "tcp", False, dests(10, tunnel=True), "ipip")
+    dp.set_service(VIP, 82, "tcp", False, dests(10, tunnel=True), "gue")
     est, syn = Flows(tcp()), Flows(tcp("S"))
     udp = Flows(ether() / IP(src="198.51.100.1", dst=VIP) / UDP(sport=1024, dport=53) / b"q")
     tagged = Flows(tcp(dport=8080, vlan=10))
-    for flows in (est, udp, tagged):
+    ipip, gue = Flows(tcp(dport=81)), Flows(tcp(dport=82))
+    big = Flows(tcp(dport=82) / (b"b" * (1500 - 40)))     # 1,500 bytes: 28 too many for GUE
+    for flows in (est, udp, tagged, ipip, gue, big):
         warm(prog.fd, flows, established)
     first_new = 1 << 20                 # flows never sent before
     other = bytes(tcp(dst=OTHER))
@@ -111,6 +120,9 @@ def basic_cases(root, fd_floor_tx, fd_floor_pass, established=1024):
         Case("802.1Q forward", prog.fd, lambda i: tagged[i % established], "tx"),
         Case("pass-through", prog.fd, lambda i: other, "pass"),
         Case("ICMP echo", prog.fd, lambda i: echo, "tx"),
+        Case("IPIP tunnel", prog.fd, lambda i: ipip[i % established], "tx"),
+        Case("GUE tunnel", prog.fd, lambda i: gue[i % established], "tx"),
+        Case("too big: frag-needed", prog.fd, lambda i: big[i % established], "tx"),
     ]
     return prog, dp, cases
 
