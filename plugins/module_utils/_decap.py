@@ -72,7 +72,7 @@ def normalise(p):
         if not isinstance(given, list):
             raise XvsError("%s=%s: must be a list of IPv4 addresses" % (name, given))
         addrs = sorted(set(_spec.ipv4("%s[%d]" % (name, i), a) for i, a in enumerate(given)),
-                       key=lambda a: L.be32(a))
+                       key=L.be32)
         if len(addrs) > limit:
             raise XvsError("%s: %d addresses, at most %d" % (name, len(addrs), limit))
         out[name] = addrs

@@ -101,6 +101,8 @@ options:
     type: str
     choices: [present, absent]
     default: present
+author:
+  - xvs.lb contributors (@xvs-lb)
 notes:
   - Runs on one host are serialised with the lock file C(/run/lock/xvs-lb.lock).
 requirements:

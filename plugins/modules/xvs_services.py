@@ -76,7 +76,7 @@ options:
         suboptions:
           address:
             description:
-              - The destination's IPv4 address: on-link through an attached interface (l2), or routed through one (tunnels).
+              - The destination's IPv4 address, on-link through an attached interface (l2) or routed through one (tunnels).
             type: str
             required: true
           weight:
@@ -154,10 +154,10 @@ options:
             must be on-link through an attached interface.
           - V(ipip) puts an outer IPv4 header (protocol 4) in front of the client's packet and V(gue) an
             outer IPv4 and UDP header (GUE variant 1, to O(config[].gue_port)). Destinations may be anywhere
-            the balancer routes to through an attached interface: the next hop is the kernel's route
-            to each destination, the outer source the route's source address, the balancer's address
-            on that interface. A packet that would not fit the egress MTU once encapsulated is
-            answered with an ICMP fragmentation-needed. The realservers must decapsulate
+            the balancer routes to through an attached interface; the next hop is the kernel's route
+            to each destination, the outer source the route's source address (the balancer's address
+            on that interface) or O(xvs.lb.xvs_attach#module:tunnel_source). A packet that would not
+            fit the egress MTU once encapsulated is answered with an ICMP fragmentation-needed. The realservers must decapsulate
             (the P(xvs.lb.realserver#role) role's C(realserver_decap)).
           - Default V(l2) for a new service; with O(state=merged) a service left without it keeps its own.
         type: str

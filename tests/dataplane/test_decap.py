@@ -87,12 +87,15 @@ def test_listed_sources_only(make):
     assert _decap.counters(d.root) == {"decap_ipip": 1, "decap_gue": 0, "not_vip": 0, "not_source": 1}
 
 
+def outer_fragment(n):
+    frags = fragment(IP(src=BAL, dst=RS, proto=4) / (inner() + b"x" * 64), fragsize=48)
+    return bytes(l2() / frags[n])
+
+
 UNTOUCHED = {
     "inner_not_a_vip": lambda: ipip(inner(dst="203.0.113.99")),
-    "outer_fragment": lambda: bytes(l2() / fragment(IP(src=BAL, dst=RS, proto=4) / (inner() + b"x" * 64),
-                                                     fragsize=48)[0]),
-    "outer_later_fragment": lambda: bytes(l2() / fragment(IP(src=BAL, dst=RS, proto=4) / (inner() + b"x" * 64),
-                                                           fragsize=48)[1]),
+    "outer_fragment": lambda: outer_fragment(0),
+    "outer_later_fragment": lambda: outer_fragment(1),
     "gue_on_another_port": lambda: gue(inner(), port=6081),
     "ipip_when_gue_is_configured": lambda: ipip(inner()),
     "gue_variant_0_header": lambda: gue(b"\x00\x00\x00\x00" + inner()),

@@ -228,8 +228,8 @@ def build_routed_lab(lab, tmp_path, backends):
     lab.sh(lab.name("rtr"), "sysctl -qw net.ipv4.ip_forward=1")
     lab.sh(lab.name("cli"), "ip route add %s/32 via %s && ethtool -K eth0 tx off >/dev/null"
            % (VIP, BALANCER))
-    lab.sh(lab.name("bal"), "ip route add %s.0/24 via %s" % (ROUTED_BACK_ROUTER.rsplit(".", 1)[0],
-                                                              ROUTED_FRONT["rtr"]))
+    back_net = ROUTED_BACK_ROUTER.rsplit(".", 1)[0] + ".0/24"
+    lab.sh(lab.name("bal"), "ip route add %s via %s" % (back_net, ROUTED_FRONT["rtr"]))
     for short in backends:
         ns = lab.name(short)
         lab.sh(ns, "ip route add default via %s" % ROUTED_BACK_ROUTER)
