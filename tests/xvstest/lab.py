@@ -125,8 +125,16 @@ def build_dsr_lab(lab, tmp_path, backends, realserver):
         if realserver:
             lab.sh(ns, "ip addr add %s/32 dev lo && sysctl -qw net.ipv4.conf.all.arp_ignore=1 "
                        "net.ipv4.conf.all.arp_announce=2" % VIP)
-        www = tmp_path / short
-        www.mkdir()
+    serve(lab, tmp_path, backends)
+    xdp_pass_on_peer(lab)
+
+
+def serve(lab, www_root, backends):
+    """Each backend serves HTTP on 80 (/whoami: its name, /big) from
+    www_root/<name> and the echo service; back once all answer."""
+    for short in backends:
+        www = www_root / short
+        www.mkdir(parents=True, exist_ok=True)
         (www / "whoami").write_text(short)
         (www / "big").write_bytes(b"x" * BIG)
         http_server(lab, short, www)
@@ -134,7 +142,6 @@ def build_dsr_lab(lab, tmp_path, backends, realserver):
     for short in backends:
         wait_for(lambda: lab.sh(lab.name(short), "curl -sf -o /dev/null http://127.0.0.1/whoami",
                                 check=False).returncode == 0, what="http server in " + short)
-    xdp_pass_on_peer(lab)
 
 
 def http_server(lab, short, www):
@@ -184,19 +191,12 @@ def build_bgp_lab(lab, tmp_path, backends):
         ns = lab.name(short)
         lab.sh(ns, "ip addr add %s/32 dev lo && ip route add default via %s && sysctl -qw "
                    "net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2" % (VIP, ROUTER))
-        www = tmp_path / "www" / short
-        www.mkdir(parents=True, exist_ok=True)
-        (www / "whoami").write_text(short)
-        http_server(lab, short, www)
-        echo_server(lab, short)
+    serve(lab, tmp_path / "www", backends)
     conf = tmp_path / "router-bird.conf"
     conf.write_text(ROUTER_BIRD % {"router": ROUTER, "router_as": ROUTER_AS, "neighbours": "\n".join(
         "protocol bgp %s from balancer { neighbor %s as %d; }" % (short, addr, BALANCER_AS)
         for short, addr in sorted(BGP_BALANCERS.items()))})
     lab.bg(router, "/usr/sbin/bird -f -c %s -s %s" % (conf, tmp_path / "router-bird.ctl"))
-    for short in backends:
-        wait_for(lambda: lab.sh(lab.name(short), "curl -sf -o /dev/null http://127.0.0.1/whoami",
-                                check=False).returncode == 0, what="http server in " + short)
 
 
 # ---- the routed lab of layer-3 DSR (tests/integration/test_tunnel.py)
@@ -231,17 +231,8 @@ def build_routed_lab(lab, tmp_path, backends):
     back_net = ROUTED_BACK_ROUTER.rsplit(".", 1)[0] + ".0/24"
     lab.sh(lab.name("bal"), "ip route add %s via %s" % (back_net, ROUTED_FRONT["rtr"]))
     for short in backends:
-        ns = lab.name(short)
-        lab.sh(ns, "ip route add default via %s" % ROUTED_BACK_ROUTER)
-        www = tmp_path / "www" / short
-        www.mkdir(parents=True, exist_ok=True)
-        (www / "whoami").write_text(short)
-        (www / "big").write_bytes(b"x" * BIG)
-        http_server(lab, short, www)
-        echo_server(lab, short)
-    for short in backends:
-        wait_for(lambda: lab.sh(lab.name(short), "curl -sf -o /dev/null http://127.0.0.1/whoami",
-                                check=False).returncode == 0, what="http server in " + short)
+        lab.sh(lab.name(short), "ip route add default via %s" % ROUTED_BACK_ROUTER)
+    serve(lab, tmp_path / "www", backends)
     with inside(lab.name("swfront")):
         _xdp_pass("p-bal")
 
