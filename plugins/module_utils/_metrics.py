@@ -22,18 +22,27 @@ SERVICE_LABELS = ["vip", "port", "protocol"]
 DESTINATION_LABELS = SERVICE_LABELS + ["destination"]
 # the global counters (see _layout.COUNTERS) as Prometheus families:
 # counter name -> (metric name, label name, label value)
-FRAME_ENDS = dict([(n, ("xvs_packets", "action", n)) for n in ("pass", "tx", "redirect", "icmp_echo_reply")]
+FRAME_ENDS = dict([(n, ("xvs_packets", "action", n))
+                   for n in ("pass", "tx", "redirect", "icmp_echo_reply", "icmp_too_big")]
                   + [(n, ("xvs_dropped_packets", "reason", n[len("drop_"):]))
                      for n in L.COUNTERS if n.startswith("drop_")])
 HELP = {
     "xvs_received_packets": "Frames the XDP program saw.",
     "xvs_received_bytes": "Bytes of the frames the XDP program saw.",
-    "xvs_packets": "Frames by where they ended (pass to the kernel, tx, redirect, ICMP echo reply).",
+    "xvs_packets": "Frames by where they ended (pass to the kernel, tx, redirect, ICMP echo reply, "
+                   "ICMP fragmentation-needed for a frame too big to tunnel).",
     "xvs_dropped_packets": "Frames dropped, by reason.",
     "xvs_icmp_ptb_forwarded": "ICMP fragmentation-needed messages steered to a destination.",
     "xvs_new_flows": "Flows that selected a destination.",
     "xvs_flow_reselect": "Flow records replaced (idle past the timeout, or destination gone).",
+    "xvs_encap_ipip": "Frames forwarded through an IPIP tunnel.",
+    "xvs_encap_gue": "Frames forwarded through a GUE tunnel.",
 }
+
+
+def counter_metric(name):
+    """The metric of a global counter that is not a frame end."""
+    return {"rx_packets": "xvs_received_packets", "rx_bytes": "xvs_received_bytes"}.get(name, "xvs_" + name)
 
 
 STATS_HELP = {"packets": "Packets forwarded to the %s.", "bytes": "Bytes forwarded to the %s.",
@@ -124,8 +133,7 @@ class Collector(object):
                     families[metric] = Counter(metric, HELP[metric], labels=[label])
                 families[metric].add_metric([label_value], value)
             else:
-                metric = {"rx_packets": "xvs_received_packets", "rx_bytes": "xvs_received_bytes"}.get(
-                    name, "xvs_" + name)
+                metric = counter_metric(name)
                 families[metric] = Counter(metric, HELP[metric], value=value)
         for metric in sorted(families):
             yield families[metric]

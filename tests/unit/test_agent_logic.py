@@ -203,3 +203,16 @@ def test_waiting_for_the_host_lock_keeps_saying_alive(tmp_path):
             with _state.host_lock(path, timeout=0.3, waiting=lambda: calls.append(1)):
                 pass
     assert len(calls) >= 3
+
+
+def test_every_global_counter_has_a_metric_with_help():
+    """A counter added to the data plane must reach the metrics: a frame end
+    as an action or drop reason, any other counter as its own family with
+    help text (a missing one broke every scrape)."""
+    from ansible_collections.xvs.lb.plugins.module_utils import _layout as L
+    for name in L.COUNTERS:
+        if name in _metrics.FRAME_ENDS:
+            assert _metrics.FRAME_ENDS[name][0] in _metrics.HELP
+        else:
+            assert _metrics.counter_metric(name) in _metrics.HELP, name
+    assert set(L.VERDICT_COUNTERS) <= set(_metrics.FRAME_ENDS)
