@@ -72,22 +72,23 @@ class Balancer(object):
             out = self._resolve("its next hop", hop, mac_override)
         except XvsError as e:
             raise XvsError("%s=%s: %s" % (option, address, e))
-        overhead = L.TUNNEL_OVERHEAD["gue"]
-        mtu = min(route["mtu"] or self._info(out["ifindex"])["mtu"], L.MAX_TUNNEL_MTU)
-        if mtu - overhead < L.ICMP_QUOTE_LEN:
-            raise XvsError("%s=%s: the egress MTU %d is too small to tunnel through"
-                           % (option, address, mtu))
-        out.update(address=address, tun_src=self.tunnel_source(option, address), mtu=mtu)
+        out.update(self.tunnel(option, address, out["ifindex"]), address=address)
         return out
 
-    def tunnel_source(self, option, address):
-        """The outer source a tunnel to address takes now: xvs_attach's
-        tunnel_source, else the source of the route to it."""
-        source = self.status["tunnel_source"].get("ipv4") or self._route(option, address)["prefsrc"]
+    def tunnel(self, option, address, ifindex):
+        """What a tunnel to address through ifindex takes now: {tun_src:
+        xvs_attach's tunnel_source, else the source of the route to it;
+        mtu: the route's MTU metric, else the interface's}."""
+        route = self._route(option, address)
+        source = self.status["tunnel_source"].get("ipv4") or route["prefsrc"]
         if not source:
             raise XvsError("%s=%s: the route to it has no source address for the tunnel; set "
                            "xvs_attach's tunnel_source" % (option, address))
-        return source
+        mtu = min(route["mtu"] or self._info(ifindex)["mtu"], L.MAX_TUNNEL_MTU)
+        if mtu - L.TUNNEL_OVERHEAD["gue"] < L.ICMP_QUOTE_LEN:
+            raise XvsError("%s=%s: the egress MTU %d is too small to tunnel through"
+                           % (option, address, mtu))
+        return {"tun_src": source, "mtu": mtu}
 
     def _route(self, option, address):
         if address not in self._routes:
@@ -97,17 +98,21 @@ class Balancer(object):
                 raise XvsError("%s=%s: %s" % (option, address, e))
         return self._routes[address]
 
+    def _attached(self):
+        """interface() of each attached interface, in name order, read once a run."""
+        if self._infos is None:
+            self._infos = [_netinfo.interface(n) for n in sorted(self.status["interfaces"])]
+        return self._infos
+
     def _info(self, index):
-        return next(i for i in self._infos if i["index"] == index)
+        return next(i for i in self._attached() if i["index"] == index)
 
     def _resolve(self, option, address, mac_override):
         interfaces = sorted(self.status["interfaces"])
         if not interfaces:
             raise XvsError("bpffs=%s: the program is not attached to any interface" % self.root)
-        if self._infos is None:
-            self._infos = [_netinfo.interface(n) for n in interfaces]
         try:
-            info, vlan = _netinfo.locate(address, interfaces, self.status["vlans"], self._infos)
+            info, vlan = _netinfo.locate(address, interfaces, self.status["vlans"], self._attached())
         except _netinfo.NetInfoError as e:
             raise XvsError("%s=%s: %s" % (option, address, e))
         if mac_override:

@@ -181,12 +181,15 @@ def _option(option_labels, key, address):
 def _reusable(bal, cur, d, tunnel, option_labels, key):
     """Whether a destination's forwarding data in the maps (cur) still
     serves: the same method, the MAC override (if any) it was resolved with,
-    and for a tunnel the source it would take now (xvs_attach's
-    tunnel_source or the route's).  Otherwise it is resolved again."""
+    and for a tunnel the source and MTU it would take now (xvs_attach's
+    tunnel_source or the route's; the route's or the link's MTU).
+    Otherwise it is resolved again."""
     if cur is None or d["mac"] not in (None, cur["mac"]) or ("mtu" in cur) != tunnel:
         return False
-    return not tunnel or cur["tun_src"] == bal.tunnel_source(_option(option_labels, key, cur["address"]),
-                                                             cur["address"])
+    if not tunnel:
+        return True
+    now = bal.tunnel(_option(option_labels, key, cur["address"]), cur["address"], cur["ifindex"])
+    return (cur["tun_src"], cur["mtu"]) == (now["tun_src"], now["mtu"])
 
 
 class Plan(object):

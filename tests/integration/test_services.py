@@ -95,8 +95,8 @@ def test_state_matrix(mods, state, config, want, sticky):
 
 def test_tunnel_source_and_forwarding_in_the_view(mods):
     """A tunnel's outer source is the route's (the balancer's address)
-    unless xvs_attach's tunnel_source says otherwise; changing the
-    forwarding re-resolves the destinations with it."""
+    unless xvs_attach's tunnel_source says otherwise, and its MTU the
+    route's or the link's; a run moves existing tunnels to what is in force."""
     res = ok(mods, "xvs_service", svc(80, A, forwarding="gue", gue_port=7000))
     assert (res["service"]["forwarding"], res["service"]["gue_port"]) == ("gue", 7000)
     dest = res["service"]["destinations"][0]
@@ -115,6 +115,12 @@ def test_tunnel_source_and_forwarding_in_the_view(mods):
         record = json.load(f)
     assert record["attach"]["tunnel_source"] == {"ipv4": "192.0.2.9"}
     assert record["services"][0]["forwarding"] == "ipip"
+    # the route's MTU changes: the next run takes it up, and then changes nothing
+    subprocess.run(["ip", "netns", "exec", mods.ns, "ip", "route", "replace", "192.0.2.0/24", "dev", "eth0",
+                    "src", "192.0.2.2", "mtu", "1400"], check=True)
+    res = ok(mods, "xvs_service", svc(80, A, forwarding="ipip"))
+    assert res["service"]["destinations"][0]["mtu"] == 1400
+    ok(mods, "xvs_service", svc(80, A, forwarding="ipip"), changed=False)
     res = ok(mods, "xvs_service", svc(80, A, forwarding="l2"))
     assert "tunnel_source" not in res["service"]["destinations"][0]
 
