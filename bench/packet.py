@@ -225,9 +225,27 @@ STAGES = [
 ]
 
 
+# The profile and the levers measure the IPv4 path: their markers and edits
+# are looked up in the program without its IPv6 stages, which repeat some
+# of its lines.
+IPV6_SECTION = ("/* ---- IPv6: the same five stages", "/* ---- the program")
+IPV6_PLACEHOLDER = "/* (the IPv6 stages) */\n"
+
+
+def ipv4_part(text):
+    """(the program with its IPv6 stages replaced by IPV6_PLACEHOLDER, those stages)."""
+    i, j = text.index(IPV6_SECTION[0]), text.index(IPV6_SECTION[1])
+    return text[:i] + IPV6_PLACEHOLDER + text[j:], text[i:j]
+
+
+def _whole(head, v6):
+    return head.replace(IPV6_PLACEHOLDER, v6)
+
+
 def cut(text, marker):
-    i = text.index(marker) + len(marker)
-    return text[:i] + "\n    return XDP_TX;\n" + text[i:]
+    head, v6 = ipv4_part(text)
+    i = head.index(marker) + len(marker)
+    return _whole(head[:i] + "\n    return XDP_TX;\n" + head[i:], v6)
 
 
 def profile(bpffs, runs=50000, rounds=10, established=1024):
@@ -278,11 +296,12 @@ LEVERS = [
 
 
 def variant(text, edits):
+    head, v6 = ipv4_part(text)
     for old, new in edits:
-        if text.count(old) != 1:
-            raise RuntimeError("lever edit %r: not found exactly once in xdp_lb.c" % old)
-        text = text.replace(old, new)
-    return text
+        if head.count(old) != 1:
+            raise RuntimeError("lever edit %r: not found exactly once in xdp_lb.c's IPv4 path" % old)
+        head = head.replace(old, new)
+    return _whole(head, v6)
 
 
 def levers(bpffs, runs=20000, rounds=20, instances=3, established=1024, flow_table=1 << 16):

@@ -29,6 +29,8 @@
 #include <uapi/linux/in.h>
 #include <uapi/linux/icmp.h>
 #include <uapi/linux/udp.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/icmpv6.h>
 
 /* ---- sizes and options, set by the loader with -D ------------------- */
 #ifndef XVS_PIN_ROOT
@@ -45,6 +47,9 @@
 #endif
 #ifndef FLOW_TABLE_SIZE
 #define FLOW_TABLE_SIZE 1048576
+#endif
+#ifndef FLOW_TABLE_SIZE_V6
+#define FLOW_TABLE_SIZE_V6 262144
 #endif
 #ifndef TCP_TIMEOUT
 #define TCP_TIMEOUT 300         /* seconds idle */
@@ -96,7 +101,7 @@
 #define ECHO_REPLY_TTL 64
 #define IP_DF 0x4000            /* frag_off: don't fragment */
 
-/* Forwarding methods (contract 2), per service, copied into its dests. */
+/* Forwarding methods (contract 13), per service, copied into its dests. */
 #define FWD_L2 0                /* rewrite the MACs: the destination is on-link */
 #define FWD_IPIP 1              /* IPv4-in-IPv4 (protocol 4) */
 #define FWD_GUE 2               /* GUE variant 1: IPv4 directly in UDP */
@@ -113,6 +118,17 @@
  * multiple of 4 for bpf_csum_diff, and below every MTU that can trigger it. */
 #define ICMP_QUOTE_LEN 128
 #define ICMP_TOO_BIG_TTL 64
+
+/* IPv6 (contracts 1-12 for IPv6 services, docs/design.md section 2.15). */
+#define IPV6_VERSION 6
+#define IPV6_EXT_MAX 4          /* extension headers followed before the transport header */
+#define IPV6_EXT_UNIT 8         /* hdrlen counts 8-byte units beyond the first */
+#define IPV6_FRAG_OFFSET 0xfff8 /* fragment header frag_off: offset ... */
+#define IPV6_FRAG_MORE 0x0001   /* ... and more fragments */
+#define IPV6_AH 51              /* authentication header: a chain we do not follow */
+#define ND_FIRST 133            /* neighbour discovery: router solicitation ... */
+#define ND_LAST 137             /* ... to redirect; the kernel's to answer */
+#define ECHO_REPLY_HOP_LIMIT 64
 
 #define PIN(name) XVS_PIN_ROOT "/" name
 
@@ -147,6 +163,11 @@ struct vip_val {
 };
 
 #define DEST_VALID 1
+#define DEST_V6 2               /* addr6 holds the address (for the control plane) */
+
+struct addr6 {
+    __be32 w[4];
+};
 
 struct dest {
     __be32 addr;
@@ -163,6 +184,7 @@ struct dest {
     __be32 tun_src;  /* the outer source address */
     u16 mtu;         /* the egress MTU: a tunnelled frame must fit */
     u16 pad2;
+    struct addr6 addr6;  /* an IPv6 destination's address (DEST_V6) */
 };
 
 struct maglev_chunk {
@@ -185,6 +207,32 @@ struct flow_val {
     __be32 dest_addr;/* the slot must still hold this address */
 };
 
+/* IPv6 services and flows: the same records with 16-byte addresses, in
+ * maps of their own, so the IPv4 path keeps its 16-byte flow key. */
+struct svc_key6 {
+    struct addr6 vip;
+    __be16 port;
+    u8 proto;
+    u8 pad;
+};
+
+struct flow_key6 {
+    struct addr6 saddr;
+    struct addr6 daddr;
+    __be16 sport;
+    __be16 dport;
+    u8 proto;
+    u8 pad[3];
+};
+
+struct flow_val6 {
+    u64 last_seen;
+    u16 svc_index;
+    u16 dest_slot;
+    u32 pad;
+    struct addr6 dest_addr;
+};
+
 struct stats {
     u64 packets;
     u64 bytes;
@@ -201,6 +249,7 @@ struct meta {
     u32 udp_timeout;
     u32 max_ifaces;
     u32 build_id[4];   /* the loader's hash of source and options */
+    u32 flow_table_size_v6;   /* appended: abi_version stays the first word */
 };
 
 /* The balancer's prefix on each VLAN of an 802.1Q trunk, by VLAN id.  The
@@ -232,6 +281,7 @@ enum counter {
     C_ENCAP_GUE,
     C_ICMP_TOO_BIG,
     C_DROP_ENCAP,
+    C_DROP_IPV6_EXT,
     C_MAX,
 };
 
@@ -261,6 +311,9 @@ BPF_TABLE_PINNED("percpu_array", u32, struct stats, dest_stats, MAX_SERVICES * M
 BPF_TABLE_PINNED("percpu_array", u32, u64, prefix_stats, PREFIX_SLOTS, PIN("prefix_stats"));
 BPF_TABLE_PINNED("array", u32, struct vlan_net, vlans, VLAN_IDS, PIN("vlans"));
 BPF_TABLE_PINNED("array", u32, struct tunnel_src, tunnel_src, 1, PIN("tunnel_src"));
+BPF_TABLE_PINNED("hash", struct addr6, struct vip_val, vips6, MAX_SERVICES, PIN("vips6"));
+BPF_TABLE_PINNED("hash", struct svc_key6, struct svc_val, services6, MAX_SERVICES, PIN("services6"));
+BPF_TABLE_PINNED("lru_hash", struct flow_key6, struct flow_val6, flows6, FLOW_TABLE_SIZE_V6, PIN("flows6"));
 BPF_XDP_REDIRECT_MAP("devmap:" PIN("tx_ports"), int, tx_ports, MAX_IFACES);
 
 /* ---- headers and the parsed packet ------------------------------------ */
@@ -286,6 +339,30 @@ struct packet {
     struct flow_key key;     /* the flow, as the client sent it */
     struct svc_key sk;       /* the service it is for */
 };
+
+/* An IPv6 frame, as the IPv6 stages learn it. */
+struct packet6 {
+    struct ethhdr *eth;
+    struct vlan_hdr *vh;
+    struct ipv6hdr *ip6;
+    void *l4;
+    u64 len;
+    u16 frag;                /* the fragment header's frag_off, host order (0: none) */
+    u8 l4proto;              /* the header after the extension headers */
+    u8 unparsed;             /* the chain ended in one we do not follow */
+    u8 ptb;                  /* an ICMPv6 Packet Too Big for a VIP flow */
+    struct flow_key6 key;
+    struct svc_key6 sk;
+};
+
+struct ipv6_frag {
+    u8 nexthdr;
+    u8 reserved;
+    __be16 frag_off;
+    __be32 identification;
+};
+
+#define PARSED_IPV6 (-2)        /* parse's "go on, as IPv6" */
 
 /* Where select sends a frame. */
 struct choice {
@@ -395,10 +472,10 @@ static __always_inline struct dest *dest_at(u32 index, u32 slot)
     return d;
 }
 
-static __always_inline int flow_expired(struct packet *p, struct flow_val *f, u64 now)
+static __always_inline int flow_expired(u8 proto, u64 last_seen, u64 now)
 {
-    u64 timeout = (p->key.proto == IPPROTO_TCP ? TCP_TIMEOUT : UDP_TIMEOUT) * NSEC;
-    return (s64)(now - f->last_seen) > (s64)timeout;
+    u64 timeout = (proto == IPPROTO_TCP ? TCP_TIMEOUT : UDP_TIMEOUT) * NSEC;
+    return (s64)(now - last_seen) > (s64)timeout;
 }
 
 /* Contract 4: an unexpired flow record of this service whose destination
@@ -406,7 +483,7 @@ static __always_inline int flow_expired(struct packet *p, struct flow_val *f, u6
 static __always_inline struct dest *flow_dest(struct packet *p, struct svc_val *svc,
                                               struct flow_val *f, u64 now)
 {
-    if (!f || f->svc_index != svc->index || flow_expired(p, f, now))
+    if (!f || f->svc_index != svc->index || flow_expired(p->key.proto, f->last_seen, now))
         return 0;
     struct dest *d = dest_at(svc->index, f->dest_slot);
     if (!d || d->addr != f->dest_addr)
@@ -461,6 +538,11 @@ static __always_inline int parse(struct xdp_md *ctx, struct counters *c, struct 
         proto = vh->proto;
         l3 = vh + 1;
         p->vh = vh;
+    }
+    if (proto == bpf_htons(ETH_P_IPV6)) {
+        p->eth = eth;
+        p->l4 = l3;          /* the IPv6 header, for parse6 */
+        return PARSED_IPV6;
     }
     if (proto != bpf_htons(ETH_P_IP))
         return verdict(c, C_PASS, XDP_PASS);
@@ -709,6 +791,21 @@ static __always_inline int fits(struct xdp_md *ctx, struct counters *c, struct p
     return icmp_too_big(ctx, c, p, d->mtu - overhead);
 }
 
+/* Contract 2: the Ethernet header (and 802.1Q id) rewritten for the
+ * destination, or a tunnel's next hop, and the frame handed back out. */
+static __always_inline int send(struct xdp_md *ctx, struct counters *c, struct ethhdr *eth,
+                                struct vlan_hdr *vh, struct dest *d)
+{
+    if (vh)
+        vh->tci = (vh->tci & bpf_htons(VLAN_PRIO_MASK)) | bpf_htons(d->vlan & VLAN_VID_MASK);
+    __builtin_memcpy(eth->h_dest, d->mac, ETH_ALEN);
+    __builtin_memcpy(eth->h_source, d->src_mac, ETH_ALEN);
+    if (d->ifindex == ctx->ingress_ifindex)
+        return verdict(c, C_TX, XDP_TX);
+    c->n[C_REDIRECT]++;
+    return tx_ports.redirect_map(d->tx_port, XDP_DROP);
+}
+
 /* Contract 13: an outer IPv4 header (and for GUE a UDP header)
  * goes in front of the client's packet, from the tunnel source to the
  * destination, DF set (a fragmented outer packet could not be decapsulated
@@ -782,15 +879,271 @@ static __always_inline int forward(struct xdp_md *ctx, struct counters *c, struc
         action = encapsulate(ctx, c, p, d, IPPROTO_UDP, GUE_OVERHEAD);
     if (action != CONTINUE)
         return action;
-    struct vlan_hdr *vh = p->vh;
-    if (vh)
-        vh->tci = (vh->tci & bpf_htons(VLAN_PRIO_MASK)) | bpf_htons(d->vlan & VLAN_VID_MASK);
-    __builtin_memcpy(p->eth->h_dest, d->mac, ETH_ALEN);
-    __builtin_memcpy(p->eth->h_source, d->src_mac, ETH_ALEN);
-    if (d->ifindex == ctx->ingress_ifindex)
-        return verdict(c, C_TX, XDP_TX);
-    c->n[C_REDIRECT]++;
-    return tx_ports.redirect_map(d->tx_port, XDP_DROP);
+    return send(ctx, c, p->eth, p->vh, d);
+}
+
+/* ---- IPv6: the same five stages (docs/design.md section 2.15) ---------- */
+static __always_inline u32 addr6_fold(struct addr6 *a)
+{
+    return a->w[0] ^ a->w[1] ^ a->w[2] ^ a->w[3];
+}
+
+static __always_inline int addr6_eq(struct addr6 *a, struct addr6 *b)
+{
+    return a->w[0] == b->w[0] && a->w[1] == b->w[1] && a->w[2] == b->w[2] && a->w[3] == b->w[3];
+}
+
+/* flow_hash() over the 16-byte addresses; tests/xvstest/packets.py mirrors it. */
+static __always_inline u32 flow_hash6(struct flow_key6 *k)
+{
+    u32 h = mix32(0x9e3779b9 ^ k->proto);
+    h = mix32(h ^ (((u32)k->sport << 16) | k->dport));
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+        h = mix32(h ^ k->saddr.w[i]);
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+        h = mix32(h ^ k->daddr.w[i]);
+    return h;
+}
+
+/* Stage 1 for IPv6 (contracts 1 and 8): a sane header with a hop limit,
+ * then at most IPV6_EXT_MAX extension headers (hop-by-hop, routing,
+ * destination options, fragment) followed to the transport header.  A chain
+ * that ends in one we do not follow (longer, or AH) is marked: it passes
+ * unless it is for a VIP (classify6). */
+static __always_inline int parse6(struct xdp_md *ctx, struct counters *c, struct packet6 *q)
+{
+    void *data_end = (void *)(long)ctx->data_end;
+    struct ipv6hdr *ip6 = q->l4;
+    if ((void *)(ip6 + 1) > data_end || ip6->version != IPV6_VERSION || ip6->hop_limit == 0 ||
+        (void *)(ip6 + 1) + bpf_ntohs(ip6->payload_len) > data_end)
+        return verdict(c, C_PASS, XDP_PASS);
+    q->ip6 = ip6;
+    u8 next = ip6->nexthdr;
+    void *cur = ip6 + 1;
+#pragma unroll
+    for (int i = 0; i < IPV6_EXT_MAX; i++) {
+        if (next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING || next == IPPROTO_DSTOPTS) {
+            struct ipv6_opt_hdr *h = cur;
+            if ((void *)(h + 1) > data_end)
+                return verdict(c, C_PASS, XDP_PASS);
+            next = h->nexthdr;
+            cur += (h->hdrlen + 1) * IPV6_EXT_UNIT;
+        } else if (next == IPPROTO_FRAGMENT) {
+            struct ipv6_frag *f = cur;
+            if ((void *)(f + 1) > data_end)
+                return verdict(c, C_PASS, XDP_PASS);
+            next = f->nexthdr;
+            q->frag = bpf_ntohs(f->frag_off);
+            cur = f + 1;
+        }
+    }
+    q->unparsed = next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING || next == IPPROTO_DSTOPTS ||
+                  next == IPPROTO_FRAGMENT || next == IPV6_AH;
+    q->l4proto = next;
+    q->l4 = cur;
+    return CONTINUE;
+}
+
+/* Contract 7 for IPv6: an echo request to a VIP is answered; a Packet Too
+ * Big quoting a VIP flow continues as that flow; neighbour discovery passes
+ * to the kernel; other ICMPv6 to a VIP is dropped. */
+static __always_inline int icmp6_echo(struct counters *c, struct packet6 *q, struct icmp6hdr *icmp)
+{
+    struct ethhdr *eth = q->eth;
+    struct ipv6hdr *ip6 = q->ip6;
+    u8 mac[ETH_ALEN];
+    __builtin_memcpy(mac, eth->h_dest, ETH_ALEN);
+    __builtin_memcpy(eth->h_dest, eth->h_source, ETH_ALEN);
+    __builtin_memcpy(eth->h_source, mac, ETH_ALEN);
+    struct in6_addr a = ip6->saddr;
+    ip6->saddr = ip6->daddr;     /* the pseudo-header's sum is the same */
+    ip6->daddr = a;
+    ip6->hop_limit = ECHO_REPLY_HOP_LIMIT;
+    icmp->icmp6_type = ICMPV6_ECHO_REPLY;
+    icmp->icmp6_cksum = csum_replace(icmp->icmp6_cksum, bpf_htons(ICMPV6_ECHO_REQUEST << 8),
+                                     bpf_htons(ICMPV6_ECHO_REPLY << 8));
+    return verdict(c, C_ICMP_ECHO_REPLY, XDP_TX);
+}
+
+static __always_inline int classify_icmp6(struct xdp_md *ctx, struct counters *c, struct packet6 *q)
+{
+    void *data_end = (void *)(long)ctx->data_end;
+    struct icmp6hdr *icmp = q->l4;
+    if (q->frag & (IPV6_FRAG_OFFSET | IPV6_FRAG_MORE))
+        return verdict(c, C_DROP_FRAGMENT, XDP_DROP);
+    if ((void *)(icmp + 1) > data_end)
+        return verdict(c, C_PASS, XDP_PASS);
+    u8 type = icmp->icmp6_type;
+    if (type >= ND_FIRST && type <= ND_LAST)
+        return verdict(c, C_PASS, XDP_PASS);
+    if (type == ICMPV6_ECHO_REQUEST && icmp->icmp6_code == 0)
+        return icmp6_echo(c, q, icmp);
+    if (type != ICMPV6_PKT_TOOBIG)
+        return verdict(c, C_DROP_ICMP, XDP_DROP);
+    struct ipv6hdr *in = (void *)(icmp + 1);
+    if ((void *)(in + 1) > data_end ||
+        (in->nexthdr != IPPROTO_TCP && in->nexthdr != IPPROTO_UDP))
+        return verdict(c, C_DROP_ICMP, XDP_DROP);
+    struct ports *quoted = (void *)(in + 1);
+    if ((void *)(quoted + 1) > data_end)
+        return verdict(c, C_DROP_ICMP, XDP_DROP);
+    __builtin_memcpy(&q->key.saddr, &in->daddr, sizeof(struct addr6));
+    __builtin_memcpy(&q->key.daddr, &in->saddr, sizeof(struct addr6));
+    if (!addr6_eq(&q->key.daddr, &q->sk.vip))
+        return verdict(c, C_DROP_ICMP, XDP_DROP);
+    q->key.proto = in->nexthdr;
+    q->key.sport = quoted->dest;
+    q->key.dport = quoted->source;
+    q->sk.proto = in->nexthdr;
+    q->sk.port = quoted->source;
+    q->ptb = 1;
+    return CONTINUE;
+}
+
+/* Stage 2 for IPv6: the VIP filter (on the folded address), then as
+ * classify(). */
+static __always_inline int classify6(struct xdp_md *ctx, struct counters *c, struct packet6 *q)
+{
+    void *data_end = (void *)(long)ctx->data_end;
+    struct addr6 *daddr = (struct addr6 *)&q->ip6->daddr;
+    if (!vip_filter_hit(addr6_fold(daddr)))
+        return verdict(c, C_PASS, XDP_PASS);
+    u8 proto = q->l4proto;
+    q->sk.vip = *daddr;
+    q->sk.proto = proto;
+    q->key.daddr = *daddr;
+    __builtin_memcpy(&q->key.saddr, &q->ip6->saddr, sizeof(struct addr6));
+    q->key.proto = proto;
+    if (q->unparsed || proto == IPPROTO_ICMPV6 || (q->frag & IPV6_FRAG_OFFSET)) {
+        struct vip_val *vip = vips6.lookup(&q->sk.vip);
+        if (!vip)
+            return verdict(c, C_PASS, XDP_PASS);
+        if (q->unparsed)
+            return verdict(c, C_DROP_IPV6_EXT, XDP_DROP);
+        if (proto == IPPROTO_ICMPV6)
+            return classify_icmp6(ctx, c, q);
+        if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+            return verdict(c, C_PASS, XDP_PASS);
+        /* contract 8: a non-first fragment follows only a sticky service */
+        __be16 port = proto == IPPROTO_TCP ? vip->frag_port_tcp : vip->frag_port_udp;
+        if (!port)
+            return verdict(c, C_DROP_FRAGMENT, XDP_DROP);
+        q->sk.port = port;
+        q->key.dport = port;
+        return CONTINUE;
+    }
+    if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+        return verdict(c, C_PASS, XDP_PASS);
+    struct ports *ports = q->l4;
+    if ((void *)(ports + 1) > data_end)
+        return verdict(c, C_PASS, XDP_PASS);
+    q->key.sport = ports->source;
+    q->key.dport = ports->dest;
+    q->sk.port = ports->dest;
+    return CONTINUE;
+}
+
+/* Contract 4 for IPv6, as flow_dest(). */
+static __always_inline struct dest *flow_dest6(struct packet6 *q, struct svc_val *svc,
+                                               struct flow_val6 *f, u64 now)
+{
+    if (!f || f->svc_index != svc->index || flow_expired(q->key.proto, f->last_seen, now))
+        return 0;
+    struct dest *d = dest_at(svc->index, f->dest_slot);
+    if (!d || !addr6_eq(&d->addr6, &f->dest_addr))
+        return 0;
+    return d;
+}
+
+/* Stage 3 for IPv6: select_dest() with the IPv6 maps. */
+static __always_inline int select_dest6(struct counters *c, struct packet6 *q, struct choice *ch)
+{
+    struct svc_val *svc = services6.lookup(&q->sk);
+    if (!svc || svc->index >= MAX_SERVICES) {
+        if (!svc && !q->ptb && !vips6.lookup(&q->sk.vip))
+            return verdict(c, C_PASS, XDP_PASS);
+        return verdict(c, q->ptb ? C_DROP_ICMP : C_DROP_NO_SERVICE, XDP_DROP);
+    }
+    if (svc->flags & SVC_STICKY)
+        q->key.sport = 0;
+    else if (q->frag & IPV6_FRAG_OFFSET)
+        return verdict(c, C_DROP_FRAGMENT, XDP_DROP);
+    ch->index = svc->index;
+
+    u64 now = flow_clock();
+    struct flow_val6 *f = flows6.lookup(&q->key);
+    struct dest *d = flow_dest6(q, svc, f, now);
+    if (d) {
+        if (!q->ptb && (s64)(now - f->last_seen) > (s64)FLOW_REFRESH_NS)
+            f->last_seen = now;
+        ch->d = d;
+        ch->slot = f->dest_slot;
+        return CONTINUE;
+    }
+
+    u32 drop = q->ptb ? C_DROP_ICMP : C_DROP_NO_DEST;
+    u32 slot = 0;
+    if (svc->ndest == 0 || maglev_pick(svc, flow_hash6(&q->key), &slot) < 0)
+        return verdict(c, drop, XDP_DROP);
+    d = dest_at(svc->index, slot);
+    if (!d)
+        return verdict(c, drop, XDP_DROP);
+    if (!q->ptb) {
+        c->n[C_FLOW_RESELECT] += f != 0;
+        c->n[C_NEW_FLOWS]++;
+        struct flow_val6 nf = {};
+        nf.last_seen = now;
+        nf.svc_index = svc->index;
+        nf.dest_slot = slot;
+        nf.dest_addr = d->addr6;
+        flows6.update(&q->key, &nf);
+        ch->new_flow = 1;
+    }
+    ch->d = d;
+    ch->slot = slot;
+    return CONTINUE;
+}
+
+/* Stages 4 and 5 for IPv6: per service and destination (per-prefix
+ * counters are IPv4's), and layer 2 only (the control plane refuses
+ * tunnels for IPv6 services). */
+static __always_inline int account_forward6(struct xdp_md *ctx, struct counters *c,
+                                            struct packet6 *q, struct choice *ch)
+{
+    struct dest *d = ch->d;
+    if ((q->vh != 0) != (d->vlan != 0))
+        return verdict(c, C_DROP_VLAN, XDP_DROP);
+    if (d->forwarding != FWD_L2)
+        return verdict(c, C_DROP_ENCAP, XDP_DROP);
+    if (q->ptb)
+        c->n[C_ICMP_PTB_FORWARDED]++;
+    u32 si = ch->index;
+    stats_add(svc_stats.lookup(&si), q->len, ch->new_flow);
+    u32 di = ch->index * MAX_DESTS + ch->slot;
+    stats_add(dest_stats.lookup(&di), q->len, ch->new_flow);
+    return send(ctx, c, q->eth, q->vh, d);
+}
+
+static __always_inline int xdp_lb6(struct xdp_md *ctx, struct counters *c, struct packet *p)
+{
+    struct packet6 q = {};
+    q.eth = p->eth;
+    q.vh = p->vh;
+    q.l4 = p->l4;
+    q.len = p->len;
+    int action = parse6(ctx, c, &q);
+    if (action != CONTINUE)
+        return action;
+    action = classify6(ctx, c, &q);
+    if (action != CONTINUE)
+        return action;
+    struct choice ch = {};
+    action = select_dest6(c, &q, &ch);
+    if (action != CONTINUE || !ch.d)
+        return action;
+    return account_forward6(ctx, c, &q, &ch);
 }
 
 /* ---- the program ------------------------------------------------------- */
@@ -803,6 +1156,8 @@ int xdp_lb(struct xdp_md *ctx)
 
     struct packet p = {};
     int action = parse(ctx, c, &p);
+    if (action == PARSED_IPV6)
+        return xdp_lb6(ctx, c, &p);
     if (action != CONTINUE)
         return action;
     action = classify(ctx, c, &p);

@@ -42,6 +42,7 @@ class LimitError(DataPlaneError):
 _PROTOCOL_NAMES = {v: k for k, v in L.PROTOCOLS.items()}
 _FORWARDING_NAMES = {v: k for k, v in L.FORWARDING.items()}
 _DEST_FLAGS = L.Dest.flags.offset
+_SVC_KEY6_SIZE = ctypes.sizeof(L.SvcKey6)
 
 
 def _raw(struct_obj):
@@ -54,8 +55,28 @@ def _u32(n):
 
 def _fwd_bytes(d):
     """The bytes the data plane reads to forward: everything but weight."""
-    return (d.addr, bytes(d.mac), bytes(d.src_mac), d.vlan, d.tx_port, d.ifindex, d.forwarding,
-            d.gue_port, d.tun_src, d.mtu)
+    return (d.addr, bytes(d.addr6), bytes(d.mac), bytes(d.src_mac), d.vlan, d.tx_port, d.ifindex,
+            d.forwarding, d.gue_port, d.tun_src, d.mtu)
+
+
+def _is6(key):
+    """Whether a service key (bytes) is an IPv6 one: the two key layouts
+    differ in size, so the bytes say which map they belong to."""
+    return len(key) == _SVC_KEY6_SIZE
+
+
+def _services_map(key):
+    return "services6" if _is6(key) else "services"
+
+
+def _key_fields(key):
+    """(address, port, protocol number) of a service key's bytes."""
+    k = (L.SvcKey6 if _is6(key) else L.SvcKey).from_buffer_copy(key)
+    return (L.ip6_str(k.vip) if _is6(key) else L.ip_str(k.vip)), L.be16(k.port), k.proto
+
+
+def dest_address(d):
+    return L.ip6_str(d.addr6) if d.flags & L.DEST_V6 else L.ip_str(d.addr)
 
 
 class DataPlane(object):
@@ -98,10 +119,12 @@ class DataPlane(object):
 
     # ---- reading ---------------------------------------------------------
     def _services_raw(self):
-        return {k: L.SvcVal.from_buffer_copy(v) for k, v in self.maps["services"].lookup_batch()}
+        """{key bytes: SvcVal} of both families' services maps."""
+        return {k: L.SvcVal.from_buffer_copy(v) for name in ("services", "services6")
+                for k, v in self.maps[name].lookup_batch()}
 
     def service_count(self):
-        return len(self.maps["services"].lookup_batch())
+        return len(self._services_raw())
 
     def _dest_slots(self, index):
         """{slot: Dest} of the valid slots of service index."""
@@ -111,11 +134,12 @@ class DataPlane(object):
                 if blob[_DEST_FLAGS] & L.DEST_VALID}
 
     def _service_dict(self, k, v, slots=None):
-        key = L.SvcKey.from_buffer_copy(k)
+        address, port, proto = _key_fields(k)
         slots = self._dest_slots(v.index) if slots is None else slots
-        dests = sorted((dest_dict(d, slot) for slot, d in slots.items()), key=lambda d: d["address"])
-        return {"address": L.ip_str(key.vip), "port": L.be16(key.port),
-                "protocol": _PROTOCOL_NAMES.get(key.proto, str(key.proto)),
+        dests = sorted((dest_dict(d, slot) for slot, d in slots.items()),
+                       key=lambda d: ipaddress.ip_address(d["address"]))
+        return {"address": address, "port": port,
+                "protocol": _PROTOCOL_NAMES.get(proto, str(proto)),
                 "sticky": bool(v.flags & L.SVC_STICKY), "index": v.index,
                 "forwarding": _FORWARDING_NAMES.get(v.forwarding, str(v.forwarding)),
                 "gue_port": L.be16(v.gue_port), "destinations": dests}
@@ -133,7 +157,7 @@ class DataPlane(object):
     def service(self, address, port, protocol):
         """One service as services() lists it, or None."""
         k = svc_key(address, port, protocol)
-        v = self.maps["services"].lookup(k)
+        v = self.maps[_services_map(k)].lookup(k)
         return self._service_dict(k, L.SvcVal.from_buffer_copy(v)) if v is not None else None
 
     def counters(self):
@@ -199,13 +223,15 @@ class DataPlane(object):
 
     def flows(self):
         out = []
-        for k, v in self.maps["flows"].items():
-            key, val = L.FlowKey.from_buffer_copy(k), L.FlowVal.from_buffer_copy(v)
-            out.append({"client": L.ip_str(key.saddr), "client_port": L.be16(key.sport),
-                        "vip": L.ip_str(key.daddr), "port": L.be16(key.dport),
-                        "proto": key.proto, "service_index": val.svc_index,
-                        "slot": val.dest_slot, "destination": L.ip_str(val.dest_addr),
-                        "last_seen_ns": val.last_seen})
+        for name, (kt, vt, text) in (("flows", (L.FlowKey, L.FlowVal, L.ip_str)),
+                                     ("flows6", (L.FlowKey6, L.FlowVal6, L.ip6_str))):
+            for k, v in self.maps[name].items():
+                key, val = kt.from_buffer_copy(k), vt.from_buffer_copy(v)
+                out.append({"client": text(key.saddr), "client_port": L.be16(key.sport),
+                            "vip": text(key.daddr), "port": L.be16(key.dport),
+                            "proto": key.proto, "service_index": val.svc_index,
+                            "slot": val.dest_slot, "destination": text(val.dest_addr),
+                            "last_seen_ns": val.last_seen})
         return out
 
     def flow_table(self):
@@ -217,10 +243,10 @@ class DataPlane(object):
         replaced) is either still there or was evicted.  Nothing else
         deletes flow records; a resize starts flows and counters afresh.
         """
-        m = self.maps["flows"]
-        entries = len(m.lookup_batch())
+        v4, v6 = self.maps["flows"], self.maps["flows6"]
+        entries = len(v4.lookup_batch()) + len(v6.lookup_batch())
         c = self.counters()
-        return {"capacity": m.max_entries, "entries": entries,
+        return {"capacity": v4.max_entries + v6.max_entries, "entries": entries,
                 "evicted": max(0, c["new_flows"] - c["flow_reselect"] - entries)}
 
     def tx_port(self, ifindex):
@@ -272,7 +298,7 @@ class DataPlane(object):
         taken.add(index)
         fwd, gue_port = L.FORWARDING[forwarding], gue_port if forwarding == "gue" else 0
         wanted = {d["address"]: make_dest(d, fwd, gue_port) for d in destinations}
-        by_addr = {L.ip_str(d.addr): (slot, d) for slot, d in live.items()}
+        by_addr = {dest_address(d): (slot, d) for slot, d in live.items()}
         plan, new_slots = {}, []
         free_slots = [s for s in range(self.max_dests) if s not in live]
         for addr, d in sorted(wanted.items()):
@@ -321,14 +347,14 @@ class DataPlane(object):
         self._write_table(sw.index, new_gen, names, table, sw.plan)
         val = L.SvcVal(index=sw.index, flags=sw.flags, gen=new_gen, ndest=len(weights) if names else 0,
                        forwarding=sw.forwarding, gue_port=L.be16(sw.gue_port))
-        self.maps["services"].update(sw.key, _raw(val))
+        self.maps[_services_map(sw.key)].update(sw.key, _raw(val))
         for slot in sw.removed:
             dests.update(_u32(base + slot), _raw(L.Dest()))
 
     def remove(self, key, current):
         """Delete one service (key bytes) read by read_services()."""
         old, live = current[key]
-        self.maps["services"].delete(key)
+        self.maps[_services_map(key)].delete(key)
         dests = self.maps["dests"]
         for slot in live:
             dests.update(_u32(old.index * self.max_dests + slot), _raw(L.Dest()))
@@ -401,25 +427,31 @@ class DataPlane(object):
         did before its vips entry existed), and a gone VIP's bit is cleared
         only after its services were removed: the filter never hides a
         configured service."""
-        want = {}
+        want = {"vips": {}, "vips6": {}}    # map -> {VIP key bytes: VipVal}
+        hashes = set()                        # what the filter hashes, per VIP
         for k, v in self._services_raw().items():
-            key = L.SvcKey.from_buffer_copy(k)
-            vv = want.setdefault(key.vip, L.VipVal())
+            address, port, proto = _key_fields(k)
+            if _is6(k):
+                name, vip_key, h = "vips6", bytes(L.addr6(address)), L.fold6(address)
+            else:
+                name, vip_key, h = "vips", _u32(L.be32(address)), L.be32(address)
+            hashes.add(h)
+            vv = want[name].setdefault(vip_key, L.VipVal())
             if v.flags & L.SVC_STICKY:
-                field = "frag_port_tcp" if key.proto == L.PROTOCOLS["tcp"] else "frag_port_udp"
+                field = "frag_port_tcp" if proto == L.PROTOCOLS["tcp"] else "frag_port_udp"
                 cur = getattr(vv, field)
-                if not cur or L.be16(key.port) < L.be16(cur):
-                    setattr(vv, field, key.port)
-        vips = self.maps["vips"]
-        have = dict(vips.items())
-        for vip, vv in want.items():
-            raw = _raw(vv)
-            if have.get(_u32(vip)) != raw:
-                vips.update(_u32(vip), raw)
-        for k in have:
-            if int.from_bytes(k, "little") not in want:
-                vips.delete(k)
-        self._sync_vip_filter(want)
+                if not cur or port < L.be16(cur):
+                    setattr(vv, field, L.be16(port))
+        for name, vips in want.items():
+            m = self.maps[name]
+            have = dict(m.items())
+            for k, vv in vips.items():
+                if have.get(k) != _raw(vv):
+                    m.update(k, _raw(vv))
+            for k in have:
+                if k not in vips:
+                    m.delete(k)
+        self._sync_vip_filter(hashes)
 
     def _sync_vip_filter(self, vips):
         words = [0] * L.VIP_FILTER_WORDS
@@ -453,7 +485,7 @@ def pinned_abi(root):
     if not os.path.exists(path):
         return None
     with _bpf.Map(path) as m:
-        return L.Meta.from_buffer_copy(m.lookup(_u32(0))).abi_version
+        return int.from_bytes(m.lookup(_u32(0))[:4], sys.byteorder)
 
 
 def abi_refusal(root, abi):
@@ -477,8 +509,11 @@ def check_map(m, name, mtype, key, value):
 
 
 def svc_key(address, port, protocol):
+    """A service's key bytes: an SvcKey, or an SvcKey6 for an IPv6 VIP."""
     if protocol not in L.PROTOCOLS:
         raise DataPlaneError("protocol %r: must be one of %s" % (protocol, ", ".join(L.PROTOCOLS)))
+    if ":" in address:
+        return _raw(L.SvcKey6(vip=L.addr6(address), port=L.be16(port), proto=L.PROTOCOLS[protocol]))
     return _raw(L.SvcKey(vip=L.be32(address), port=L.be16(port), proto=L.PROTOCOLS[protocol]))
 
 
@@ -493,9 +528,14 @@ def make_dest(d, forwarding=0, gue_port=0):
 
 @functools.lru_cache(maxsize=8192)
 def _dest(address, weight, mac, src_mac, vlan, tx_port, ifindex, forwarding, gue_port, tun_src, mtu):
-    out = L.Dest(addr=L.be32(address), flags=L.DEST_VALID, vlan=vlan, tx_port=tx_port,
+    out = L.Dest(flags=L.DEST_VALID, vlan=vlan, tx_port=tx_port,
                  ifindex=ifindex, weight=weight, forwarding=forwarding, gue_port=L.be16(gue_port),
                  tun_src=L.be32(tun_src) if tun_src else 0, mtu=mtu)
+    if ":" in address:
+        out.flags |= L.DEST_V6
+        out.addr6 = L.addr6(address)
+    else:
+        out.addr = L.be32(address)
     out.mac[:] = L.mac_bytes(mac)
     out.src_mac[:] = L.mac_bytes(src_mac)
     return out
@@ -503,7 +543,7 @@ def _dest(address, weight, mac, src_mac, vlan, tx_port, ifindex, forwarding, gue
 
 def dest_dict(d, slot):
     """A Dest as a plain dict; tun_src and mtu only for a tunnel."""
-    out = {"address": L.ip_str(d.addr), "weight": d.weight, "mac": L.mac_str(d.mac),
+    out = {"address": dest_address(d), "weight": d.weight, "mac": L.mac_str(d.mac),
            "src_mac": L.mac_str(d.src_mac), "vlan": d.vlan, "ifindex": d.ifindex,
            "tx_port": d.tx_port, "slot": slot}
     if d.forwarding != L.FORWARDING["l2"]:

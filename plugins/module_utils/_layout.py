@@ -30,6 +30,7 @@ VIP_FILTER_WORDS = (1 << VIP_FILTER_ORDER) // 64
 VLAN_IDS = 4096            # 802.1Q ids, the index of the vlans map
 SVC_STICKY = 1
 DEST_VALID = 1
+DEST_V6 = 2                # the destination's address is addr6
 # Forwarding methods: a service's, copied into each of its destinations.
 FORWARDING = {"l2": 0, "ipip": 1, "gue": 2}
 # Bytes a tunnel adds in front of the client's IPv4 packet.
@@ -43,12 +44,12 @@ COUNTERS = (
     "rx_packets", "rx_bytes", "pass", "tx", "redirect",
     "drop_no_service", "drop_no_dest", "drop_fragment", "drop_icmp", "drop_vlan",
     "icmp_echo_reply", "icmp_ptb_forwarded", "new_flows", "flow_reselect",
-    "encap_ipip", "encap_gue", "icmp_too_big", "drop_encap",
+    "encap_ipip", "encap_gue", "icmp_too_big", "drop_encap", "drop_ipv6_ext",
 )
 # Where a frame ends: every frame counted in rx_packets lands in exactly one.
 VERDICT_COUNTERS = ("pass", "tx", "redirect", "drop_no_service", "drop_no_dest",
                     "drop_fragment", "drop_icmp", "drop_vlan", "icmp_echo_reply", "icmp_too_big",
-                    "drop_encap")
+                    "drop_encap", "drop_ipv6_ext")
 
 
 class SvcKey(ctypes.Structure):
@@ -68,6 +69,11 @@ class VipVal(ctypes.Structure):
                 ("pad", ctypes.c_uint32)]
 
 
+class Addr6(ctypes.Structure):
+    """An IPv6 address as four u32 words holding its bytes in network order."""
+    _fields_ = [("w", ctypes.c_uint32 * 4)]
+
+
 class Dest(ctypes.Structure):
     _fields_ = [("addr", ctypes.c_uint32), ("flags", ctypes.c_uint32),
                 ("mac", ctypes.c_uint8 * 6), ("src_mac", ctypes.c_uint8 * 6),
@@ -75,7 +81,7 @@ class Dest(ctypes.Structure):
                 ("ifindex", ctypes.c_uint32), ("weight", ctypes.c_uint32),
                 ("forwarding", ctypes.c_uint8), ("pad", ctypes.c_uint8),
                 ("gue_port", ctypes.c_uint16), ("tun_src", ctypes.c_uint32),
-                ("mtu", ctypes.c_uint16), ("pad2", ctypes.c_uint16)]
+                ("mtu", ctypes.c_uint16), ("pad2", ctypes.c_uint16), ("addr6", Addr6)]
 
 
 class MaglevChunk(ctypes.Structure):
@@ -93,6 +99,21 @@ class FlowVal(ctypes.Structure):
                 ("dest_slot", ctypes.c_uint16), ("dest_addr", ctypes.c_uint32)]
 
 
+class SvcKey6(ctypes.Structure):
+    _fields_ = [("vip", Addr6), ("port", ctypes.c_uint16), ("proto", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8)]
+
+
+class FlowKey6(ctypes.Structure):
+    _fields_ = [("saddr", Addr6), ("daddr", Addr6), ("sport", ctypes.c_uint16),
+                ("dport", ctypes.c_uint16), ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3)]
+
+
+class FlowVal6(ctypes.Structure):
+    _fields_ = [("last_seen", ctypes.c_uint64), ("svc_index", ctypes.c_uint16),
+                ("dest_slot", ctypes.c_uint16), ("pad", ctypes.c_uint32), ("dest_addr", Addr6)]
+
+
 class Counters(ctypes.Structure):
     _fields_ = [("n", ctypes.c_uint64 * len(COUNTERS))]
 
@@ -103,12 +124,13 @@ class Stats(ctypes.Structure):
 
 
 class Meta(ctypes.Structure):
-    # never changes between ABI versions: _dataplane.pinned_abi reads any of them
+    # abi_version is the first word in every ABI: _dataplane.pinned_abi reads
+    # only that; later fields are appended
     _fields_ = [("abi_version", ctypes.c_uint32), ("max_services", ctypes.c_uint32),
                 ("max_dests", ctypes.c_uint32), ("maglev_size", ctypes.c_uint32),
                 ("flow_table_size", ctypes.c_uint32), ("tcp_timeout", ctypes.c_uint32),
                 ("udp_timeout", ctypes.c_uint32), ("max_ifaces", ctypes.c_uint32),
-                ("build_id", ctypes.c_uint32 * 4)]
+                ("build_id", ctypes.c_uint32 * 4), ("flow_table_size_v6", ctypes.c_uint32)]
 
 
 class VlanNet(ctypes.Structure):
@@ -128,6 +150,7 @@ SIZE_LIMITS = {
     "max_destinations": (256, 1, 65535, "MAX_DESTS"),
     "maglev_table_size": (65537, 251, 1 << 22, "MAGLEV_SIZE"),
     "flow_table_size": (1 << 20, 1024, 1 << 26, "FLOW_TABLE_SIZE"),
+    "flow_table_size_v6": (1 << 18, 1024, 1 << 26, "FLOW_TABLE_SIZE_V6"),
     "tcp_timeout": (300, 1, 86400, "TCP_TIMEOUT"),
     "udp_timeout": (60, 1, 86400, "UDP_TIMEOUT"),
     "max_interfaces": (64, 1, 4096, "MAX_IFACES"),
@@ -190,7 +213,8 @@ def map_entries(s):
         "flows": s["flow_table_size"], "counters": 1, "vip_filter": VIP_FILTER_WORDS,
         "svc_stats": s["max_services"], "dest_stats": per_dest,
         "prefix_stats": PREFIX_SLOTS, "tx_ports": s["max_interfaces"], "vlans": VLAN_IDS,
-        "tunnel_src": 1,
+        "tunnel_src": 1, "vips6": s["max_services"], "services6": s["max_services"],
+        "flows6": s["flow_table_size_v6"],
     }
 
 
@@ -210,12 +234,32 @@ MAPS = {
     "tx_ports": (14, U32, U32),
     "vlans": (2, U32, VlanNet),
     "tunnel_src": (2, U32, TunnelSrc),
+    "vips6": (1, Addr6, VipVal),
+    "services6": (1, SvcKey6, SvcVal),
+    "flows6": (9, FlowKey6, FlowVal6),
 }
 
 
 def vip_filter_bit(vip):
-    """The filter bit of a VIP given as be32() gives it."""
+    """The filter bit of a VIP given as be32() gives it (for IPv6, the XOR
+    of its four words: fold6())."""
     return ((vip * VIP_FILTER_MULT) & 0xFFFFFFFF) >> (32 - VIP_FILTER_ORDER)
+
+
+def addr6(address):
+    """An IPv6 address as Addr6."""
+    return Addr6.from_buffer_copy(ipaddress.IPv6Address(address).packed)
+
+
+def fold6(address):
+    """The u32 the program's VIP filter hashes for an IPv6 address."""
+    w = addr6(address).w
+    return w[0] ^ w[1] ^ w[2] ^ w[3]
+
+
+def ip6_str(a):
+    """An Addr6 as text."""
+    return str(ipaddress.IPv6Address(bytes(a)))
 
 
 def be32(address):

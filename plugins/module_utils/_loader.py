@@ -136,6 +136,7 @@ def pinned_sizes(root):
         meta = dp.meta
     return {"max_services": meta.max_services, "max_destinations": meta.max_dests,
             "maglev_table_size": meta.maglev_size, "flow_table_size": meta.flow_table_size,
+            "flow_table_size_v6": meta.flow_table_size_v6,
             "tcp_timeout": meta.tcp_timeout, "udp_timeout": meta.udp_timeout,
             "max_interfaces": meta.max_ifaces}
 
@@ -194,6 +195,7 @@ def load(root, sizes=None, source=None, allow_flow_reset=False, text=None):
     meta = L.Meta(abi_version=L.ABI_VERSION, max_services=sizes["max_services"],
                   max_dests=sizes["max_destinations"], maglev_size=sizes["maglev_table_size"],
                   flow_table_size=sizes["flow_table_size"], tcp_timeout=sizes["tcp_timeout"],
+                  flow_table_size_v6=sizes["flow_table_size_v6"],
                   udp_timeout=sizes["udp_timeout"], max_ifaces=sizes["max_interfaces"])
     meta.build_id[:] = [int(build_id(text, root, sizes)[i:i + 8], 16) for i in range(0, 32, 8)]
     with _bpf.Map(os.path.join(root, "meta")) as m:

@@ -34,14 +34,16 @@ class NetInfoError(ValueError):
 
 
 def interface(name):
-    """{'name', 'index', 'mac', 'mtu', 'networks': [IPv4Network], 'xdp_mode', 'xdp_prog_id'}."""
+    """{'name', 'index', 'mac', 'mtu', 'networks': [IPv4Network or IPv6Network], 'xdp_mode',
+    'xdp_prog_id'}."""
     with IPRoute() as ipr:
         idx = ipr.link_lookup(ifname=name)
         if not idx:
             raise NetInfoError("interface %s does not exist" % name)
         link = ipr.get_links(idx[0])[0]
-        nets = [ipaddress.IPv4Interface("%s/%d" % (a.get_attr("IFA_ADDRESS"), a["prefixlen"])).network
-                for a in ipr.get_addr(index=idx[0], family=socket.AF_INET)]
+        nets = [ipaddress.ip_interface("%s/%d" % (a.get_attr("IFA_ADDRESS"), a["prefixlen"])).network
+                for family in (socket.AF_INET, socket.AF_INET6)
+                for a in ipr.get_addr(index=idx[0], family=family)]
     mode, prog_id = _xdp(link)
     return {"name": name, "index": idx[0], "mac": link.get_attr("IFLA_ADDRESS"),
             "mtu": link.get_attr("IFLA_MTU"), "networks": nets, "xdp_mode": mode,
@@ -75,13 +77,14 @@ def locate(address, interfaces, vlans=None, infos=None):
     the caller has read them already.  Returns (interface dict, vlan id);
     raises NetInfoError when no attached interface or VLAN holds it.
     """
-    addr = ipaddress.IPv4Address(address)
+    addr = ipaddress.ip_address(address)
     infos = infos or [interface(n) for n in interfaces]
     for vid, prefix in sorted((vlans or {}).items()):
-        if addr in ipaddress.IPv4Network(prefix, strict=False) and infos:
+        if addr.version == 4 and addr in ipaddress.IPv4Network(prefix, strict=False) and infos:
             return infos[0], int(vid)
     for info in infos:
-        if any(addr in net for net in info["networks"]):
+        if any(addr.version == net.version and addr in net and not net.is_link_local
+               for net in info["networks"]):
             return info, 0
     raise NetInfoError("destination %s is not on-link through any attached interface (%s)"
                        % (address, ", ".join(interfaces) or "none attached"))
@@ -103,13 +106,15 @@ def route(address):
 
 
 def neighbours(index, ipr=None):
-    """{address: MAC} of the usable IPv4 neighbour entries on one interface:
-    one netlink dump, so a run resolving many destinations reads it once."""
+    """{address: MAC} of the usable neighbour entries (ARP and NDP) on one
+    interface: one netlink dump per family, so a run resolving many
+    destinations reads them once."""
     if ipr is None:
         with IPRoute() as own:
             return neighbours(index, own)
     out = {}
-    for n in ipr.get_neighbours(family=socket.AF_INET, ifindex=index):
+    for n in [n for family in (socket.AF_INET, socket.AF_INET6)
+              for n in ipr.get_neighbours(family=family, ifindex=index)]:
         mac = n.get_attr("NDA_LLADDR")
         if n["state"] & _NUD_USABLE and mac and mac != "00:00:00:00:00:00":
             out[n.get_attr("NDA_DST")] = mac
@@ -118,8 +123,9 @@ def neighbours(index, ipr=None):
 
 def _probe(address, ifname):
     """Make the kernel resolve the address: one datagram to the discard
-    port through the interface starts ARP, as any first packet would."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    port through the interface starts ARP (or neighbour discovery), as any
+    first packet would."""
+    s = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM)
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
         s.sendto(b"", (address, 9))
@@ -146,5 +152,6 @@ def resolve_mac(address, info, timeout=3.0, known=None):
             mac = neighbours(info["index"], ipr).get(address)
             if mac:
                 return mac
-    raise NetInfoError("cannot resolve the MAC address of %s on %s (no ARP reply within %.0fs)"
-                       % (address, info["name"], timeout))
+    raise NetInfoError("cannot resolve the MAC address of %s on %s (no %s reply within %.0fs)"
+                       % (address, info["name"], "neighbour discovery" if ":" in address else "ARP",
+                          timeout))

@@ -54,7 +54,7 @@ def _exact(entry):
     return _service(entry["address"], entry["port"], entry["protocol"], sticky, [
         _dest(d["address"], _spec.DEFAULT_WEIGHT if d["weight"] is None else d["weight"], d["mac"])
         for d in entry["destinations"] or []], entry["check"], least,
-        _spec.forwarding(entry["label"], entry["forwarding"], entry["gue_port"]))
+        _spec.forwarding(entry["label"], entry["forwarding"], entry["gue_port"], address=entry["address"]))
 
 
 def merged(before, entries):
@@ -78,7 +78,7 @@ def merged(before, entries):
                               cur["check"] if e["check"] is None else e["check"],
                               cur["min_healthy"] if e["min_healthy"] is None else e["min_healthy"],
                               _spec.forwarding(e["label"], e["forwarding"], e["gue_port"],
-                                               (cur["forwarding"], cur["gue_port"])))
+                                               (cur["forwarding"], cur["gue_port"]), e["address"]))
     return after
 
 
@@ -120,8 +120,12 @@ def from_maps(dp_services):
                 for s in dp_services)
 
 
-# addresses are checked already: sort them as numbers, parsing each once
-_address = functools.lru_cache(maxsize=8192)(ipaddress.ip_address)
+@functools.lru_cache(maxsize=8192)
+def _address(text):
+    """Addresses are checked already: sort them as numbers, IPv4 before
+    IPv6 (the two do not compare), parsing each once."""
+    a = ipaddress.ip_address(text)
+    return a.version, a
 
 
 def _sort_key(key):

@@ -109,6 +109,36 @@ def ipv4(option, value):
     return address
 
 
+@functools.lru_cache(maxsize=8192)
+def _unicast_ip(text):
+    """text normalised (IPv4, or IPv6 in its compressed form), or why it
+    is not a unicast address a service can use.  IPv6 link-local and
+    IPv4-mapped addresses are refused: neither names one host on the
+    balancer's networks."""
+    if ":" not in text:
+        address, problem = _unicast_ipv4(text)
+        return address, problem and problem.replace("IPv4 address", "IPv4 or IPv6 address")
+    try:
+        a = ipaddress.IPv6Address(text)
+    except ValueError:
+        return None, "not an IPv4 or IPv6 address"
+    if a.is_unspecified or a.is_multicast or a.is_loopback or a.is_link_local or a.ipv4_mapped:
+        return None, "not a unicast IPv6 address (link-local, loopback and IPv4-mapped are refused)"
+    return str(a), None
+
+
+def ip(option, value):
+    """A VIP's or a destination's address: unicast IPv4 or IPv6."""
+    address, problem = _unicast_ip(str(value))
+    if problem:
+        raise XvsError("%s=%s: %s" % (option, value, problem))
+    return address
+
+
+def family(address):
+    return 6 if ":" in address else 4
+
+
 def port(option, value):
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
         raise XvsError("%s=%s: must be a port number from 1 to 65535" % (option, value))
@@ -196,16 +226,20 @@ def check(label, item):
     return out
 
 
-def forwarding(label, value, gue_port, current=None):
+def forwarding(label, value, gue_port, current=None, address=None):
     """(forwarding, gue_port) of a service: value and gue_port as given
     (None: left out), current the service's (forwarding, gue_port) that
     left-out options keep, or None for the defaults.  gue_port is None
-    unless forwarding is gue."""
+    unless forwarding is gue.  The tunnels are IPv4's: an IPv6 service
+    (address) forwards at layer 2."""
     prefix = label + "." if label else ""
     cur_fwd, cur_port = current or (DEFAULT_FORWARDING, None)
     fwd = cur_fwd if value is None else value
     if fwd not in FORWARDING:
         raise XvsError("%sforwarding=%s: must be one of %s" % (prefix, fwd, ", ".join(FORWARDING)))
+    if address and fwd != "l2" and family(address) == 6:
+        raise XvsError("%sforwarding=%s: the IPv6 service %s can only forward at layer 2 (l2); "
+                       "tunnels are IPv4's" % (prefix, fwd, address))
     if fwd != "gue":
         if gue_port is not None:
             raise XvsError("%sgue_port: only for forwarding gue, not %s" % (prefix, fwd))
@@ -240,7 +274,7 @@ def destination(label, item):
     if item.get("address") is None:
         raise XvsError("%saddress: required" % prefix)
     w, m = item.get("weight"), item.get("mac")
-    return {"address": ipv4(prefix + "address", item["address"]),
+    return {"address": ip(prefix + "address", item["address"]),
             "weight": None if w is None else weight(prefix + "weight", w),
             "mac": None if m is None else mac(prefix + "mac", m), "label": prefix}
 
@@ -257,13 +291,14 @@ def service(label, entry):
     for name in ("address", "port"):
         if entry.get(name) is None:
             raise XvsError("%s%s: required" % (prefix, name))
+    out_address = ip(prefix + "address", entry["address"])
     sticky, chk, least = entry.get("sticky"), entry.get("check"), entry.get("min_healthy")
     fwd, gue_port = entry.get("forwarding"), entry.get("gue_port")
     if fwd is not None:
-        forwarding(label, fwd, gue_port)       # checked here; planned with the current one
+        forwarding(label, fwd, gue_port, address=out_address)   # checked here; planned with the current one
     elif gue_port is not None:
         port(prefix + "gue_port", gue_port)
-    out = {"address": ipv4(prefix + "address", entry["address"]),
+    out = {"address": out_address,
            "port": port(prefix + "port", entry["port"]),
            "protocol": protocol(prefix + "protocol", entry.get("protocol") or DEFAULT_PROTOCOL),
            "sticky": None if sticky is None else boolean(prefix + "sticky", sticky),
@@ -279,6 +314,11 @@ def service(label, entry):
         dests = []
         for i, item in enumerate(entry["destinations"]):
             d = destination("%sdestinations[%d]" % (prefix, i), item)
+            if family(d["address"]) != family(out["address"]):
+                raise XvsError("%sdestinations[%d].address=%s: an IPv%d destination for the IPv%d VIP %s: a "
+                               "service and its destinations are one family"
+                               % (prefix, i, d["address"], family(d["address"]), family(out["address"]),
+                                  out["address"]))
             if d["address"] in seen:
                 raise XvsError("%sdestinations[%d].address=%s: listed more than once"
                                % (prefix, i, d["address"]))

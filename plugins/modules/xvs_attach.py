@@ -60,10 +60,17 @@ options:
     suboptions:
       flow_table_size:
         description:
-          - Entries in the flow table (an LRU hash). About 90 bytes each, preallocated; the
-            default takes about 90 MB.
+          - Entries in the IPv4 flow table (an LRU hash). 96 bytes each by the kernel's count,
+            preallocated; the default takes 96 MiB.
         type: int
         default: 1048576
+      flow_table_size_v6:
+        description:
+          - Entries in the IPv6 flow table, a second LRU hash with 16-byte addresses in its keys.
+            136 bytes each, preallocated; the default takes 34 MiB. Where no service is IPv6, the
+            minimum (1024) saves that memory.
+        type: int
+        default: 262144
       max_services:
         description:
           - Services the balancer can hold. Each takes two Maglev tables of about 131 KB at

@@ -45,7 +45,7 @@ options:
     required: true
   address:
     description:
-      - The destination's IPv4 address.
+      - The destination's address, of the service's family (IPv4 or IPv6).
     type: str
     required: true
   weight:
@@ -154,9 +154,13 @@ def main():
     p = module.params
 
     def check():
-        key = (_spec.ipv4("service_address", p["service_address"]),
+        key = (_spec.ip("service_address", p["service_address"]),
                _spec.port("service_port", p["service_port"]), _spec.protocol("protocol", p["protocol"]))
         dest = _spec.destination("", dict((k, p[k]) for k in ("address", "weight", "mac")))
+        if _spec.family(dest["address"]) != _spec.family(key[0]):
+            raise _spec.XvsError("address=%s: an IPv%d destination for the IPv%d VIP %s: a service and its "
+                                 "destinations are one family" % (dest["address"], _spec.family(dest["address"]),
+                                                                  _spec.family(key[0]), key[0]))
         return key, dest
     key, dest = _module.check(module, check)
 

@@ -46,7 +46,7 @@ options:
     suboptions:
       address:
         description:
-          - The virtual IP address (IPv4) of the service.
+          - The virtual IP address of the service, IPv4 or IPv6 (an IPv6 service forwards at layer 2 only).
         type: str
         required: true
       port:
@@ -76,7 +76,7 @@ options:
         suboptions:
           address:
             description:
-              - The destination's IPv4 address, on-link through an attached interface (l2) or routed through one (tunnels).
+              - The destination's address (the VIP's family), on-link through an attached interface (l2) or routed through one (tunnels).
             type: str
             required: true
           weight:

@@ -23,7 +23,9 @@ def test_verdict_counters_are_counters():
 @pytest.mark.parametrize("struct,cname", [
     (L.SvcKey, "svc_key"), (L.SvcVal, "svc_val"), (L.VipVal, "vip_val"), (L.Dest, "dest"),
     (L.MaglevChunk, "maglev_chunk"), (L.FlowKey, "flow_key"), (L.FlowVal, "flow_val"),
-    (L.Counters, "counters"), (L.Stats, "stats"), (L.Meta, "meta"), (L.VlanNet, "vlan_net")])
+    (L.Counters, "counters"), (L.Stats, "stats"), (L.Meta, "meta"), (L.VlanNet, "vlan_net"),
+    (L.TunnelSrc, "tunnel_src"), (L.Addr6, "addr6"), (L.SvcKey6, "svc_key6"), (L.FlowKey6, "flow_key6"),
+    (L.FlowVal6, "flow_val6")])
 def test_struct_fields_in_c_order(struct, cname):
     body = re.search(r"struct %s \{(.*?)\};" % cname, C, re.S).group(1)
     fields = re.findall(r"^\s*(?:struct\s+)?\w+\s+(\w+)(?:\[\w+\])?;", body, re.M)
@@ -39,4 +41,4 @@ def test_sizes_fill_defaults_and_map_entries():
     assert s["maglev_table_size"] == 65537 and L.is_prime(65537)
     e = L.map_entries(s)
     assert e["maglev"] == s["max_services"] * 2 * ((65537 + 15) // 16)
-    assert ctypes.sizeof(L.Dest) == 44 and ctypes.sizeof(L.FlowKey) == 16
+    assert ctypes.sizeof(L.Dest) == 60 and ctypes.sizeof(L.FlowKey) == 16

@@ -73,7 +73,7 @@ def desired(*services):
 @pytest.mark.parametrize("config,msg", [
     ([svc(), svc()], r"config\[1\]: service 203.0.113.10:80/tcp listed more than once"),
     ([svc(), svc(port=70000)], r"config\[1\].port=70000: must be a port number"),
-    ([svc(address="vip")], r"config\[0\].address=vip: not an IPv4 address"),
+    ([svc(address="vip")], r"config\[0\].address=vip: not an IPv4 or IPv6 address"),
     ([svc(dests=[("192.0.2.21", 1), ("192.0.2.22", -1)])],
      r"config\[0\].destinations\[1\].weight=-1: must be an integer"),
     ([svc(dests=[("192.0.2.21", 1), ("192.0.2.21", 2)])],
@@ -85,6 +85,14 @@ def desired(*services):
     ([svc(destinations=[{"address": "192.0.2.21", "mac": "01:00:5e:00:00:01"}])],
      r"config\[0\].destinations\[0\].mac=01:00:5e:00:00:01: not a unicast MAC"),
     ([svc(forwarding="gre")], r"config\[0\].forwarding=gre: must be one of l2, ipip, gue"),
+    ([svc(address="2001:db8::10", dests=[("192.0.2.21", 1)])],
+     r"config\[0\].destinations\[0\].address=192.0.2.21: an IPv4 destination for the IPv6 VIP 2001:db8::10"),
+    ([svc(dests=[("2001:db8::21", 1)])], r"an IPv6 destination for the IPv4 VIP 203.0.113.10"),
+    ([svc(address="2001:db8::10", dests=[], forwarding="gue")],
+     r"config\[0\].forwarding=gue: the IPv6 service 2001:db8::10 can only forward at layer 2"),
+    ([svc(address="fe80::1", dests=[])], r"config\[0\].address=fe80::1: not a unicast IPv6 address"),
+    ([svc(address="::ffff:192.0.2.1", dests=[])], r"not a unicast IPv6 address"),
+    ([svc(address="ff02::1", dests=[])], r"not a unicast IPv6 address"),
     ([svc(forwarding="ipip", gue_port=6080)], r"config\[0\].gue_port: only for forwarding gue, not ipip"),
     ([svc(forwarding="gue", gue_port=0)], r"config\[0\].gue_port=0: must be a port number"),
 ])
@@ -185,6 +193,14 @@ def test_forwarding_kept_by_merge_reset_by_replace():
     config = P.to_config(before)
     assert [(c.get("forwarding"), c.get("gue_port")) for c in config] == \
         [("gue", 7000), ("ipip", None), (None, None)]
+    assert P.to_config(P.from_config(config)) == config
+
+
+def test_ipv6_services_sort_after_ipv4_and_normalise():
+    config = P.to_config(desired(svc(80, address="2001:DB8:0::10", dests=[("2001:db8::22", 1), ("2001:db8::3", 2)]),
+                                 svc(80)))
+    assert [c["address"] for c in config] == [VIP, "2001:db8::10"]
+    assert [d["address"] for d in config[1]["destinations"]] == ["2001:db8::3", "2001:db8::22"]
     assert P.to_config(P.from_config(config)) == config
 
 

@@ -2,6 +2,7 @@
 input buffer per run, and an oracle for the program's flow hash."""
 import contextlib
 import hashlib
+import ipaddress
 import os
 import struct
 
@@ -38,10 +39,20 @@ def flow_hash(saddr, daddr, sport, dport, proto):
     return mix32(h ^ L.be32(daddr))
 
 
+def flow_hash6(saddr, daddr, sport, dport, proto):
+    """Mirror of flow_hash6() in files/xdp_lb.c."""
+    h = mix32(0x9E3779B9 ^ proto)
+    h = mix32(h ^ ((L.be16(sport) << 16) | L.be16(dport)))
+    for w in list(L.addr6(saddr).w) + list(L.addr6(daddr).w):
+        h = mix32(h ^ w)
+    return h
+
+
 def expected_dest(dests, size, saddr, daddr, sport, dport, proto=6):
     """The destination Maglev gives a new flow: dests is [(address, weight)]."""
     table = _maglev.build(dests, size)
-    return table[flow_hash(saddr, daddr, sport, dport, proto) % size]
+    hash_ = (flow_hash6 if ":" in daddr else flow_hash)(saddr, daddr, sport, dport, proto)
+    return table[hash_ % size]
 
 
 class Harness(object):
@@ -73,12 +84,18 @@ class Harness(object):
 
 
 def mac_for(address):
-    """A distinct MAC per backend address: 02:00:<the four octets>."""
+    """A distinct MAC per backend address: 02:00:<the four octets>, or for
+    IPv6 02:06:<the last four bytes>."""
+    if ":" in address:
+        return "02:06:" + ":".join("%02x" % b for b in ipaddress.IPv6Address(address).packed[12:])
     return "02:00:" + ":".join("%02x" % int(o) for o in address.split("."))
 
 
-def dest_of(out):
-    """The backend address a forwarded frame was sent to, from its MAC."""
+def dest_of(out, prefix6=None):
+    """The backend address a forwarded frame was sent to, from its MAC (an
+    IPv6 one within prefix6, its first twelve bytes)."""
+    if out[1] == 0x06:
+        return str(ipaddress.IPv6Address(ipaddress.IPv6Address(prefix6).packed[:12] + bytes(out[2:6])))
     return ".".join(str(b) for b in out[2:6])
 
 
