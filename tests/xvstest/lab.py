@@ -145,8 +145,9 @@ def serve(lab, www_root, backends):
 
 
 def http_server(lab, short, www):
-    """Start backend short's HTTP server on port 80, serving www."""
-    return lab.bg(lab.name(short), "/usr/bin/python3 -m http.server 80 --bind 0.0.0.0 --directory %s" % www)
+    """Start backend short's HTTP server on port 80, serving www over IPv4
+    and IPv6 (http.server's dual-stack socket for ::)."""
+    return lab.bg(lab.name(short), "/usr/bin/python3 -m http.server 80 --bind :: --directory %s" % www)
 
 
 def echo_server(lab, short):
