@@ -9,8 +9,8 @@ invariants, which come from the contract and not from the program:
 * hypothesis, building frames field by field.
 
 Invariants:
-* a frame whose IPv4 destination is not a VIP (or that is not IPv4 at
-  all) passes, byte for byte unchanged;
+* a frame whose IPv4 or IPv6 destination is not a VIP (or that is
+  neither) passes, byte for byte unchanged;
 * a forwarded frame goes to the MAC of a destination the service has now,
   with everything after the MACs unchanged but the 802.1Q id; a tunnelled
   one goes to the next hop with an outer header to a current destination
@@ -26,6 +26,7 @@ XVS_FUZZ_FRAMES sets the mutation run's length (default 200,000: the
 CI run); docs/reliability.md records a longer one.
 """
 import collections
+import ipaddress
 import os
 import random
 import struct
@@ -33,13 +34,17 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR, fragment
+from scapy.layers.inet6 import (ICMPv6EchoRequest, ICMPv6ND_NS, ICMPv6PacketTooBig, IPv6, IPv6ExtHdrDestOpt,
+                                IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, fragment6)
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 
 from ansible_collections.xvs.lb.plugins.module_utils import _layout as L
 from xvstest.packets import BALANCER_MAC, CLIENT, CLIENT_MAC, VIP, harness, mac_for
 
 VIP2 = "203.0.113.20"            # a VIP whose only service has no destinations
-VIPS = {VIP, VIP2}
+VIP6 = "2001:db8:100::10"        # an IPv6 VIP: a TCP and a sticky UDP service
+POOL6 = ["2001:db8::21", "2001:db8::22"]
+VIPS = {VIP, VIP2, VIP6}
 POOLS = [["192.0.2.21", "192.0.2.22", "192.0.2.23"], ["192.0.2.22", "192.0.2.24"],
          ["192.0.2.25"]]
 TAGGED = ["192.0.2.31", "192.0.2.32"]
@@ -55,6 +60,7 @@ FRAMES = int(os.environ.get("XVS_FUZZ_FRAMES", "200000"))
 # BPF_PROG_TEST_RUN refuses XDP input shorter than an Ethernet header
 # (EINVAL), so truncation starts there.
 MIN_FRAME = 14
+CLIENT6 = "2001:db8:200::7"
 
 
 class Checker(object):
@@ -68,10 +74,12 @@ class Checker(object):
         h.dp.set_service(VIP, 53, "udp", True, [h.dest(a) for a in POOLS[0]])
         h.dp.set_service(VIP, 8080, "tcp", False, [h.dest(a, vlan=10) for a in TAGGED])
         h.dp.set_service(VIP2, 80, "tcp", False, [])
+        h.dp.set_service(VIP6, 80, "tcp", False, [h.dest(a) for a in POOL6])
+        h.dp.set_service(VIP6, 53, "udp", True, [h.dest(a) for a in POOL6])
         for (port, proto), forwarding in TUNNELS.items():
             h.dp.set_service(VIP, port, proto, False, [dict(h.dest(a), mac=NEXT_HOP_MAC, tun_src=TUN_SRC,
                                                             mtu=TUN_MTU) for a in ROUTED], forwarding)
-        self.tagged_macs = {L.mac_bytes(mac_for(a)) for a in TAGGED}
+        self.tagged_macs = {L.mac_bytes(mac_for(a)) for a in TAGGED + POOL6}
 
     def configure(self, n):
         """Move the TCP:80 service to another destination set: flows pinned
@@ -135,26 +143,39 @@ class Checker(object):
         assert sum(c[n] for n in L.VERDICT_COUNTERS if n.startswith("drop_")) == self.seen["drop"]
 
 
-def l3_offset(raw):
-    """Where the IPv4 header would start, or None when the frame is not
-    IPv4 (at most one 802.1Q tag is looked through, as the contract says)."""
+def l3_offset(raw, etype=b"\x08\x00"):
+    """Where the IPv4 (or, with etype 86dd, IPv6) header would start, or
+    None when the frame is not that (at most one 802.1Q tag is looked
+    through, as the contract says)."""
     if len(raw) < 14:
         return None
-    if raw[12:14] == b"\x08\x00":
+    if raw[12:14] == etype:
         return 14
-    if raw[12:14] == b"\x81\x00" and raw[16:18] == b"\x08\x00":
+    if raw[12:14] == b"\x81\x00" and raw[16:18] == etype:
         return 18
     return None
 
 
-def for_vip(raw):
+def _addresses(raw):
+    """(source, destination) of the frame's IPv4 or IPv6 header, or None."""
     off = l3_offset(raw)
-    return off is not None and len(raw) >= off + 20 and ip_str(raw[off + 16:off + 20]) in VIPS
+    if off is not None and len(raw) >= off + 20:
+        return ip_str(raw[off + 12:off + 16]), ip_str(raw[off + 16:off + 20])
+    off = l3_offset(raw, b"\x86\xdd")
+    if off is not None and len(raw) >= off + 40:
+        return (str(ipaddress.IPv6Address(raw[off + 8:off + 24])),
+                str(ipaddress.IPv6Address(raw[off + 24:off + 40])))
+    return None
+
+
+def for_vip(raw):
+    a = _addresses(raw)
+    return a is not None and a[1] in VIPS
 
 
 def ip_src(raw):
-    off = l3_offset(raw)
-    return ip_str(raw[off + 12:off + 16]) if off is not None and len(raw) >= off + 20 else None
+    a = _addresses(raw)
+    return a and a[0]
 
 
 def ip_str(b):
@@ -186,6 +207,14 @@ def seeds():
         eth() / ip / ICMP(type=3, code=4) / (b"\x45" + bytes(27)),
         eth() / ip / ICMP(type=11) / b"garbage",
         eth() / IP(src=CLIENT, dst="192.0.2.99") / TCP(dport=80),
+        eth() / IPv6(src=CLIENT6, dst=VIP6) / TCP(sport=40020, dport=80, flags="S"),
+        eth(10) / IPv6(src=CLIENT6, dst=VIP6) / TCP(sport=40021, dport=80, flags="A") / b"d",
+        eth() / IPv6(src=CLIENT6, dst=VIP6) / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() / UDP(sport=40022, dport=53),
+        eth() / IPv6(src=CLIENT6, dst=VIP6) / ICMPv6EchoRequest(data=b"ping"),
+        eth() / IPv6(src=CLIENT6, dst=VIP6) / ICMPv6PacketTooBig() / bytes(
+            IPv6(src=VIP6, dst=CLIENT6) / TCP(sport=80, dport=40020)),
+        eth() / IPv6(src=CLIENT6, dst=VIP6) / ICMPv6ND_NS(tgt=VIP6),
+        eth() / IPv6(src=CLIENT6, dst="2001:db8:100::99") / TCP(dport=80),
         eth() / ip / TCP(sport=40008, dport=8443, flags="S"),
         eth() / ip / TCP(sport=40009, dport=8443, flags="A") / (b"t" * 300),
         eth() / ip / UDP(sport=40010, dport=5353) / b"q",
@@ -196,6 +225,8 @@ def seeds():
     ]
     out += [eth() / f for f in fragment(ip / UDP(sport=5353, dport=53) / (b"x" * 64), fragsize=32)]
     out += [eth() / f for f in fragment(ip / TCP(sport=40007, dport=80) / (b"y" * 64), fragsize=32)]
+    out += [eth() / f for f in fragment6(IPv6(src=CLIENT6, dst=VIP6) / IPv6ExtHdrFragment() /
+                                         UDP(sport=40023, dport=53) / (b"x" * 200), 120)]
     return [bytes(f) for f in out]
 
 
@@ -264,6 +295,8 @@ def test_random_mutations(checker):
     assert verdicts["pass"] and verdicts["tx"] and verdicts["drop"], verdicts
     c = checker.h.counters()
     assert c["encap_gue"] and c["encap_ipip"] and c["icmp_too_big"], c     # and every tunnel path
+    v6 = checker.h.dp.service(VIP6, 80, "tcp")
+    assert checker.h.dp.service_stats(v6["index"])["packets"], "no IPv6 frame was forwarded"
     print("fuzzed %d frames: %s" % (FRAMES, dict(verdicts)))
 
 
@@ -280,6 +313,8 @@ def frames(draw):
         tci = bytes(draw(st.lists(_byte, min_size=2, max_size=2)))
         b += draw(st.sampled_from([b"\x81\x00", b"\x88\xa8"])) + tci
     b += draw(st.sampled_from([b"\x08\x00", b"\x08\x00", b"\x08\x06", b"\x86\xdd"]))
+    if b[-2:] == b"\x86\xdd" and draw(st.booleans()):
+        return draw(ipv6_tail(b))
     ihl = draw(st.sampled_from([5, 5, 5, 6, 15, 4, 0]))
     dst = draw(st.sampled_from([VIP, VIP, VIP2, "192.0.2.99"]))
     proto = draw(st.sampled_from([6, 17, 1, 47]))
@@ -293,6 +328,31 @@ def frames(draw):
     b += struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, tot & 0xffff, 1, frag, draw(st.integers(0, 255)),
                      proto, 0, bytes(int(o) for o in CLIENT.split(".")), bytes(int(o) for o in dst.split(".")))
     b += options + l4
+    return bytes(b[:draw(st.integers(MIN_FRAME, len(b)))]) if draw(st.integers(0, 4)) == 0 else bytes(b)
+
+
+@st.composite
+def ipv6_tail(draw, head):
+    """An IPv6 header (any version nibble, payload length, next header and
+    hop limit) to the IPv6 VIP or elsewhere, then extension headers of any
+    length, ports and a tail; maybe cut short."""
+    b = bytearray(head)
+    chain = draw(st.lists(st.sampled_from([0, 43, 60, 44, 51]), max_size=6))
+    last = draw(st.sampled_from([6, 17, 58, 132]))
+    rest = bytearray()
+    for i, h in enumerate(chain):
+        nxt = chain[i + 1] if i + 1 < len(chain) else last
+        body = bytes(draw(st.binary(min_size=6, max_size=22)))
+        rest += bytes([nxt, draw(st.integers(0, 3))]) + body
+    if last in (6, 17) and draw(st.booleans()):
+        rest += struct.pack("!HH", draw(st.integers(0, 65535)), draw(st.sampled_from([80, 53, 81])))
+    rest += bytes(draw(st.binary(max_size=40)))
+    dst = draw(st.sampled_from([VIP6, VIP6, "2001:db8:100::99"]))
+    plen = len(rest) if draw(st.booleans()) else draw(st.integers(0, 65535))
+    version = 6 if draw(st.integers(0, 5)) else draw(st.integers(0, 15))
+    b += struct.pack("!IHBB16s16s", version << 28, plen, chain[0] if chain else last,
+                     draw(st.sampled_from([64, 1, 0])), ipaddress.IPv6Address(CLIENT6).packed,
+                     ipaddress.IPv6Address(dst).packed) + rest
     return bytes(b[:draw(st.integers(MIN_FRAME, len(b)))]) if draw(st.integers(0, 4)) == 0 else bytes(b)
 
 
