@@ -16,6 +16,7 @@ import statistics
 import struct
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import Dot1Q, Ether
 
 from ansible_collections.xvs.lb.plugins.module_utils import _bpf, _dataplane, _loader
@@ -46,6 +47,24 @@ class Flows(object):
         return bytes(self.raw)
 
 
+class Flows6(Flows):
+    """Flows of an IPv6 template: the source address's last byte and the
+    source port vary as in Flows."""
+
+    def __init__(self, pkt):
+        pkt = pkt.__class__(bytes(pkt))
+        self.raw = bytearray(bytes(pkt))
+        self.ip = len(self.raw) - len(pkt[IPv6]) + 23 - 15   # so that ip + 15 is the source's last byte
+        self.l4 = len(self.raw) - len(pkt[IPv6]) + 40
+
+
+VIP6 = "2001:db8:100::10"
+
+
+def tcp6(flags="A"):
+    return ether() / IPv6(src="2001:db8:200::1", dst=VIP6) / TCP(sport=1024, dport=80, flags=flags)
+
+
 def ether(vlan=None):
     e = Ether(src=CLIENT_MAC, dst=BALANCER_MAC)
     return e / Dot1Q(vlan=vlan) if vlan else e
@@ -55,9 +74,12 @@ def tcp(flags="A", dport=80, dst=VIP, vlan=None):
     return ether(vlan) / IP(src="198.51.100.1", dst=dst) / TCP(sport=1024, dport=dport, flags=flags)
 
 
-def dests(n, vlan=0, tunnel=False):
+def dests(n, vlan=0, tunnel=False, v6=False):
     """n resolved destinations on ifindex 1 (a test run's ingress is lo);
-    tunnel: routed ones behind one next hop, with an MTU of 1500."""
+    tunnel: routed ones behind one next hop, with an MTU of 1500; v6: IPv6."""
+    if v6:
+        return [{"address": "2001:db8::%x" % (1 + i), "weight": 1, "mac": mac_for("2001:db8::%x" % (1 + i)),
+                 "src_mac": BALANCER_MAC, "ifindex": 1, "vlan": vlan, "tx_port": 0} for i in range(n)]
     if tunnel:
         return [{"address": "198.51.100.%d" % (101 + i), "weight": 1, "mac": mac_for("192.0.2.254"),
                  "src_mac": BALANCER_MAC, "ifindex": 1, "vlan": vlan, "tx_port": 0,
@@ -100,16 +122,19 @@ def basic_cases(root, fd_floor_tx, fd_floor_pass, established=1024):
     dp.set_service(VIP, 8080, "tcp", False, dests(10, vlan=10))
     dp.set_service(VIP, 81, "tcp", False, dests(10, tunnel=True), "ipip")
     dp.set_service(VIP, 82, "tcp", False, dests(10, tunnel=True), "gue")
+    dp.set_service(VIP6, 80, "tcp", False, dests(10, v6=True))
     est, syn = Flows(tcp()), Flows(tcp("S"))
     udp = Flows(ether() / IP(src="198.51.100.1", dst=VIP) / UDP(sport=1024, dport=53) / b"q")
     tagged = Flows(tcp(dport=8080, vlan=10))
     ipip, gue = Flows(tcp(dport=81)), Flows(tcp(dport=82))
     big = Flows(tcp(dport=82) / (b"b" * (1500 - 40)))     # 1,500 bytes: 28 too many for GUE
-    for flows in (est, udp, tagged, ipip, gue, big):
+    est6, syn6 = Flows6(tcp6()), Flows6(tcp6("S"))
+    for flows in (est, udp, tagged, ipip, gue, big, est6):
         warm(prog.fd, flows, established)
     first_new = 1 << 20                 # flows never sent before
     other = bytes(tcp(dst=OTHER))
     echo = bytes(ether() / IP(src="198.51.100.1", dst=VIP) / ICMP(id=7, seq=1) / (b"p" * 18))
+    echo6 = bytes(ether() / IPv6(src="2001:db8:200::1", dst=VIP6) / ICMPv6EchoRequest(id=7, seq=1, data=b"p" * 18))
     cases = [
         Case("floor XDP_TX", fd_floor_tx, lambda i: est[i % established], "tx"),
         Case("floor XDP_PASS", fd_floor_pass, lambda i: other, "pass"),
@@ -123,6 +148,9 @@ def basic_cases(root, fd_floor_tx, fd_floor_pass, established=1024):
         Case("IPIP tunnel", prog.fd, lambda i: ipip[i % established], "tx"),
         Case("GUE tunnel", prog.fd, lambda i: gue[i % established], "tx"),
         Case("too big: frag-needed", prog.fd, lambda i: big[i % established], "tx"),
+        Case("IPv6 established", prog.fd, lambda i: est6[i % established], "tx"),
+        Case("IPv6 new flow", prog.fd, lambda i: syn6[first_new + i], "tx"),
+        Case("ICMPv6 echo", prog.fd, lambda i: echo6, "tx"),
     ]
     return prog, dp, cases
 

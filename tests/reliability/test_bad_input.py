@@ -111,6 +111,15 @@ CASES = [
     ("xvs_services", {"config": [dict(SVC, port=81, gue_port=7000)]}, "gue_port: only for forwarding gue, not l2"),
     ("xvs_attach", dict(ATTACH, tunnel_source={"ipv4": "224.0.0.1"}), "ipv4=224.0.0.1"),
     ("xvs_attach", dict(ATTACH, tunnel_source={"ipv6": "2001:db8::1"}), "ipv6"),
+    # IPv6: one family per service, layer 2 only, no link-local VIP, destinations on-link
+    ("xvs_service", dict(SVC, address="2001:db8::10"), "an IPv4 destination for the IPv6 VIP 2001:db8::10"),
+    ("xvs_service", dict(SVC, address="2001:db8::10", destinations=[], forwarding="gue"),
+     "can only forward at layer 2"),
+    ("xvs_service", dict(SVC, address="fe80::10", destinations=[]), "address=fe80::10"),
+    ("xvs_service", dict(SVC, address="2001:db8::10", destinations=[{"address": "2001:db8::21"}]),
+     "2001:db8::21 is not on-link"),
+    ("xvs_destination", dict(DEST, address="2001:db8::22"), "an IPv6 destination for the IPv4 VIP"),
+    ("xvs_attach", dict(ATTACH, sizes=dict(SIZES, flow_table_size_v6=10)), "flow_table_size_v6=10"),
 ]
 
 
