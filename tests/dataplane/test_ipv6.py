@@ -109,7 +109,6 @@ def test_ipv4_and_ipv6_services_side_by_side(h):
     service(h, [(B1, 1)])
     h.dp.set_service(VIP4, 80, "tcp", False, [h.dest("192.0.2.21")])
     assert owner(h.run(tcp())[1]) == B1
-    from scapy.layers.inet import IP
     v4 = bytes(eth() / IP(src="198.51.100.7", dst=VIP4) / TCP(dport=80))
     assert h.run(v4) == ("tx", rewrite_macs(v4, mac_for("192.0.2.21")))
     assert {s["address"] for s in h.dp.services()} == {VIP4, VIP}
