@@ -4,19 +4,14 @@ IPv6 service up and the realserver role puts the IPv6 VIP on the backends'
 lo.  curl -6 through the VIP reaches every backend, the replies bypass the
 balancer, a drain holds, and nobody answers neighbour solicitations for
 the VIP (the backends hold it on lo, the balancer not at all)."""
-import json
 import os
-import re
-import subprocess
-import sys
 import time
 
 from ansible_collections.xvs.lb.plugins.module_utils import _loader
 from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane
 from xvstest.lab import BIG, VIP as VIP4, Lab, build_dsr_lab, inside
-from xvstest.modules import Modules, ansible_env
+from xvstest.modules import Modules, changed, playbook, start_role
 
-BIN = os.path.dirname(sys.executable)
 VIP = "2001:db8:100::10"
 NET = "2001:db8:1::%x"
 HOSTS = {"cli": 0x10, "bal": 0x2, "web1": 0x21, "web2": 0x22, "web3": 0x23}
@@ -25,25 +20,6 @@ BACKENDS = dict((short, "192.0.2.%d" % HOSTS[short]) for short in ("web1", "web2
 
 def addr6(short):
     return NET % HOSTS[short]
-
-
-def run_role(ns, work, role, variables):
-    book = str(work / ("%s.yml" % role))
-    with open(book, "w") as f:
-        json.dump([{"hosts": "localhost", "gather_facts": False,
-                    "tasks": [{"ansible.builtin.include_role": {"name": "xvs.lb." + role}}]}], f)
-    return subprocess.Popen(["ip", "netns", "exec", ns, os.path.join(BIN, "ansible-playbook"), "-i", "localhost,",
-                             "-c", "local", "-e", json.dumps(variables), book],
-                            env=ansible_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def changed(procs):
-    out = []
-    for p in procs:
-        text = p.communicate(timeout=600)[0]
-        assert p.returncode == 0, text[-6000:]
-        out.append(int(re.search(r"localhost\s+:.*changed=(\d+)", text).group(1)))
-    return out
 
 
 def curl6(lab, path, port):
@@ -70,8 +46,9 @@ def test_ipv6_service_through_the_roles(bpffs, tmp_path):
                        for short in BACKENDS)
         try:
             def roles():
-                return changed([run_role(lab.name("bal"), tmp_path, "xvs", bal_vars)] +
-                               [run_role(lab.name(s), tmp_path / s, "realserver", rs_vars[s]) for s in BACKENDS])
+                return changed([start_role(lab.name("bal"), playbook(tmp_path, "xvs"), bal_vars)] +
+                               [start_role(lab.name(s), playbook(tmp_path, "realserver"), rs_vars[s])
+                                for s in BACKENDS])
             assert all(n > 0 for n in roles())
             assert roles() == [0, 0, 0, 0]
             for short in BACKENDS:

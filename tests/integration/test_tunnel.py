@@ -5,45 +5,16 @@ decapsulator undoes the tunnel; curl reaches every backend, replies go
 from the backends to the client without the balancer, path-MTU discovery
 works through the tunnel, drain and remove behave as for layer 2, and the
 decapsulator comes back from its boot restore."""
-import json
 import os
-import re
-import subprocess
-import sys
 
 import pytest
 
 from ansible_collections.xvs.lb.plugins.module_utils import _decap, _loader
 from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane
 from xvstest.lab import BALANCER, BIG, ECHO_PORT, VIP, Lab, build_routed_lab, echo_connect, inside
-from xvstest.modules import Modules, ansible_env
+from xvstest.modules import Modules, changed, playbook, start_role
 
-BIN = os.path.dirname(sys.executable)
 BACKENDS = {"web1": "198.51.100.21", "web2": "198.51.100.22", "web3": "198.51.100.23"}
-
-
-def playbook(work, role):
-    path = str(work / ("%s.yml" % role))
-    with open(path, "w") as f:
-        json.dump([{"hosts": "localhost", "gather_facts": False,
-                    "tasks": [{"ansible.builtin.include_role": {"name": "xvs.lb." + role}}]}], f)
-    return path
-
-
-def start_role(ns, book, variables):
-    return subprocess.Popen(["ip", "netns", "exec", ns, os.path.join(BIN, "ansible-playbook"), "-i", "localhost,",
-                             "-c", "local", "-e", json.dumps(variables), book],
-                            env=ansible_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def changed(procs):
-    """Run the role processes to the end: the changed count of each."""
-    out = []
-    for p in procs:
-        text = p.communicate(timeout=600)[0]
-        assert p.returncode == 0, text[-6000:]
-        out.append(int(re.search(r"localhost\s+:.*changed=(\d+)", text).group(1)))
-    return out
 
 
 class Fleet(object):

@@ -1,6 +1,7 @@
 """The README's two commands (scripts/demo, scripts/test) and bench/run
 work as root, and for a user: lifted with sudo where sudo exists, refused
 in one line where it does not."""
+import collections
 import os
 import shutil
 import subprocess
@@ -50,3 +51,11 @@ def test_a_user_with_sudo_is_lifted_with_the_same_arguments(tree, script):
     r = as_nobody("PATH=%s/fakebin:/usr/bin:/bin; %s/%s --requests 3" % (tree, tree, script))
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "sudo -- bash %s/%s --requests 3" % (tree, script)
+
+
+def test_test_modules_have_unique_basenames():
+    """pytest imports test files without packages by basename: two
+    test_x.py in different directories stop the whole run at collection."""
+    names = collections.Counter(name for dummy, dummy2, files in os.walk(os.path.join(ROOT, "tests"))
+                                for name in files if name.startswith("test_") and name.endswith(".py"))
+    assert [n for n, count in names.items() if count > 1] == []

@@ -4,6 +4,7 @@ balancer's namespace.  Fast enough for a matrix of cases, and it lets many
 runs start at once."""
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -70,3 +71,29 @@ class Modules(object):
     def close(self):
         import shutil
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+def playbook(work, role):
+    """A playbook at work/<role>.yml that applies xvs.lb.<role> to localhost."""
+    path = os.path.join(str(work), "%s.yml" % role)
+    with open(path, "w") as f:
+        json.dump([{"hosts": "localhost", "gather_facts": False,
+                    "tasks": [{"ansible.builtin.include_role": {"name": "xvs.lb." + role}}]}], f)
+    return path
+
+
+def start_role(ns, book, variables):
+    """Start ansible-playbook with the local connection inside namespace ns."""
+    return subprocess.Popen(["ip", "netns", "exec", ns, os.path.join(BIN, "ansible-playbook"), "-i", "localhost,",
+                             "-c", "local", "-e", json.dumps(variables), book],
+                            env=ansible_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def changed(procs):
+    """Run the role processes to the end: the changed count of each."""
+    out = []
+    for p in procs:
+        text = p.communicate(timeout=600)[0]
+        assert p.returncode == 0, text[-6000:]
+        out.append(int(re.search(r"localhost\s+:.*changed=(\d+)", text).group(1)))
+    return out
