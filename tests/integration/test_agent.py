@@ -159,7 +159,7 @@ def check_against_info(metrics, before, after):
                   "rx_bytes": ("xvs_received_bytes_total", ())}.get(name)
         if metric is None and name.startswith("drop_"):
             metric = ("xvs_dropped_packets_total", (("reason", name[len("drop_"):]),))
-        elif metric is None and name in ("pass", "tx", "redirect", "icmp_echo_reply"):
+        elif metric is None and name in ("pass", "tx", "redirect", "icmp_echo_reply", "icmp_too_big"):
             metric = ("xvs_packets_total", (("action", name),))
         elif metric is None:
             metric = ("xvs_%s_total" % name, ())
