@@ -138,7 +138,8 @@ class Collector(object):
         for metric in sorted(families):
             yield families[metric]
         table = dp.flow_table()
-        yield Gauge("xvs_flow_table_capacity", "Flow records the table holds.", value=table["capacity"])
+        yield Gauge("xvs_flow_table_capacity", "Flow records the tables hold (IPv4 and IPv6).",
+                    value=table["capacity"])
         yield Gauge("xvs_flow_table_entries", "Live flow records.", value=table["entries"])
         yield Counter("xvs_flow_table_evictions", "Flow records the kernel evicted to make room.",
                       value=table["evicted"])

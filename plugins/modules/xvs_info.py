@@ -164,15 +164,15 @@ failing:
       reason: Connection refused (port 80)
 flow_table:
   description:
-    - The flow table's C(capacity) (the C(flow_table_size)), its live C(entries), and how many
-      records the kernel C(evicted) to make room (least recently used first) since the maps were
-      made. A flow whose record was evicted selects its destination again with its next packet,
+    - The flow tables' C(capacity) (C(flow_table_size) plus C(flow_table_size_v6): the IPv4 and the
+      IPv6 table together), their live C(entries), and how many records the kernel C(evicted) to
+      make room (least recently used first) since the maps were made. A flow whose record was evicted selects its destination again with its next packet,
       by the same Maglev table, so it keeps its destination unless the destinations changed.
     - C(flow_reselect) in C(counters) counts records replaced (idle past the timeout, or their
       destination removed); evictions are new flows minus replaced records minus live entries.
   returned: success
   type: dict
-  sample: {"capacity": 1048576, "entries": 2, "evicted": 0}
+  sample: {"capacity": 1310720, "entries": 2, "evicted": 0}
 '''
 
 from ansible.module_utils.basic import AnsibleModule

@@ -19,7 +19,7 @@ def frame(i, flags):
 
 
 def test_more_flows_than_the_table_holds(pin_root):
-    with harness(pin_root, sizes={"flow_table_size": TABLE}) as h:
+    with harness(pin_root, sizes={"flow_table_size": TABLE, "flow_table_size_v6": TABLE}) as h:
         h.dp.set_service(VIP, 80, "tcp", False, [h.dest(a, w) for a, w in DESTS])
         first = {}
         for i in range(FLOWS):
@@ -27,7 +27,7 @@ def test_more_flows_than_the_table_holds(pin_root):
             assert verdict == "tx"
             first[i] = dest_of(out)
         table = h.dp.flow_table()
-        assert table["capacity"] == TABLE
+        assert table["capacity"] == 2 * TABLE         # the IPv4 and the IPv6 table
         assert 0 < table["entries"] <= TABLE
         assert table["evicted"] == FLOWS - table["entries"]
         assert table["evicted"] >= FLOWS - TABLE

@@ -12,7 +12,7 @@ from ansible_collections.xvs.lb.plugins.module_utils import _maglev
 # Small sizes keep the compile and the maps cheap; timeouts are short so a
 # test can age a flow by writing an old timestamp.
 TEST_SIZES = {"max_services": 8, "max_destinations": 16, "maglev_table_size": 251,
-              "flow_table_size": 4096, "tcp_timeout": 5, "udp_timeout": 5}
+              "flow_table_size": 4096, "flow_table_size_v6": 4096, "tcp_timeout": 5, "udp_timeout": 5}
 XDP = {"aborted": 0, "drop": 1, "pass": 2, "tx": 3, "redirect": 4}
 VERDICT = {v: k for k, v in XDP.items()}
 
