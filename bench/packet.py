@@ -61,8 +61,8 @@ class Flows6(Flows):
 VIP6 = "2001:db8:100::10"
 
 
-def tcp6(flags="A"):
-    return ether() / IPv6(src="2001:db8:200::1", dst=VIP6) / TCP(sport=1024, dport=80, flags=flags)
+def tcp6(flags="A", dport=80):
+    return ether() / IPv6(src="2001:db8:200::1", dst=VIP6) / TCP(sport=1024, dport=dport, flags=flags)
 
 
 def ether(vlan=None):
@@ -78,8 +78,12 @@ def dests(n, vlan=0, tunnel=False, v6=False):
     """n resolved destinations on ifindex 1 (a test run's ingress is lo);
     tunnel: routed ones behind one next hop, with an MTU of 1500; v6: IPv6."""
     if v6:
-        return [{"address": "2001:db8::%x" % (1 + i), "weight": 1, "mac": mac_for("2001:db8::%x" % (1 + i)),
-                 "src_mac": BALANCER_MAC, "ifindex": 1, "vlan": vlan, "tx_port": 0} for i in range(n)]
+        out = [{"address": "2001:db8::%x" % (1 + i), "weight": 1, "mac": mac_for("2001:db8::%x" % (1 + i)),
+                "src_mac": BALANCER_MAC, "ifindex": 1, "vlan": vlan, "tx_port": 0} for i in range(n)]
+        if tunnel:
+            for d in out:
+                d.update(mac=mac_for("192.0.2.254"), tun_src="2001:db8:1::2", mtu=1500)
+        return out
     if tunnel:
         return [{"address": "198.51.100.%d" % (101 + i), "weight": 1, "mac": mac_for("192.0.2.254"),
                  "src_mac": BALANCER_MAC, "ifindex": 1, "vlan": vlan, "tx_port": 0,
@@ -123,13 +127,14 @@ def basic_cases(root, fd_floor_tx, fd_floor_pass, established=1024):
     dp.set_service(VIP, 81, "tcp", False, dests(10, tunnel=True), "ipip")
     dp.set_service(VIP, 82, "tcp", False, dests(10, tunnel=True), "gue")
     dp.set_service(VIP6, 80, "tcp", False, dests(10, v6=True))
+    dp.set_service(VIP6, 81, "tcp", False, dests(10, v6=True, tunnel=True), "ipip")
     est, syn = Flows(tcp()), Flows(tcp("S"))
     udp = Flows(ether() / IP(src="198.51.100.1", dst=VIP) / UDP(sport=1024, dport=53) / b"q")
     tagged = Flows(tcp(dport=8080, vlan=10))
     ipip, gue = Flows(tcp(dport=81)), Flows(tcp(dport=82))
     big = Flows(tcp(dport=82) / (b"b" * (1500 - 40)))     # 1,500 bytes: 28 too many for GUE
-    est6, syn6 = Flows6(tcp6()), Flows6(tcp6("S"))
-    for flows in (est, udp, tagged, ipip, gue, big, est6):
+    est6, syn6, ip6ip6 = Flows6(tcp6()), Flows6(tcp6("S")), Flows6(tcp6(dport=81))
+    for flows in (est, udp, tagged, ipip, gue, big, est6, ip6ip6):
         warm(prog.fd, flows, established)
     first_new = 1 << 20                 # flows never sent before
     other = bytes(tcp(dst=OTHER))
@@ -151,6 +156,7 @@ def basic_cases(root, fd_floor_tx, fd_floor_pass, established=1024):
         Case("IPv6 established", prog.fd, lambda i: est6[i % established], "tx"),
         Case("IPv6 new flow", prog.fd, lambda i: syn6[first_new + i], "tx"),
         Case("ICMPv6 echo", prog.fd, lambda i: echo6, "tx"),
+        Case("IPv6-in-IPv6 tunnel", prog.fd, lambda i: ip6ip6[i % established], "tx"),
     ]
     return prog, dp, cases
 

@@ -10,9 +10,10 @@
  * when all hold, else it passes untouched (XDP_PASS, byte-identical):
  *   - it is an unfragmented IPv4 packet (one 802.1Q tag allowed) carrying
  *     IPIP (protocol 4) with ipip enabled, or UDP to the configured GUE port
- *     whose payload starts with an IPv4 header (GUE variant 1);
- *   - the inner packet is IPv4 addressed to one of the host's configured
- *     VIPs;
+ *     whose payload starts with an IPv4 header (GUE variant 1); or an IPv6
+ *     packet whose next header is IPv6 (41, IPv6-in-IPv6) with ipip enabled;
+ *   - the inner packet, of the outer's family, is addressed to one of the
+ *     host's configured VIPs;
  *   - when balancer sources are configured, the outer source is one.
  * The outer headers are removed, the Ethernet header (and tag) moved up,
  * and the inner packet passed to the kernel as if it had arrived plain.
@@ -22,6 +23,7 @@
 #include <uapi/linux/ip.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/udp.h>
+#include <uapi/linux/ipv6.h>
 
 #ifndef XVS_PIN_ROOT
 #error "XVS_PIN_ROOT (the bpffs directory holding the pinned maps) must be defined"
@@ -39,6 +41,7 @@
 #define IPV4_VERSION 4
 #define IPV4_MIN_IHL 5
 #define IPV4_IHL_UNIT 4
+#define IPV6_VERSION 6
 
 /* Mirrored in _decap.py. */
 struct config {
@@ -60,6 +63,13 @@ BPF_TABLE_PINNED("hash", __be32, u8, vips, MAX_VIPS, PIN("vips"));
 BPF_TABLE_PINNED("hash", __be32, u8, sources, MAX_SOURCES, PIN("sources"));
 BPF_TABLE_PINNED("percpu_array", u32, u64, counters, C_MAX, PIN("counters"));
 
+struct addr6 {
+    __be32 w[4];
+};
+
+BPF_TABLE_PINNED("hash", struct addr6, u8, vips6, MAX_VIPS, PIN("vips6"));
+BPF_TABLE_PINNED("hash", struct addr6, u8, sources6, MAX_SOURCES, PIN("sources6"));
+
 struct vlan_hdr {
     __be16 tci;
     __be16 proto;
@@ -71,6 +81,47 @@ static __always_inline int count(u32 counter, int action)
     if (n)
         *n += 1;
     return action;
+}
+
+/* Move the Ethernet header (and tag) up to just before the inner packet,
+ * then drop the outer headers (outer bytes) from the front. */
+static __always_inline int strip(struct xdp_md *ctx, u32 l2, u32 outer, u32 counter)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+    struct ethhdr *moved = data + outer;
+    if ((void *)(eth + 1) + sizeof(struct vlan_hdr) > data_end ||
+        (void *)(moved + 1) + sizeof(struct vlan_hdr) > data_end)
+        return XDP_PASS;
+    if (l2 > sizeof(*eth))
+        *(struct vlan_hdr *)(moved + 1) = *(struct vlan_hdr *)(eth + 1);
+    __builtin_memmove(moved, eth, sizeof(*eth));
+    if (bpf_xdp_adjust_head(ctx, outer))
+        return XDP_PASS;      /* cannot happen: shrinking by what is there */
+    return count(counter, XDP_PASS);
+}
+
+/* IPv6-in-IPv6: an outer IPv6 header with no extension header, next
+ * header 41, an IPv6 packet to a VIP inside. */
+static __always_inline int decap6(struct xdp_md *ctx, struct config *cfg, u32 l2)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    if (l2 > sizeof(struct ethhdr) + sizeof(struct vlan_hdr))      /* bounds for the verifier */
+        return XDP_PASS;
+    struct ipv6hdr *ip6 = data + l2;
+    if ((void *)(ip6 + 1) > data_end || ip6->version != IPV6_VERSION || ip6->nexthdr != IPPROTO_IPV6 ||
+        !cfg->ipip)
+        return XDP_PASS;
+    struct ipv6hdr *inner = ip6 + 1;
+    if ((void *)(inner + 1) > data_end || inner->version != IPV6_VERSION)
+        return XDP_PASS;
+    if (!vips6.lookup((struct addr6 *)&inner->daddr))
+        return count(C_NOT_VIP, XDP_PASS);
+    if (cfg->check_sources && !sources6.lookup((struct addr6 *)&ip6->saddr))
+        return count(C_NOT_SOURCE, XDP_PASS);
+    return strip(ctx, l2, sizeof(*ip6), C_DECAP_IPIP);
 }
 
 int xdp_decap(struct xdp_md *ctx)
@@ -94,6 +145,8 @@ int xdp_decap(struct xdp_md *ctx)
         proto = vh->proto;
         l2 += sizeof(*vh);
     }
+    if (proto == bpf_htons(ETH_P_IPV6))
+        return decap6(ctx, cfg, l2);
     if (proto != bpf_htons(ETH_P_IP))
         return XDP_PASS;
     struct iphdr *ip = data + l2;
@@ -121,17 +174,7 @@ int xdp_decap(struct xdp_md *ctx)
     if (cfg->check_sources && !sources.lookup(&ip->saddr))
         return count(C_NOT_SOURCE, XDP_PASS);
 
-    /* Move the Ethernet header (and tag) up to just before the inner
-     * packet, then drop the outer headers from the front. */
     if (outer > 2 * sizeof(struct iphdr) + sizeof(struct udphdr))   /* bounds for the verifier */
         return XDP_PASS;
-    struct ethhdr *moved = data + outer;
-    if ((void *)(moved + 1) + sizeof(struct vlan_hdr) > data_end)
-        return XDP_PASS;
-    if (l2 > sizeof(*eth))
-        *(struct vlan_hdr *)(moved + 1) = *(struct vlan_hdr *)(eth + 1);
-    __builtin_memmove(moved, eth, sizeof(*eth));
-    if (bpf_xdp_adjust_head(ctx, outer))
-        return XDP_PASS;      /* cannot happen: shrinking by what is there */
-    return count(counter, XDP_PASS);
+    return strip(ctx, l2, outer, counter);
 }

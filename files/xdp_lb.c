@@ -129,6 +129,10 @@
 #define ND_FIRST 133            /* neighbour discovery: router solicitation ... */
 #define ND_LAST 137             /* ... to redirect; the kernel's to answer */
 #define ECHO_REPLY_HOP_LIMIT 64
+#define IP6IP6_OVERHEAD (sizeof(struct ipv6hdr))
+#define IPV6_MIN_MTU 1280       /* a Packet Too Big never asks for less */
+#define IPV6_TC_MASK 0x0ff00000 /* the first word: version, traffic class, flow label */
+#define IPV6_FLOW_MASK 0x000fffff
 
 #define PIN(name) XVS_PIN_ROOT "/" name
 
@@ -185,6 +189,7 @@ struct dest {
     u16 mtu;         /* the egress MTU: a tunnelled frame must fit */
     u16 pad2;
     struct addr6 addr6;  /* an IPv6 destination's address (DEST_V6) */
+    struct addr6 tun_src6;  /* an IPv6 tunnel's outer source */
 };
 
 struct maglev_chunk {
@@ -1106,23 +1111,145 @@ static __always_inline int select_dest6(struct counters *c, struct packet6 *q, s
     return CONTINUE;
 }
 
+/* Contract 13 for IPv6: a frame too big for the IPv6-in-IPv6 tunnel is
+ * answered, from the VIP, with an ICMPv6 Packet Too Big carrying the MTU
+ * left inside the tunnel and quoting the client's packet, as icmp_too_big()
+ * does for IPv4; the checksum covers the pseudo-header. */
+struct pseudo6 {
+    struct addr6 saddr;
+    struct addr6 daddr;
+    __be32 len;
+    __be32 nexthdr;
+};
+
+static __always_inline int icmp6_too_big(struct xdp_md *ctx, struct counters *c, struct packet6 *q,
+                                         u32 mtu)
+{
+    struct ethhdr *eth = q->eth;
+    struct pseudo6 ph = {};
+    __builtin_memcpy(&ph.saddr, &q->ip6->daddr, sizeof(ph.saddr));   /* from the VIP ... */
+    __builtin_memcpy(&ph.daddr, &q->ip6->saddr, sizeof(ph.daddr));   /* ... to the client */
+    ph.len = bpf_htonl(sizeof(struct icmp6hdr) + ICMP_QUOTE_LEN);
+    ph.nexthdr = bpf_htonl(IPPROTO_ICMPV6);
+    u8 client_mac[ETH_ALEN], own_mac[ETH_ALEN];
+    __builtin_memcpy(client_mac, eth->h_source, ETH_ALEN);
+    __builtin_memcpy(own_mac, eth->h_dest, ETH_ALEN);
+    int tagged = q->vh != 0;
+    struct vlan_hdr tag = {};
+    if (tagged)
+        tag = *q->vh;
+    u32 l2 = (void *)q->ip6 - (void *)eth;
+    if (bpf_xdp_adjust_tail(ctx, (int)(l2 + ICMP_QUOTE_LEN) - (int)q->len) ||
+        bpf_xdp_adjust_head(ctx, -(int)(sizeof(struct ipv6hdr) + sizeof(struct icmp6hdr))))
+        return verdict(c, C_DROP_ENCAP, XDP_DROP);
+
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    eth = data;
+    void *l3 = eth + 1;
+    if (tagged) {
+        struct vlan_hdr *vh = l3;
+        if ((void *)(vh + 1) > data_end)
+            return verdict(c, C_DROP_ENCAP, XDP_DROP);
+        *vh = tag;
+        l3 = vh + 1;
+    }
+    struct ipv6hdr *ip6 = l3;
+    struct icmp6hdr *icmp = (void *)(ip6 + 1);
+    if ((void *)(icmp + 1) + ICMP_QUOTE_LEN > data_end)
+        return verdict(c, C_DROP_ENCAP, XDP_DROP);
+    __builtin_memcpy(eth->h_dest, client_mac, ETH_ALEN);
+    __builtin_memcpy(eth->h_source, own_mac, ETH_ALEN);
+    eth->h_proto = bpf_htons(tagged ? ETH_P_8021Q : ETH_P_IPV6);
+    *(__be32 *)ip6 = bpf_htonl(IPV6_VERSION << 28);
+    ip6->payload_len = bpf_htons(sizeof(*icmp) + ICMP_QUOTE_LEN);
+    ip6->nexthdr = IPPROTO_ICMPV6;
+    ip6->hop_limit = ICMP_TOO_BIG_TTL;
+    __builtin_memcpy(&ip6->saddr, &ph.saddr, sizeof(ph.saddr));
+    __builtin_memcpy(&ip6->daddr, &ph.daddr, sizeof(ph.daddr));
+    icmp->icmp6_type = ICMPV6_PKT_TOOBIG;
+    icmp->icmp6_code = 0;
+    icmp->icmp6_cksum = 0;
+    icmp->icmp6_mtu = bpf_htonl(mtu);
+    u32 sum = bpf_csum_diff(0, 0, (void *)&ph, sizeof(ph), 0);
+    icmp->icmp6_cksum = csum_fold(bpf_csum_diff(0, 0, (void *)icmp, sizeof(*icmp) + ICMP_QUOTE_LEN, sum));
+    return verdict(c, C_ICMP_TOO_BIG, XDP_TX);
+}
+
+/* Contract 13 for IPv6: IPv6-in-IPv6 (next header 41): an outer IPv6
+ * header with the inner packet's traffic class, a flow label from the flow
+ * hash (so ECMP on the way spreads flows), hop limit 64, from the tunnel
+ * source to the destination. */
+static __always_inline int encapsulate6(struct xdp_md *ctx, struct counters *c, struct packet6 *q,
+                                        struct dest *d)
+{
+    struct ipv6hdr *in = q->ip6;
+    u32 first = bpf_ntohl(*(__be32 *)in) & IPV6_TC_MASK;
+    u16 inner_len = sizeof(*in) + bpf_ntohs(in->payload_len);
+    u32 label = flow_hash6(&q->key) & IPV6_FLOW_MASK;
+    int tagged = q->vh != 0;
+    if (bpf_xdp_adjust_head(ctx, -(int)IP6IP6_OVERHEAD))
+        return verdict(c, C_DROP_ENCAP, XDP_DROP);
+
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+    struct ethhdr *old = data + IP6IP6_OVERHEAD;
+    if ((void *)(old + 1) + sizeof(struct vlan_hdr) > data_end)
+        return verdict(c, C_DROP_ENCAP, XDP_DROP);
+    __builtin_memcpy(eth, old, sizeof(*eth));
+    void *l3 = eth + 1;
+    q->vh = 0;
+    if (tagged) {
+        struct vlan_hdr *vh = l3;
+        *vh = *(struct vlan_hdr *)(old + 1);
+        l3 = vh + 1;
+        q->vh = vh;
+    }
+    q->eth = eth;
+    struct ipv6hdr *outer = l3;
+    if ((void *)(outer + 1) > data_end)
+        return verdict(c, C_DROP_ENCAP, XDP_DROP);
+    *(__be32 *)outer = bpf_htonl((IPV6_VERSION << 28) | first | label);
+    outer->payload_len = bpf_htons(inner_len);
+    outer->nexthdr = IPPROTO_IPV6;
+    outer->hop_limit = TUNNEL_TTL;
+    __builtin_memcpy(&outer->saddr, &d->tun_src6, sizeof(struct addr6));
+    __builtin_memcpy(&outer->daddr, &d->addr6, sizeof(struct addr6));
+    c->n[C_ENCAP_IPIP]++;
+    return CONTINUE;
+}
+
 /* Stages 4 and 5 for IPv6: per service and destination (per-prefix
- * counters are IPv4's), and layer 2 only (the control plane refuses
- * tunnels for IPv6 services). */
+ * counters are IPv4's); layer 2, or IPv6-in-IPv6 with its MTU checked
+ * first (the control plane refuses GUE for IPv6 services). */
 static __always_inline int account_forward6(struct xdp_md *ctx, struct counters *c,
                                             struct packet6 *q, struct choice *ch)
 {
     struct dest *d = ch->d;
     if ((q->vh != 0) != (d->vlan != 0))
         return verdict(c, C_DROP_VLAN, XDP_DROP);
-    if (d->forwarding != FWD_L2)
+    if (d->forwarding == FWD_IPIP) {
+        u32 len = sizeof(struct ipv6hdr) + bpf_ntohs(q->ip6->payload_len);
+        if (len + IP6IP6_OVERHEAD > d->mtu) {
+            if (len < ICMP_QUOTE_LEN || d->mtu < IPV6_MIN_MTU + IP6IP6_OVERHEAD)
+                return verdict(c, C_DROP_ENCAP, XDP_DROP);    /* the control plane prevents both */
+            return icmp6_too_big(ctx, c, q, d->mtu - IP6IP6_OVERHEAD);
+        }
+    } else if (d->forwarding != FWD_L2) {
         return verdict(c, C_DROP_ENCAP, XDP_DROP);
+    }
     if (q->ptb)
         c->n[C_ICMP_PTB_FORWARDED]++;
     u32 si = ch->index;
     stats_add(svc_stats.lookup(&si), q->len, ch->new_flow);
     u32 di = ch->index * MAX_DESTS + ch->slot;
     stats_add(dest_stats.lookup(&di), q->len, ch->new_flow);
+    if (d->forwarding == FWD_IPIP) {
+        int action = encapsulate6(ctx, c, q, d);
+        if (action != CONTINUE)
+            return action;
+    }
     return send(ctx, c, q->eth, q->vh, d);
 }
 

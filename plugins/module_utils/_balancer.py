@@ -80,12 +80,16 @@ class Balancer(object):
         xvs_attach's tunnel_source, else the source of the route to it;
         mtu: the route's MTU metric, else the interface's}."""
         route = self._route(option, address)
-        source = self.status["tunnel_source"].get("ipv4") or route["prefsrc"]
+        v6 = ":" in address
+        source = self.status["tunnel_source"].get("ipv6" if v6 else "ipv4") or route["prefsrc"]
         if not source:
             raise XvsError("%s=%s: the route to it has no source address for the tunnel; set "
                            "xvs_attach's tunnel_source" % (option, address))
         mtu = min(route["mtu"] or self._info(ifindex)["mtu"], L.MAX_TUNNEL_MTU)
-        if mtu - L.TUNNEL_OVERHEAD["gue"] < L.ICMP_QUOTE_LEN:
+        # the MTU left inside must be one the ICMP error can quote (IPv4) or a
+        # Packet Too Big may ask for (IPv6)
+        inside = mtu - max(L.TUNNEL_OVERHEAD[6 if v6 else 4].values())
+        if inside < (L.IPV6_MIN_MTU if v6 else L.ICMP_QUOTE_LEN):
             raise XvsError("%s=%s: the egress MTU %d is too small to tunnel through"
                            % (option, address, mtu))
         return {"tun_src": source, "mtu": mtu}

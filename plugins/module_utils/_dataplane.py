@@ -56,7 +56,7 @@ def _u32(n):
 def _fwd_bytes(d):
     """The bytes the data plane reads to forward: everything but weight."""
     return (d.addr, bytes(d.addr6), bytes(d.mac), bytes(d.src_mac), d.vlan, d.tx_port, d.ifindex,
-            d.forwarding, d.gue_port, d.tun_src, d.mtu)
+            d.forwarding, d.gue_port, d.tun_src, bytes(d.tun_src6), d.mtu)
 
 
 def _is6(key):
@@ -529,13 +529,15 @@ def make_dest(d, forwarding=0, gue_port=0):
 @functools.lru_cache(maxsize=8192)
 def _dest(address, weight, mac, src_mac, vlan, tx_port, ifindex, forwarding, gue_port, tun_src, mtu):
     out = L.Dest(flags=L.DEST_VALID, vlan=vlan, tx_port=tx_port,
-                 ifindex=ifindex, weight=weight, forwarding=forwarding, gue_port=L.be16(gue_port),
-                 tun_src=L.be32(tun_src) if tun_src else 0, mtu=mtu)
+                 ifindex=ifindex, weight=weight, forwarding=forwarding, gue_port=L.be16(gue_port), mtu=mtu)
     if ":" in address:
         out.flags |= L.DEST_V6
         out.addr6 = L.addr6(address)
+        if tun_src:
+            out.tun_src6 = L.addr6(tun_src)
     else:
         out.addr = L.be32(address)
+        out.tun_src = L.be32(tun_src) if tun_src else 0
     out.mac[:] = L.mac_bytes(mac)
     out.src_mac[:] = L.mac_bytes(src_mac)
     return out
@@ -547,5 +549,5 @@ def dest_dict(d, slot):
            "src_mac": L.mac_str(d.src_mac), "vlan": d.vlan, "ifindex": d.ifindex,
            "tx_port": d.tx_port, "slot": slot}
     if d.forwarding != L.FORWARDING["l2"]:
-        out.update(tun_src=L.ip_str(d.tun_src), mtu=d.mtu)
+        out.update(tun_src=L.ip6_str(d.tun_src6) if d.flags & L.DEST_V6 else L.ip_str(d.tun_src), mtu=d.mtu)
     return out

@@ -16,6 +16,7 @@ __metaclass__ = type
 
 import ctypes
 import hashlib
+import ipaddress
 import json
 import os
 import sys
@@ -43,7 +44,9 @@ class Config(ctypes.Structure):
                 ("gue_port", ctypes.c_uint16)]
 
 
-MAPS = ("config", "vips", "sources", "counters")
+MAPS = ("config", "vips", "sources", "vips6", "sources6", "counters")
+# the address sets, each in a map per family
+SETS = ("vips", "sources", "vips6", "sources6")
 
 
 def default_source():
@@ -70,9 +73,9 @@ def normalise(p):
     for name, limit in (("vips", MAX_VIPS), ("sources", MAX_SOURCES)):
         given = p.get(name) or []
         if not isinstance(given, list):
-            raise XvsError("%s=%s: must be a list of IPv4 addresses" % (name, given))
-        addrs = sorted(set(_spec.ipv4("%s[%d]" % (name, i), a) for i, a in enumerate(given)),
-                       key=L.be32)
+            raise XvsError("%s=%s: must be a list of IPv4 or IPv6 addresses" % (name, given))
+        addrs = sorted(set(_spec.ip("%s[%d]" % (name, i), a) for i, a in enumerate(given)),
+                       key=lambda a: (":" in a, ipaddress.ip_address(a)))
         if len(addrs) > limit:
             raise XvsError("%s: %d addresses, at most %d" % (name, len(addrs), limit))
         out[name] = addrs
@@ -103,16 +106,18 @@ def _u32(n):
 def _want_maps(cfg):
     config = Config(ipip=1 if cfg["decap"] == "ipip" else 0, check_sources=1 if cfg["sources"] else 0,
                     gue_port=L.be16(cfg["gue_port"]) if cfg["gue_port"] else 0)
-    return {"config": bytes(config),
-            "vips": set(_u32(L.be32(a)) for a in cfg["vips"]),
-            "sources": set(_u32(L.be32(a)) for a in cfg["sources"])}
+    out = {"config": bytes(config)}
+    for name in ("vips", "sources"):
+        out[name] = set(_u32(L.be32(a)) for a in cfg[name] if ":" not in a)
+        out[name + "6"] = set(bytes(L.addr6(a)) for a in cfg[name] if ":" in a)
+    return out
 
 
 def _read_maps(root):
     with _bpf.Map(os.path.join(root, "config")) as m:
         config = m.lookup(_u32(0))
     out = {"config": config}
-    for name in ("vips", "sources"):
+    for name in SETS:
         with _bpf.Map(os.path.join(root, name)) as m:
             out[name] = set(m.keys())
     return out
@@ -121,7 +126,7 @@ def _read_maps(root):
 def _write_maps(root, want, have):
     with _bpf.Map(os.path.join(root, "config")) as m:
         m.update(_u32(0), want["config"])
-    for name in ("vips", "sources"):
+    for name in SETS:
         with _bpf.Map(os.path.join(root, name)) as m:
             for k in want[name] - have.get(name, set()):
                 m.update(k, b"\1")

@@ -33,8 +33,9 @@ DEST_VALID = 1
 DEST_V6 = 2                # the destination's address is addr6
 # Forwarding methods: a service's, copied into each of its destinations.
 FORWARDING = {"l2": 0, "ipip": 1, "gue": 2}
-# Bytes a tunnel adds in front of the client's IPv4 packet.
-TUNNEL_OVERHEAD = {"l2": 0, "ipip": 20, "gue": 28}
+# Bytes a tunnel adds in front of the client's packet, by IP version.
+TUNNEL_OVERHEAD = {4: {"l2": 0, "ipip": 20, "gue": 28}, 6: {"l2": 0, "ipip": 40}}
+IPV6_MIN_MTU = 1280        # the least a Packet Too Big may ask for
 ICMP_QUOTE_LEN = 128       # bytes of a too-big frame its ICMP quotes
 MAX_TUNNEL_MTU = 65535     # struct dest's mtu is a u16
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
@@ -81,7 +82,8 @@ class Dest(ctypes.Structure):
                 ("ifindex", ctypes.c_uint32), ("weight", ctypes.c_uint32),
                 ("forwarding", ctypes.c_uint8), ("pad", ctypes.c_uint8),
                 ("gue_port", ctypes.c_uint16), ("tun_src", ctypes.c_uint32),
-                ("mtu", ctypes.c_uint16), ("pad2", ctypes.c_uint16), ("addr6", Addr6)]
+                ("mtu", ctypes.c_uint16), ("pad2", ctypes.c_uint16), ("addr6", Addr6),
+                ("tun_src6", Addr6)]
 
 
 class MaglevChunk(ctypes.Structure):

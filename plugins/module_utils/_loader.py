@@ -397,9 +397,12 @@ def normalise_vlans(vlans):
 
 
 def read_tunnel_source(dp):
-    """{'ipv4': address} as pinned (families not set left out)."""
+    """{'ipv4': address, 'ipv6': address} as pinned (families not set left out)."""
     val = L.TunnelSrc.from_buffer_copy(dp.maps["tunnel_src"].lookup(bytes(L.U32(0))))
-    return {"ipv4": L.ip_str(val.ipv4)} if val.ipv4 else {}
+    out = {"ipv4": L.ip_str(val.ipv4)} if val.ipv4 else {}
+    if any(val.ipv6):
+        out["ipv6"] = str(ipaddress.IPv6Address(bytes(val.ipv6)))
+    return out
 
 
 def write_tunnel_source(dp, tunnel_source):
@@ -408,25 +411,30 @@ def write_tunnel_source(dp, tunnel_source):
     if want == read_tunnel_source(dp):
         return False
     val = L.TunnelSrc(ipv4=L.be32(want["ipv4"]) if "ipv4" in want else 0)
+    if "ipv6" in want:
+        val.ipv6[:] = ipaddress.IPv6Address(want["ipv6"]).packed
     dp.maps["tunnel_src"].update(bytes(L.U32(0)), bytes(val))
     return True
 
 
 def normalise_tunnel_source(tunnel_source):
-    """Validate {family: address}: a unicast IPv4 address for ipv4.  IPv6
-    services do not exist yet, so neither does an IPv6 tunnel source."""
+    """Validate {family: address}: a unicast IPv4 address for ipv4, a
+    global unicast IPv6 one for ipv6."""
     out = {}
     for family, address in (tunnel_source or {}).items():
         if address is None:
             continue
-        if family != "ipv4":
-            raise LoaderError("tunnel_source: %s: must be ipv4 (the only family services have)" % family)
+        kind = {"ipv4": ipaddress.IPv4Address, "ipv6": ipaddress.IPv6Address}.get(family)
+        if kind is None:
+            raise LoaderError("tunnel_source: %s: must be ipv4 or ipv6" % family)
         try:
-            a = ipaddress.IPv4Address(str(address))
+            a = kind(str(address))
         except ValueError:
             a = None
-        if a is None or a.is_unspecified or a.is_multicast or a.is_loopback or str(a) == "255.255.255.255":
-            raise LoaderError("tunnel_source: ipv4=%s: not a unicast IPv4 address" % address)
+        if a is None or a.is_unspecified or a.is_multicast or a.is_loopback or a.is_link_local \
+                or str(a) == "255.255.255.255":
+            raise LoaderError("tunnel_source: %s=%s: not a unicast %s address"
+                              % (family, address, "IPv4" if family == "ipv4" else "IPv6"))
         out[family] = str(a)
     return out
 

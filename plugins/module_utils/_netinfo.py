@@ -95,7 +95,7 @@ def route(address):
     'prefsrc', 'mtu' (the route's MTU metric, or None)}."""
     with IPRoute() as ipr:
         try:
-            r = ipr.route("get", dst=address)[0]
+            r = ipr.route("get", dst=address, family=socket.AF_INET6 if ":" in address else socket.AF_INET)[0]
         except NetlinkError as e:
             raise NetInfoError("no route to %s (%s)" % (address, e.args[-1] if e.args else e))
     if r["type"] != 1:      # RTN_UNICAST: not local, blackhole, unreachable ...

@@ -230,16 +230,16 @@ def forwarding(label, value, gue_port, current=None, address=None):
     """(forwarding, gue_port) of a service: value and gue_port as given
     (None: left out), current the service's (forwarding, gue_port) that
     left-out options keep, or None for the defaults.  gue_port is None
-    unless forwarding is gue.  The tunnels are IPv4's: an IPv6 service
-    (address) forwards at layer 2."""
+    unless forwarding is gue.  An IPv6 service (address) has no GUE: GUE
+    over IPv6 needs a UDP checksum over the whole packet."""
     prefix = label + "." if label else ""
     cur_fwd, cur_port = current or (DEFAULT_FORWARDING, None)
     fwd = cur_fwd if value is None else value
     if fwd not in FORWARDING:
         raise XvsError("%sforwarding=%s: must be one of %s" % (prefix, fwd, ", ".join(FORWARDING)))
-    if address and fwd != "l2" and family(address) == 6:
-        raise XvsError("%sforwarding=%s: the IPv6 service %s can only forward at layer 2 (l2); "
-                       "tunnels are IPv4's" % (prefix, fwd, address))
+    if address and fwd == "gue" and family(address) == 6:
+        raise XvsError("%sforwarding=gue: the IPv6 service %s can forward at layer 2 (l2) or through "
+                       "IPv6-in-IPv6 (ipip), not GUE" % (prefix, address))
     if fwd != "gue":
         if gue_port is not None:
             raise XvsError("%sgue_port: only for forwarding gue, not %s" % (prefix, fwd))

@@ -123,6 +123,10 @@ options:
         description:
           - For IPv4 tunnels.
         type: str
+      ipv6:
+        description:
+          - For IPv6 tunnels (IPv6-in-IPv6).
+        type: str
   source:
     description:
       - Path on the target of a program to load instead of the collection's own.
@@ -237,7 +241,7 @@ def main():
             mode=dict(type="str", default="auto", choices=list(_loader.MODES)),
             sizes=dict(type="dict", options=SIZE_OPTIONS),
             vlans=dict(type="dict"),
-            tunnel_source=dict(type="dict", options=dict(ipv4=dict(type="str"))),
+            tunnel_source=dict(type="dict", options=dict(ipv4=dict(type="str"), ipv6=dict(type="str"))),
             source=dict(type="path"),
             library=dict(type="path"),
             library_source=dict(type="path"),

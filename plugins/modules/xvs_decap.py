@@ -43,8 +43,9 @@ options:
     elements: str
   decap:
     description:
-      - The balancer services' forwarding method to undo, V(ipip) (IPv4 in IPv4, protocol 4) or
-        V(gue) (IPv4 directly in UDP to O(gue_port), GUE variant 1). Required with O(state=present).
+      - The balancer services' forwarding method to undo, V(ipip) (IPv4 in IPv4, protocol 4, and
+        IPv6 in IPv6, next header 41) or V(gue) (IPv4 directly in UDP to O(gue_port), GUE variant 1).
+        Required with O(state=present).
     type: str
     choices: [ipip, gue]
   gue_port:
@@ -54,7 +55,7 @@ options:
     default: 6080
   vips:
     description:
-      - The VIPs whose tunnelled packets are decapsulated (at most 1024).
+      - The VIPs whose tunnelled packets are decapsulated, IPv4 or IPv6 (at most 1024 of each).
     type: list
     elements: str
     default: []

@@ -164,10 +164,10 @@ failing:
       reason: Connection refused (port 80)
 flow_table:
   description:
-    - The flow tables' C(capacity) (C(flow_table_size) plus C(flow_table_size_v6): the IPv4 and the
+    - The flow tables' C(capacity) (C(flow_table_size) plus C(flow_table_size_v6), the IPv4 and the
       IPv6 table together), their live C(entries), and how many records the kernel C(evicted) to
-      make room (least recently used first) since the maps were made. A flow whose record was evicted selects its destination again with its next packet,
-      by the same Maglev table, so it keeps its destination unless the destinations changed.
+      make room (least recently used first) since the maps were made. A flow whose record was
+      evicted selects its destination again with its next packet, by the same Maglev table, so it keeps its destination unless the destinations changed.
     - C(flow_reselect) in C(counters) counts records replaced (idle past the timeout, or their
       destination removed); evictions are new flows minus replaced records minus live entries.
   returned: success

@@ -35,7 +35,7 @@ attributes:
 options:
   address:
     description:
-      - The virtual IP address of the service, IPv4 or IPv6 (an IPv6 service forwards at layer 2 only).
+      - The virtual IP address of the service, IPv4 or IPv6.
     type: str
     required: true
   port:
@@ -141,6 +141,7 @@ options:
         on that interface) or O(xvs.lb.xvs_attach#module:tunnel_source). A packet that would not
         fit the egress MTU once encapsulated is answered with an ICMP fragmentation-needed. The realservers must decapsulate
         (the P(xvs.lb.realserver#role) role's C(realserver_decap)).
+      - For an IPv6 service, V(ipip) is IPv6-in-IPv6 (next header 41) and V(gue) is refused.
     type: str
     choices: [l2, ipip, gue]
     default: l2

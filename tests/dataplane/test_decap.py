@@ -18,8 +18,8 @@ BAL_MAC, RS_MAC = "02:00:00:00:00:fe", "02:00:00:00:00:15"
 
 
 class Decap(object):
-    def __init__(self, root, decap, sources=(), gue_port=6080):
-        cfg = _decap.normalise({"interfaces": ["lo"], "decap": decap, "vips": [VIP],
+    def __init__(self, root, decap, sources=(), gue_port=6080, vips=(VIP,)):
+        cfg = _decap.normalise({"interfaces": ["lo"], "decap": decap, "vips": list(vips),
                                 "sources": list(sources), "gue_port": gue_port, "bpffs": root})
         self.root = root
         _decap.DecapPlan(cfg, _loader.read_source(_decap.default_source())).load_program()
@@ -130,8 +130,8 @@ def test_ipip_not_for_a_vip_is_counted(make):
 @pytest.mark.parametrize("params,msg", [
     ({"decap": "gre"}, "decap=gre: must be one of ipip, gue"),
     ({"vips": []}, "vips: give the VIPs"),
-    ({"vips": ["2001:db8::1"]}, r"vips\[0\]=2001:db8::1: not an IPv4 address"),
-    ({"sources": ["x"]}, r"sources\[0\]=x: not an IPv4 address"),
+    ({"vips": ["fe80::1"]}, r"vips\[0\]=fe80::1: not a unicast IPv6 address"),
+    ({"sources": ["x"]}, r"sources\[0\]=x: not an IPv4 or IPv6 address"),
     ({"gue_port": 0}, "gue_port=0: must be a port number"),
     ({"interfaces": []}, "interfaces=\\[\\]: must be a list of interface names"),
 ])
@@ -139,3 +139,31 @@ def test_bad_options_are_one_line_errors(params, msg):
     good = {"interfaces": ["eth0"], "decap": "gue", "vips": [VIP]}
     with pytest.raises(_decap.XvsError, match=msg):
         _decap.normalise(dict(good, **params))
+
+
+VIP6, RS6, BAL6, CLIENT6 = "2001:db8:100::10", "2001:db8:2::21", "2001:db8:1::2", "2001:db8:200::7"
+
+
+def inner6(dst=VIP6):
+    return bytes(IPv6(src=CLIENT6, dst=dst) / TCP(sport=40000, dport=80, flags="S") / b"hello")
+
+
+def ip6ip6(payload, src=BAL6, vlan=None):
+    e = Ether(src=BAL_MAC, dst=RS_MAC, type=0x86DD)
+    if vlan:
+        e = Ether(src=BAL_MAC, dst=RS_MAC, type=0x8100) / Dot1Q(vlan=vlan, prio=5, type=0x86DD)
+    return bytes(e / IPv6(src=src, dst=RS6, nh=41) / payload)
+
+
+@pytest.mark.parametrize("vlan", [None, 20])
+def test_ip6ip6_to_an_ipv6_vip_comes_out_as_the_inner_packet(pin_root, vlan):
+    d = Decap(pin_root, "ipip", sources=[BAL6], vips=[VIP, VIP6])
+    try:
+        frame = ip6ip6(inner6(), vlan=vlan)
+        l2 = len(frame) - len(inner6()) - 40
+        assert d.run(frame) == ("pass", frame[:l2] + inner6())
+        for other in (ip6ip6(inner6(dst="2001:db8:100::99")), ip6ip6(inner6(), src="2001:db8:1::3")):
+            assert d.run(other) == ("pass", other)
+        assert _decap.counters(d.root) == {"decap_ipip": 1, "decap_gue": 0, "not_vip": 1, "not_source": 1}
+    finally:
+        d.close()

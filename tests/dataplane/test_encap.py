@@ -4,11 +4,12 @@ frame through the real program (BPF_PROG_TEST_RUN), compared byte for byte
 with what scapy builds and checked field by field."""
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
 from scapy.packet import NoPayload
 from scapy.layers.l2 import Dot1Q, Ether
 
 from ansible_collections.xvs.lb.plugins.module_utils import _layout as L
-from xvstest.packets import BALANCER_MAC, CLIENT, CLIENT_MAC, VIP, flow_hash, harness, mac_for
+from xvstest.packets import BALANCER_MAC, CLIENT, CLIENT_MAC, VIP, flow_hash, flow_hash6, harness, mac_for
 
 ROUTED = ("198.51.100.21", "198.51.100.22", "198.51.100.23")
 TUN_SRC = "192.0.2.2"
@@ -166,3 +167,53 @@ def test_changing_the_forwarding_method_moves_established_flows_with_it(h):
     tunnel_service(h, "ipip")
     assert IP(h.run(frame(client_ip(flags="A")))[1][14:]).proto == 4
     assert h.dp.set_service(VIP, 80, "tcp", False, [tunnel_dest(h, ROUTED[0])], "ipip", 0) is False
+
+
+# ---- IPv6-in-IPv6 (contract 13 for IPv6 services) ------------------------------
+VIP6, CLIENT6 = "2001:db8:100::10", "2001:db8:200::7"
+ROUTED6 = "2001:db8:2::21"
+TUN_SRC6 = "2001:db8:1::2"
+
+
+def tunnel_service6(h, mtu=MTU, vlan=0):
+    h.dp.set_service(VIP6, 80, "tcp", False, [dict(h.dest(ROUTED6, vlan=vlan), mac=NEXT_HOP_MAC,
+                                                   tun_src=TUN_SRC6, mtu=mtu)], "ipip")
+
+
+def client_ip6(sport=40000, size=0, flags="S", tc=0x28):
+    pkt = IPv6(src=CLIENT6, dst=VIP6, tc=tc) / TCP(sport=sport, dport=80, flags=flags)
+    return bytes(pkt / (b"p" * max(0, size - len(pkt))))
+
+
+def frame6(inner, vlan=None):
+    l2 = Ether(src=CLIENT_MAC, dst=BALANCER_MAC)
+    return bytes((l2 / Dot1Q(vlan=vlan, prio=3) if vlan else l2) / IPv6(inner))
+
+
+@pytest.mark.parametrize("vlan", [None, 20])
+def test_ip6ip6_puts_an_outer_ipv6_header_in_front(h, vlan):
+    tunnel_service6(h, vlan=vlan or 0)
+    for sport in (40000, 40001):
+        inner = client_ip6(sport)
+        verdict, out = h.run(frame6(inner, vlan))
+        l2 = Ether(src=BALANCER_MAC, dst=NEXT_HOP_MAC)
+        l2 = l2 / Dot1Q(vlan=vlan, prio=3) if vlan else l2
+        label = flow_hash6(CLIENT6, VIP6, sport, 80, 6) & 0xFFFFF
+        outer = IPv6(src=TUN_SRC6, dst=ROUTED6, nh=41, hlim=64, tc=0x28, fl=label, plen=len(inner))
+        assert (verdict, out) == ("tx", bytes(l2 / outer) + inner)
+    assert h.counters()["encap_ipip"] == 2
+    svc = h.dp.service(VIP6, 80, "tcp")
+    assert svc["destinations"][0]["tun_src"] == TUN_SRC6 and svc["forwarding"] == "ipip"
+
+
+def test_ipv6_frame_too_big_for_the_tunnel_gets_packet_too_big(h):
+    tunnel_service6(h)
+    fits = client_ip6(size=MTU - 40)
+    assert h.run(frame6(fits))[0] == "tx"
+    inner = client_ip6(size=MTU - 39, flags="A")
+    verdict, out = h.run(frame6(inner))
+    want = bytes(Ether(src=BALANCER_MAC, dst=CLIENT_MAC) / IPv6(src=VIP6, dst=CLIENT6, hlim=64) /
+                 ICMPv6PacketTooBig(mtu=MTU - 40) / inner[:L.ICMP_QUOTE_LEN])
+    assert (verdict, out) == ("tx", want)                 # scapy computed the checksum
+    c = h.counters()
+    assert (c["icmp_too_big"], c["encap_ipip"]) == (1, 1)

@@ -1,7 +1,8 @@
 """Layer-3 DSR end to end (docs/design.md §2.13, §2.14): the client and the
 balancer on one segment, three backends on another behind a router.  The
-xvs role tunnels to them (ipip, then gue) and the realserver role's XDP
-decapsulator undoes the tunnel; curl reaches every backend, replies go
+xvs role tunnels to them (IPv4 in ipip and in gue, IPv6 in IPv6-in-IPv6)
+and the realserver role's XDP decapsulator undoes the tunnel; curl reaches
+every backend, replies go
 from the backends to the client without the balancer, path-MTU discovery
 works through the tunnel, drain and remove behave as for layer 2, and the
 decapsulator comes back from its boot restore."""
@@ -11,7 +12,8 @@ import pytest
 
 from ansible_collections.xvs.lb.plugins.module_utils import _decap, _loader
 from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane
-from xvstest.lab import BALANCER, BIG, ECHO_PORT, VIP, Lab, build_routed_lab, echo_connect, inside
+from xvstest.lab import (BACK6, BALANCER, BIG, ECHO_PORT, FRONT6, VIP, VIP6, Lab, build_routed_lab, echo_connect,
+                         inside, v6)
 from xvstest.modules import Modules, changed, playbook, start_role
 
 BACKENDS = {"web1": "198.51.100.21", "web2": "198.51.100.22", "web3": "198.51.100.23"}
@@ -20,17 +22,18 @@ BACKENDS = {"web1": "198.51.100.21", "web2": "198.51.100.22", "web3": "198.51.10
 class Fleet(object):
     """The balancer's and the backends' role variables and pins."""
 
-    def __init__(self, lab, bpffs, work, forwarding):
-        self.lab, self.work = lab, work
+    def __init__(self, lab, bpffs, work, forwarding, family):
+        self.lab, self.work, self.forwarding, self.family = lab, work, forwarding, family
+        self.vip = VIP6 if family == 6 else VIP
         self.root = os.path.join(bpffs, "tun-bal")
         self.state_file = str(work / "bal" / "state.json")
-        dests = [{"address": a} for a in sorted(BACKENDS.values())]
+        dests = [{"address": self.address(s)} for s in sorted(BACKENDS)]
         self.bal_vars = {
             "xvs_interfaces": ["eth0"], "xvs_bpffs": self.root, "xvs_install_packages": False,
             "xvs_restore_at_boot": False, "xvs_agent": False, "xvs_purge_services": True,
-            "xvs_sizes": {"flow_table_size": 65536, "max_services": 8},
+            "xvs_sizes": {"flow_table_size": 65536, "flow_table_size_v6": 65536, "max_services": 8},
             "xvs_state_dir": str(work / "bal"), "xvs_lib_dir": str(work / "bal" / "lib"),
-            "xvs_services": [{"address": VIP, "port": port, "forwarding": forwarding, "destinations": dests}
+            "xvs_services": [{"address": self.vip, "port": port, "forwarding": forwarding, "destinations": dests}
                              for port in (80, ECHO_PORT)]}
         self.decap_roots = {}
         self.rs_vars = {}
@@ -38,8 +41,9 @@ class Fleet(object):
             d = work / short
             self.decap_roots[short] = os.path.join(bpffs, "tun-" + short)
             self.rs_vars[short] = {
-                "realserver_vips": [VIP], "realserver_decap": forwarding, "realserver_decap_method": "xdp",
-                "realserver_decap_interfaces": ["eth0"], "realserver_decap_sources": [BALANCER],
+                "realserver_vips": [self.vip], "realserver_decap": forwarding, "realserver_decap_method": "xdp",
+                "realserver_decap_interfaces": ["eth0"],
+                "realserver_decap_sources": [v6(FRONT6, BALANCER) if family == 6 else BALANCER],
                 "realserver_decap_bpffs": self.decap_roots[short], "realserver_install_packages": False,
                 "realserver_decap_config_file": str(d / "decap.json"), "realserver_lib_dir": str(d / "lib"),
                 "realserver_sysctl_file": str(d / "sysctl.conf"), "realserver_systemd_dir": str(d)}
@@ -50,6 +54,17 @@ class Fleet(object):
         procs = [start_role(self.lab.name("bal"), self.books["xvs"], self.bal_vars)]
         procs += [start_role(self.lab.name(s), self.books["realserver"], self.rs_vars[s]) for s in BACKENDS]
         return changed(procs)
+
+    def address(self, short):
+        """Backend short's address in the fleet's family."""
+        return v6(BACK6, BACKENDS[short]) if self.family == 6 else BACKENDS[short]
+
+    def curl(self, path, port, timeout=3):
+        """GET path through the VIP from the client's source port: the body, or why not."""
+        r = self.lab.sh(self.lab.name("cli"), "curl -%d -sg --max-time %d --local-port %d http://%s/%s"
+                        % (self.family, timeout, port, "[%s]" % self.vip if self.family == 6 else self.vip,
+                           path), check=False)
+        return r.stdout if r.returncode == 0 else "failed (%d)" % r.returncode
 
     def counters(self):
         with DataPlane(self.root) as dp:
@@ -69,41 +84,35 @@ def fleet(request, bpffs, tmp_path):
         for short in ["bal"] + list(BACKENDS):
             (tmp_path / short).mkdir()
         build_routed_lab(lab, tmp_path, BACKENDS)
-        f = Fleet(lab, bpffs, tmp_path, request.param)
+        f = Fleet(lab, bpffs, tmp_path, *request.param)
         try:
             yield f
         finally:
             f.close()
 
 
-def whoami(lab, port):
-    r = lab.sh(lab.name("cli"), "curl -s --max-time 3 --local-port %d http://%s/whoami" % (port, VIP), check=False)
-    return r.stdout if r.returncode == 0 else "failed (%d)" % r.returncode
-
-
-@pytest.mark.parametrize("fleet", ["ipip", "gue"], indirect=True)
+@pytest.mark.parametrize("fleet", [("ipip", 4), ("gue", 4), ("ipip", 6)], indirect=True,
+                         ids=["ipip", "gue", "ip6ip6"])
 def test_routed_backends_through_the_tunnel(fleet):
-    lab = fleet.lab
-    forwarding = fleet.bal_vars["xvs_services"][0]["forwarding"]
+    lab, forwarding = fleet.lab, fleet.forwarding
     assert all(n > 0 for n in fleet.roles())
     assert fleet.roles() == [0, 0, 0, 0]          # idempotent, decapsulators included
 
-    answers = [whoami(lab, 21000 + i) for i in range(30)]
+    answers = [fleet.curl("whoami", 21000 + i) for i in range(30)]
     assert sorted(set(answers)) == sorted(BACKENDS), answers
     for short, root in fleet.decap_roots.items():
         assert _decap.counters(root)["decap_" + forwarding] > 0, short
 
     # replies bypass the balancer: it sees the requests, not the downloads
     before = fleet.counters()
-    fetched = sum(len(lab.sh(lab.name("cli"), "curl -s --max-time 5 --local-port %d http://%s/big"
-                             % (22000 + i, VIP)).stdout) for i in range(4))
+    fetched = sum(len(fleet.curl("big", 22000 + i, timeout=5)) for i in range(4))
     after = fleet.counters()
     assert fetched == 4 * BIG
     assert after["rx_bytes"] - before["rx_bytes"] < fetched / 10
     assert after["encap_" + forwarding] > before["encap_" + forwarding]
 
-    # a segment too big for the tunnel gets frag-needed and the client resends smaller
-    s, f, backend = echo_connect(lab.name("cli"))
+    # a segment too big for the tunnel gets frag-needed (Packet Too Big) and the client resends smaller
+    s, f, backend = echo_connect(lab.name("cli"), vip=fleet.vip)
     try:
         line = b"m" * 6000 + b"\n"
         s.sendall(line)
@@ -124,7 +133,7 @@ def test_routed_backends_through_the_tunnel(fleet):
     assert len(boot) == 1
     r = lab.sh(lab.name("web1"), boot[0], check=False)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert sorted(set(whoami(lab, 23000 + i) for i in range(30))) == sorted(BACKENDS)
+    assert sorted(set(fleet.curl("whoami", 23000 + i) for i in range(30))) == sorted(BACKENDS)
 
     # drain web1, then remove it: as for layer 2
     mods = Modules(lab.name("bal"), fleet.root)
@@ -132,9 +141,9 @@ def test_routed_backends_through_the_tunnel(fleet):
     try:
         for step, args in enumerate(({"weight": 0}, {"state": "absent"})):
             rc, res = mods.call("xvs_destination", dict(
-                {"service_address": VIP, "service_port": 80, "address": BACKENDS["web1"]}, **args))
+                {"service_address": fleet.vip, "service_port": 80, "address": fleet.address("web1")}, **args))
             assert rc == 0 and res["changed"], res
-            got = set(whoami(lab, 24000 + 100 * step + i) for i in range(30))
+            got = set(fleet.curl("whoami", 24000 + 100 * step + i) for i in range(30))
             assert got == {"web2", "web3"}, got
     finally:
         mods.close()

@@ -41,4 +41,4 @@ def test_sizes_fill_defaults_and_map_entries():
     assert s["maglev_table_size"] == 65537 and L.is_prime(65537)
     e = L.map_entries(s)
     assert e["maglev"] == s["max_services"] * 2 * ((65537 + 15) // 16)
-    assert ctypes.sizeof(L.Dest) == 60 and ctypes.sizeof(L.FlowKey) == 16
+    assert ctypes.sizeof(L.Dest) == 76 and ctypes.sizeof(L.FlowKey) == 16

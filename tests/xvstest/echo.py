@@ -1,5 +1,6 @@
 """A backend's long-lived TCP service for tests: greets each connection
-with the backend's name, then echoes every line back."""
+with the backend's name, then echoes every line back, over IPv4 and IPv6."""
+import socket
 import socketserver
 import sys
 
@@ -17,7 +18,12 @@ class Echo(socketserver.StreamRequestHandler):
 class Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
+    address_family = socket.AF_INET6
+
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)   # IPv4 too
+        super().server_bind()
 
 
 if __name__ == "__main__":
-    Server(("0.0.0.0", PORT), Echo).serve_forever()
+    Server(("::", PORT), Echo).serve_forever()

@@ -205,6 +205,15 @@ def build_bgp_lab(lab, tmp_path, backends):
 # balancer); the backends are on another, behind a router.
 ROUTED_FRONT = {"cli": CLIENT, "bal": BALANCER, "rtr": "192.0.2.1"}
 ROUTED_BACK_ROUTER = "198.51.100.1"
+# and the same in IPv6: front 2001:db8:1::/64, back 2001:db8:2::/64, each
+# host's IPv6 address ending in its IPv4 address's last number
+VIP6 = "2001:db8:100::10"
+FRONT6, BACK6 = "2001:db8:1::", "2001:db8:2::"
+
+
+def v6(side, ipv4):
+    """A lab host's IPv6 address on side (FRONT6 or BACK6)."""
+    return side + ipv4.rsplit(".", 1)[1]
 
 
 def build_routed_lab(lab, tmp_path, backends):
@@ -225,14 +234,17 @@ def build_routed_lab(lab, tmp_path, backends):
         sw = lab.name("sw" + side)
         lab.veth(ns, dev, sw, "p-" + short)
         lab.sh(sw, "ip link set p-%s master br0" % short)
-        lab.sh(ns, "ip addr add %s/24 dev %s" % (addr, dev))
-    lab.sh(lab.name("rtr"), "sysctl -qw net.ipv4.ip_forward=1")
-    lab.sh(lab.name("cli"), "ip route add %s/32 via %s && ethtool -K eth0 tx off >/dev/null"
-           % (VIP, BALANCER))
+        lab.sh(ns, "ip addr add %s/24 dev %s && ip -6 addr add %s/64 dev %s nodad"
+               % (addr, dev, v6(FRONT6 if side == "front" else BACK6, addr), dev))
+    lab.sh(lab.name("rtr"), "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1")
+    lab.sh(lab.name("cli"), "ip route add %s/32 via %s && ip -6 route add %s/128 via %s && "
+           "ethtool -K eth0 tx off >/dev/null" % (VIP, BALANCER, VIP6, v6(FRONT6, BALANCER)))
     back_net = ROUTED_BACK_ROUTER.rsplit(".", 1)[0] + ".0/24"
-    lab.sh(lab.name("bal"), "ip route add %s via %s" % (back_net, ROUTED_FRONT["rtr"]))
+    lab.sh(lab.name("bal"), "ip route add %s via %s && ip -6 route add %s/64 via %s"
+           % (back_net, ROUTED_FRONT["rtr"], BACK6, v6(FRONT6, ROUTED_FRONT["rtr"])))
     for short in backends:
-        lab.sh(lab.name(short), "ip route add default via %s" % ROUTED_BACK_ROUTER)
+        lab.sh(lab.name(short), "ip route add default via %s && ip -6 route add default via %s"
+               % (ROUTED_BACK_ROUTER, v6(BACK6, ROUTED_BACK_ROUTER)))
     serve(lab, tmp_path / "www", backends)
     with inside(lab.name("swfront")):
         _xdp_pass("p-bal")
@@ -260,12 +272,12 @@ def _xdp_pass(ifname):
     b.cleanup()
 
 
-def echo_connect(ns, timeout=5):
+def echo_connect(ns, timeout=5, vip=VIP):
     """(socket, file, backend name) of a new connection from namespace ns
     to the backends' echo service through the VIP."""
     import socket
     with inside(ns):
-        s = socket.create_connection((VIP, ECHO_PORT), timeout=timeout)
+        s = socket.create_connection((vip, ECHO_PORT), timeout=timeout)
     f = s.makefile("rb")
     return s, f, f.readline().strip().decode()
 
