@@ -720,6 +720,44 @@ static __always_inline void account(struct counters *c, struct packet *p, struct
 }
 
 /* ---- stage 5: forward -------------------------------------------------- */
+/* Room for `room` bytes of new headers between the Ethernet header (and
+ * its 802.1Q tag) and the L3 header: the frame grows at the front and the
+ * L2 header moves up to the new front.  Returns the new L3 start, 0 when
+ * the kernel refused (the frame is then dropped, counted drop_encap);
+ * *eth and *vh point at the moved header.  room > 18 bytes: the old and the
+ * new L2 header do not overlap. */
+static __always_inline void *push_front(struct xdp_md *ctx, int room, int tagged,
+                                        struct ethhdr **eth, struct vlan_hdr **vh)
+{
+    if (bpf_xdp_adjust_head(ctx, -room))
+        return 0;
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct ethhdr *new = data;
+    struct ethhdr *old = data + room;
+    if ((void *)(old + 1) + sizeof(struct vlan_hdr) > data_end)
+        return 0;
+    __builtin_memcpy(new, old, sizeof(*new));
+    *eth = new;
+    *vh = 0;
+    if (!tagged)
+        return new + 1;
+    struct vlan_hdr *tag = (void *)(new + 1);
+    *tag = *(struct vlan_hdr *)(old + 1);
+    *vh = tag;
+    return tag + 1;
+}
+
+/* An ICMP error goes back where the frame came from: the Ethernet
+ * addresses swapped (the 802.1Q tag kept). */
+static __always_inline void reverse_l2(struct ethhdr *eth)
+{
+    u8 mac[ETH_ALEN];
+    __builtin_memcpy(mac, eth->h_dest, ETH_ALEN);
+    __builtin_memcpy(eth->h_dest, eth->h_source, ETH_ALEN);
+    __builtin_memcpy(eth->h_source, mac, ETH_ALEN);
+}
+
 /* Contract 13: a frame that would not fit the egress MTU once
  * encapsulated is answered, from the VIP, with an ICMP
  * fragmentation-needed carrying the MTU the client may use: never a silent
@@ -728,39 +766,21 @@ static __always_inline void account(struct counters *c, struct packet *p, struct
 static __always_inline int icmp_too_big(struct xdp_md *ctx, struct counters *c, struct packet *p,
                                         u16 mtu)
 {
-    struct ethhdr *eth = p->eth;
-    struct iphdr *ip = p->ip;
-    __be32 client = ip->saddr, vip = ip->daddr;
-    u8 client_mac[ETH_ALEN], own_mac[ETH_ALEN];
-    __builtin_memcpy(client_mac, eth->h_source, ETH_ALEN);
-    __builtin_memcpy(own_mac, eth->h_dest, ETH_ALEN);
-    int tagged = p->vh != 0;
-    struct vlan_hdr tag = {};
-    if (tagged)
-        tag = *p->vh;
-    u32 l2 = (void *)ip - (void *)eth;
-    if (bpf_xdp_adjust_tail(ctx, (int)(l2 + ICMP_QUOTE_LEN) - (int)p->len) ||
-        bpf_xdp_adjust_head(ctx, -(int)(sizeof(struct iphdr) + sizeof(struct icmphdr))))
+    __be32 client = p->ip->saddr, vip = p->ip->daddr;
+    u32 l2 = (void *)p->ip - (void *)p->eth;
+    struct ethhdr *eth;
+    struct vlan_hdr *vh;
+    if (bpf_xdp_adjust_tail(ctx, (int)(l2 + ICMP_QUOTE_LEN) - (int)p->len))
         return verdict(c, C_DROP_ENCAP, XDP_DROP);
-
-    void *data = (void *)(long)ctx->data;
+    struct iphdr *nip = push_front(ctx, sizeof(struct iphdr) + sizeof(struct icmphdr), p->vh != 0,
+                                   &eth, &vh);
     void *data_end = (void *)(long)ctx->data_end;
-    eth = data;
-    void *l3 = eth + 1;
-    if (tagged) {
-        struct vlan_hdr *vh = l3;
-        if ((void *)(vh + 1) > data_end)
-            return verdict(c, C_DROP_ENCAP, XDP_DROP);
-        *vh = tag;
-        l3 = vh + 1;
-    }
-    struct iphdr *nip = l3;
+    if (!nip)
+        return verdict(c, C_DROP_ENCAP, XDP_DROP);
     struct icmphdr *icmp = (void *)(nip + 1);
     if ((void *)(icmp + 1) + ICMP_QUOTE_LEN > data_end)
         return verdict(c, C_DROP_ENCAP, XDP_DROP);
-    __builtin_memcpy(eth->h_dest, client_mac, ETH_ALEN);
-    __builtin_memcpy(eth->h_source, own_mac, ETH_ALEN);
-    eth->h_proto = bpf_htons(tagged ? ETH_P_8021Q : ETH_P_IP);
+    reverse_l2(eth);
 
     struct iphdr h = {};
     h.version = IPV4_VERSION;
@@ -837,28 +857,9 @@ static __always_inline int encapsulate(struct xdp_md *ctx, struct counters *c, s
         u.dest = d->gue_port;
         u.len = bpf_htons(inner_len + sizeof(u));   /* checksum 0: none, as IPv4 allows */
     }
-    int tagged = p->vh != 0;
-    if (bpf_xdp_adjust_head(ctx, -overhead))
-        return verdict(c, C_DROP_ENCAP, XDP_DROP);
-
-    void *data = (void *)(long)ctx->data;
+    struct iphdr *outer = push_front(ctx, overhead, p->vh != 0, &p->eth, &p->vh);
     void *data_end = (void *)(long)ctx->data_end;
-    struct ethhdr *eth = data;
-    struct ethhdr *old = data + overhead;    /* overhead > l2: no overlap */
-    if ((void *)(old + 1) + sizeof(struct vlan_hdr) > data_end)
-        return verdict(c, C_DROP_ENCAP, XDP_DROP);
-    __builtin_memcpy(eth, old, sizeof(*eth));
-    void *l3 = eth + 1;
-    p->vh = 0;
-    if (tagged) {
-        struct vlan_hdr *vh = l3;
-        *vh = *(struct vlan_hdr *)(old + 1);
-        l3 = vh + 1;
-        p->vh = vh;
-    }
-    p->eth = eth;
-    struct iphdr *outer = l3;
-    if ((void *)outer + overhead > data_end)
+    if (!outer || (void *)outer + overhead > data_end)
         return verdict(c, C_DROP_ENCAP, XDP_DROP);
     *outer = h;
     if (proto == IPPROTO_UDP) {
@@ -1125,42 +1126,25 @@ struct pseudo6 {
 static __always_inline int icmp6_too_big(struct xdp_md *ctx, struct counters *c, struct packet6 *q,
                                          u32 mtu)
 {
-    struct ethhdr *eth = q->eth;
     struct pseudo6 ph = {};
     __builtin_memcpy(&ph.saddr, &q->ip6->daddr, sizeof(ph.saddr));   /* from the VIP ... */
     __builtin_memcpy(&ph.daddr, &q->ip6->saddr, sizeof(ph.daddr));   /* ... to the client */
     ph.len = bpf_htonl(sizeof(struct icmp6hdr) + ICMP_QUOTE_LEN);
     ph.nexthdr = bpf_htonl(IPPROTO_ICMPV6);
-    u8 client_mac[ETH_ALEN], own_mac[ETH_ALEN];
-    __builtin_memcpy(client_mac, eth->h_source, ETH_ALEN);
-    __builtin_memcpy(own_mac, eth->h_dest, ETH_ALEN);
-    int tagged = q->vh != 0;
-    struct vlan_hdr tag = {};
-    if (tagged)
-        tag = *q->vh;
-    u32 l2 = (void *)q->ip6 - (void *)eth;
-    if (bpf_xdp_adjust_tail(ctx, (int)(l2 + ICMP_QUOTE_LEN) - (int)q->len) ||
-        bpf_xdp_adjust_head(ctx, -(int)(sizeof(struct ipv6hdr) + sizeof(struct icmp6hdr))))
+    u32 l2 = (void *)q->ip6 - (void *)q->eth;
+    struct ethhdr *eth;
+    struct vlan_hdr *vh;
+    if (bpf_xdp_adjust_tail(ctx, (int)(l2 + ICMP_QUOTE_LEN) - (int)q->len))
         return verdict(c, C_DROP_ENCAP, XDP_DROP);
-
-    void *data = (void *)(long)ctx->data;
+    struct ipv6hdr *ip6 = push_front(ctx, sizeof(struct ipv6hdr) + sizeof(struct icmp6hdr), q->vh != 0,
+                                     &eth, &vh);
     void *data_end = (void *)(long)ctx->data_end;
-    eth = data;
-    void *l3 = eth + 1;
-    if (tagged) {
-        struct vlan_hdr *vh = l3;
-        if ((void *)(vh + 1) > data_end)
-            return verdict(c, C_DROP_ENCAP, XDP_DROP);
-        *vh = tag;
-        l3 = vh + 1;
-    }
-    struct ipv6hdr *ip6 = l3;
+    if (!ip6)
+        return verdict(c, C_DROP_ENCAP, XDP_DROP);
     struct icmp6hdr *icmp = (void *)(ip6 + 1);
     if ((void *)(icmp + 1) + ICMP_QUOTE_LEN > data_end)
         return verdict(c, C_DROP_ENCAP, XDP_DROP);
-    __builtin_memcpy(eth->h_dest, client_mac, ETH_ALEN);
-    __builtin_memcpy(eth->h_source, own_mac, ETH_ALEN);
-    eth->h_proto = bpf_htons(tagged ? ETH_P_8021Q : ETH_P_IPV6);
+    reverse_l2(eth);
     *(__be32 *)ip6 = bpf_htonl(IPV6_VERSION << 28);
     ip6->payload_len = bpf_htons(sizeof(*icmp) + ICMP_QUOTE_LEN);
     ip6->nexthdr = IPPROTO_ICMPV6;
@@ -1187,28 +1171,9 @@ static __always_inline int encapsulate6(struct xdp_md *ctx, struct counters *c, 
     u32 first = bpf_ntohl(*(__be32 *)in) & IPV6_TC_MASK;
     u16 inner_len = sizeof(*in) + bpf_ntohs(in->payload_len);
     u32 label = flow_hash6(&q->key) & IPV6_FLOW_MASK;
-    int tagged = q->vh != 0;
-    if (bpf_xdp_adjust_head(ctx, -(int)IP6IP6_OVERHEAD))
-        return verdict(c, C_DROP_ENCAP, XDP_DROP);
-
-    void *data = (void *)(long)ctx->data;
+    struct ipv6hdr *outer = push_front(ctx, IP6IP6_OVERHEAD, q->vh != 0, &q->eth, &q->vh);
     void *data_end = (void *)(long)ctx->data_end;
-    struct ethhdr *eth = data;
-    struct ethhdr *old = data + IP6IP6_OVERHEAD;
-    if ((void *)(old + 1) + sizeof(struct vlan_hdr) > data_end)
-        return verdict(c, C_DROP_ENCAP, XDP_DROP);
-    __builtin_memcpy(eth, old, sizeof(*eth));
-    void *l3 = eth + 1;
-    q->vh = 0;
-    if (tagged) {
-        struct vlan_hdr *vh = l3;
-        *vh = *(struct vlan_hdr *)(old + 1);
-        l3 = vh + 1;
-        q->vh = vh;
-    }
-    q->eth = eth;
-    struct ipv6hdr *outer = l3;
-    if ((void *)(outer + 1) > data_end)
+    if (!outer || (void *)(outer + 1) > data_end)
         return verdict(c, C_DROP_ENCAP, XDP_DROP);
     *(__be32 *)outer = bpf_htonl((IPV6_VERSION << 28) | first | label);
     outer->payload_len = bpf_htons(inner_len);
