@@ -10,6 +10,7 @@ from xvstest.lab import Lab, inside
 from xvstest.packets import (CLIENT, TEST_SIZES, VIP, Harness, dest_of, dump_maps, expected_dest,
                              harness)
 from test_contract import B1, B2, SIZE, tcp
+from test_contract_ipv6 import B1 as B1_6, B2 as B2_6, VIP as VIP6, owner, tcp as tcp6
 
 
 def changed_source(tmp_path):
@@ -41,6 +42,10 @@ def test_reload_keeps_services_counters_and_live_flows(pin_root, tmp_path):
                         svc_index=svc["index"], dest_slot=slot, dest_addr=L.be32(other))
         h.dp.maps["flows"].update(bytes(key), bytes(val))
         assert dest_of(h.run(tcp(sport=sport, flags="A"))[1]) == other
+        # and an IPv6 flow, pinned by its first packet
+        h.dp.set_service(VIP6, 80, "tcp", False, [h.dest(B1_6), h.dest(B2_6)])
+        owner6 = owner(h.run(tcp6(sport=sport))[1])
+        h.dp.set_service(VIP6, 80, "tcp", False, [h.dest(B1_6), h.dest(B2_6), h.dest("2001:db8::23", 9)])
         services_before = h.dp.services()
         counters_before = h.counters()
         old_info = h.prog.info
@@ -55,7 +60,8 @@ def test_reload_keeps_services_counters_and_live_flows(pin_root, tmp_path):
         assert h2.counters() == counters_before
         verdict, out = h2.run(tcp(sport=sport, flags="A"))
         assert (verdict, dest_of(out)) == ("tx", other)
-        assert h2.counters()["rx_packets"] == counters_before["rx_packets"] + 1
+        assert owner(h2.run(tcp6(sport=sport, flags="A"))[1]) == owner6
+        assert h2.counters()["rx_packets"] == counters_before["rx_packets"] + 2
         assert h2.counters()["new_flows"] == counters_before["new_flows"]
     finally:
         h2.close()
@@ -81,8 +87,12 @@ def test_resize_when_allowed_keeps_configuration(pin_root, change):
     with harness(pin_root) as h:
         h.dp.set_service(VIP, 80, "tcp", False, [h.dest(B1, 1), h.dest(B2, 2)])
         h.dp.set_service(VIP, 53, "udp", True, [h.dest(B2, 1)])
+        h.dp.set_service(VIP6, 80, "tcp", False, [h.dest(B1_6)])
+        h.dp.set_service(VIP, 82, "tcp", False, [dict(h.dest("198.51.100.21"), mac="02:00:00:00:00:fe",
+                                                      tun_src="192.0.2.2", mtu=1500)], "gue", 7000)
         h.run(tcp())
         services = h.dp.services()
+        assert {(s["port"], s["forwarding"]) for s in services} == {(80, "l2"), (53, "l2"), (82, "gue")}
     with harness(pin_root, sizes=dict(change), allow_flow_reset=True) as h:
         assert h.dp.flows() == []
         assert h.dp.services() == services
