@@ -104,7 +104,7 @@
 /* Forwarding methods (contract 13), per service, copied into its dests. */
 #define FWD_L2 0                /* rewrite the MACs: the destination is on-link */
 #define FWD_IPIP 1              /* IPv4-in-IPv4 (protocol 4) */
-#define FWD_GUE 2               /* GUE variant 1: IPv4 directly in UDP */
+#define FWD_GUE 2               /* GUE variant 1: the IP packet directly in UDP */
 #define IPIP_OVERHEAD (sizeof(struct iphdr))
 #define GUE_OVERHEAD (sizeof(struct iphdr) + sizeof(struct udphdr))
 #define TUNNEL_TTL 64
@@ -130,6 +130,17 @@
 #define ND_LAST 137             /* ... to redirect; the kernel's to answer */
 #define ECHO_REPLY_HOP_LIMIT 64
 #define IP6IP6_OVERHEAD (sizeof(struct ipv6hdr))
+#define GUE6_OVERHEAD (sizeof(struct ipv6hdr) + sizeof(struct udphdr))
+/* GUE over IPv6 carries a real UDP checksum: IPv6 has no header checksum,
+ * and a zero one (RFC 6935) is refused by receivers not configured for it,
+ * the kernel's fou among them.  It is summed over the whole datagram in
+ * bpf_csum_diff's largest piece (512 bytes); CSUM_CHUNKS + 1 of them bound
+ * the loop and so the datagram: a larger egress MTU is used as
+ * GUE6_MTU_MAX (above a 9,000-byte jumbo frame). */
+#define CSUM_CHUNK 512
+#define CSUM_CHUNKS 18
+#define GUE6_MTU_MAX (sizeof(struct ipv6hdr) + CSUM_CHUNKS * CSUM_CHUNK)
+#define UDP_CSUM_ZERO 0xffff    /* a sum of 0 is sent as this: 0 means none (RFC 768) */
 #define IPV6_MIN_MTU 1280       /* a Packet Too Big never asks for less */
 #define IPV6_TC_MASK 0x0ff00000 /* the first word: version, traffic class, flow label */
 #define IPV6_FLOW_MASK 0x000fffff
@@ -1160,49 +1171,113 @@ static __always_inline int icmp6_too_big(struct xdp_md *ctx, struct counters *c,
     return verdict(c, C_ICMP_TOO_BIG, XDP_TX);
 }
 
-/* Contract 13 for IPv6: IPv6-in-IPv6 (next header 41): an outer IPv6
- * header with the inner packet's traffic class, a flow label from the flow
- * hash (so ECMP on the way spreads flows), hop limit 64, from the tunnel
- * source to the destination. */
+/* csum_bytes()' buffer: one chunk. */
+struct csum_buf {
+    u8 b[CSUM_CHUNK];
+};
+
+BPF_PERCPU_ARRAY(csum_scratch, struct csum_buf, 1);
+
+/* The ones'-complement sum (memory order) of len bytes of the frame from
+ * off (an even offset into what is summed), added to sum; -1 if the frame
+ * is shorter.  Each chunk is copied out first, the last one zero-padded to
+ * a word (bpf_csum_diff sums whole words): summing the frame in place
+ * would need a bounds check per piece size, and the verifier would walk
+ * every combination of them. */
+static __always_inline s64 csum_bytes(struct xdp_md *ctx, u32 off, u64 len, u32 sum)
+{
+    u32 zero = 0;
+    struct csum_buf *buf = csum_scratch.lookup(&zero);
+    if (!buf)
+        return -1;     /* cannot happen: a one-entry array */
+    for (u32 i = 0; i < CSUM_CHUNKS; i++) {
+        asm volatile("" : "+r"(i));     /* the verifier's bound on the loop, whatever len is */
+        if (len < CSUM_CHUNK)
+            break;
+        if (bpf_xdp_load_bytes(ctx, off, buf->b, CSUM_CHUNK))
+            return -1;
+        sum = bpf_csum_diff(0, 0, (void *)buf->b, CSUM_CHUNK, sum);
+        off += CSUM_CHUNK;
+        len -= CSUM_CHUNK;
+    }
+    if (len == 0)
+        return sum;
+    if (len >= CSUM_CHUNK)
+        return -1;                      /* past CSUM_CHUNKS: the MTU check keeps it from here */
+    /* zero the last word, which the copy fills only in part */
+    *(u32 *)&buf->b[len & (CSUM_CHUNK - sizeof(u32))] = 0;
+    if (bpf_xdp_load_bytes(ctx, off, buf->b, len))
+        return -1;
+    return bpf_csum_diff(0, 0, (void *)buf->b, (len + 3) & (CSUM_CHUNK - sizeof(u32)), sum);
+}
+
+/* Contract 13 for IPv6: an outer IPv6 header with the inner packet's
+ * traffic class, a flow label from the flow hash (so ECMP on the way
+ * spreads flows), hop limit 64, from the tunnel source to the destination;
+ * next header 41 (IPv6-in-IPv6), or UDP to the GUE port with the source
+ * port from the flow hash and the checksum summed over the datagram. */
 static __always_inline int encapsulate6(struct xdp_md *ctx, struct counters *c, struct packet6 *q,
                                         struct dest *d)
 {
     struct ipv6hdr *in = q->ip6;
     u32 first = bpf_ntohl(*(__be32 *)in) & IPV6_TC_MASK;
     u16 inner_len = sizeof(*in) + bpf_ntohs(in->payload_len);
-    u32 label = flow_hash6(&q->key) & IPV6_FLOW_MASK;
-    struct ipv6hdr *outer = push_front(ctx, IP6IP6_OVERHEAD, q->vh != 0, &q->eth, &q->vh);
+    u32 hash = flow_hash6(&q->key);
+    int gue = d->forwarding == FWD_GUE;
+    u32 overhead = gue ? GUE6_OVERHEAD : IP6IP6_OVERHEAD;
+    struct ipv6hdr *outer = push_front(ctx, overhead, q->vh != 0, &q->eth, &q->vh);
     void *data_end = (void *)(long)ctx->data_end;
-    if (!outer || (void *)(outer + 1) > data_end)
+    if (!outer || (void *)outer + GUE6_OVERHEAD > data_end)
         return verdict(c, C_DROP_ENCAP, XDP_DROP);
-    *(__be32 *)outer = bpf_htonl((IPV6_VERSION << 28) | first | label);
-    outer->payload_len = bpf_htons(inner_len);
-    outer->nexthdr = IPPROTO_IPV6;
+    *(__be32 *)outer = bpf_htonl((IPV6_VERSION << 28) | first | (hash & IPV6_FLOW_MASK));
+    outer->payload_len = bpf_htons(inner_len + overhead - sizeof(*outer));
     outer->hop_limit = TUNNEL_TTL;
     __builtin_memcpy(&outer->saddr, &d->tun_src6, sizeof(struct addr6));
     __builtin_memcpy(&outer->daddr, &d->addr6, sizeof(struct addr6));
-    c->n[C_ENCAP_IPIP]++;
+    if (!gue) {
+        outer->nexthdr = IPPROTO_IPV6;
+        c->n[C_ENCAP_IPIP]++;
+        return CONTINUE;
+    }
+    outer->nexthdr = IPPROTO_UDP;
+    struct udphdr *u = (void *)(outer + 1);
+    u->source = bpf_htons(GUE_SPORT_BASE | (hash & GUE_SPORT_MASK));
+    u->dest = d->gue_port;
+    u->len = outer->payload_len;
+    u->check = 0;
+    struct pseudo6 ph = {};
+    __builtin_memcpy(&ph.saddr, &outer->saddr, sizeof(ph.saddr));
+    __builtin_memcpy(&ph.daddr, &outer->daddr, sizeof(ph.daddr));
+    u32 ulen = inner_len + sizeof(*u);
+    ph.len = bpf_htonl(ulen);
+    ph.nexthdr = bpf_htonl(IPPROTO_UDP);
+    u32 off = (void *)u - (void *)(long)ctx->data;
+    s64 sum = csum_bytes(ctx, off, ulen, bpf_csum_diff(0, 0, (void *)&ph, sizeof(ph), 0));
+    if (sum < 0)
+        return verdict(c, C_DROP_ENCAP, XDP_DROP);     /* the frame is shorter than its IPv6 length */
+    __sum16 check = csum_fold(sum);
+    u->check = check ? check : UDP_CSUM_ZERO;
+    c->n[C_ENCAP_GUE]++;
     return CONTINUE;
 }
 
 /* Stages 4 and 5 for IPv6: per service and destination (per-prefix
- * counters are IPv4's); layer 2, or IPv6-in-IPv6 with its MTU checked
- * first (the control plane refuses GUE for IPv6 services). */
+ * counters are IPv4's); layer 2, or a tunnel with its MTU checked first. */
 static __always_inline int account_forward6(struct xdp_md *ctx, struct counters *c,
                                             struct packet6 *q, struct choice *ch)
 {
     struct dest *d = ch->d;
     if ((q->vh != 0) != (d->vlan != 0))
         return verdict(c, C_DROP_VLAN, XDP_DROP);
-    if (d->forwarding == FWD_IPIP) {
+    if (d->forwarding != FWD_L2) {
+        u32 overhead = d->forwarding == FWD_GUE ? GUE6_OVERHEAD : IP6IP6_OVERHEAD;
+        u32 mtu = d->forwarding == FWD_GUE && d->mtu > GUE6_MTU_MAX ? GUE6_MTU_MAX : d->mtu;
         u32 len = sizeof(struct ipv6hdr) + bpf_ntohs(q->ip6->payload_len);
-        if (len + IP6IP6_OVERHEAD > d->mtu) {
-            if (len < ICMP_QUOTE_LEN || d->mtu < IPV6_MIN_MTU + IP6IP6_OVERHEAD)
+        if (len + overhead > mtu) {
+            if (len < ICMP_QUOTE_LEN || mtu < IPV6_MIN_MTU + overhead)
                 return verdict(c, C_DROP_ENCAP, XDP_DROP);    /* the control plane prevents both */
-            return icmp6_too_big(ctx, c, q, d->mtu - IP6IP6_OVERHEAD);
+            return icmp6_too_big(ctx, c, q, mtu - overhead);
         }
-    } else if (d->forwarding != FWD_L2) {
-        return verdict(c, C_DROP_ENCAP, XDP_DROP);
     }
     if (q->ptb)
         c->n[C_ICMP_PTB_FORWARDED]++;
@@ -1210,7 +1285,7 @@ static __always_inline int account_forward6(struct xdp_md *ctx, struct counters 
     stats_add(svc_stats.lookup(&si), q->len, ch->new_flow);
     u32 di = ch->index * MAX_DESTS + ch->slot;
     stats_add(dest_stats.lookup(&di), q->len, ch->new_flow);
-    if (d->forwarding == FWD_IPIP) {
+    if (d->forwarding != FWD_L2) {
         int action = encapsulate6(ctx, c, q, d);
         if (action != CONTINUE)
             return action;

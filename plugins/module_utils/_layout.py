@@ -34,7 +34,7 @@ DEST_V6 = 2                # the destination's address is addr6
 # Forwarding methods: a service's, copied into each of its destinations.
 FORWARDING = {"l2": 0, "ipip": 1, "gue": 2}
 # Bytes a tunnel adds in front of the client's packet, by IP version.
-TUNNEL_OVERHEAD = {4: {"l2": 0, "ipip": 20, "gue": 28}, 6: {"l2": 0, "ipip": 40}}
+TUNNEL_OVERHEAD = {4: {"l2": 0, "ipip": 20, "gue": 28}, 6: {"l2": 0, "ipip": 40, "gue": 48}}
 IPV6_MIN_MTU = 1280        # the least a Packet Too Big may ask for
 ICMP_QUOTE_LEN = 128       # bytes of a too-big frame its ICMP quotes
 MAX_TUNNEL_MTU = 65535     # struct dest's mtu is a u16

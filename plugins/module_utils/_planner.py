@@ -54,7 +54,7 @@ def _exact(entry):
     return _service(entry["address"], entry["port"], entry["protocol"], sticky, [
         _dest(d["address"], _spec.DEFAULT_WEIGHT if d["weight"] is None else d["weight"], d["mac"])
         for d in entry["destinations"] or []], entry["check"], least,
-        _spec.forwarding(entry["label"], entry["forwarding"], entry["gue_port"], address=entry["address"]))
+        _spec.forwarding(entry["label"], entry["forwarding"], entry["gue_port"]))
 
 
 def merged(before, entries):
@@ -78,7 +78,7 @@ def merged(before, entries):
                               cur["check"] if e["check"] is None else e["check"],
                               cur["min_healthy"] if e["min_healthy"] is None else e["min_healthy"],
                               _spec.forwarding(e["label"], e["forwarding"], e["gue_port"],
-                                               (cur["forwarding"], cur["gue_port"]), e["address"]))
+                                               (cur["forwarding"], cur["gue_port"])))
     return after
 
 

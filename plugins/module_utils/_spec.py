@@ -226,20 +226,16 @@ def check(label, item):
     return out
 
 
-def forwarding(label, value, gue_port, current=None, address=None):
+def forwarding(label, value, gue_port, current=None):
     """(forwarding, gue_port) of a service: value and gue_port as given
     (None: left out), current the service's (forwarding, gue_port) that
     left-out options keep, or None for the defaults.  gue_port is None
-    unless forwarding is gue.  An IPv6 service (address) has no GUE: GUE
-    over IPv6 needs a UDP checksum over the whole packet."""
+    unless forwarding is gue."""
     prefix = label + "." if label else ""
     cur_fwd, cur_port = current or (DEFAULT_FORWARDING, None)
     fwd = cur_fwd if value is None else value
     if fwd not in FORWARDING:
         raise XvsError("%sforwarding=%s: must be one of %s" % (prefix, fwd, ", ".join(FORWARDING)))
-    if address and fwd == "gue" and family(address) == 6:
-        raise XvsError("%sforwarding=gue: the IPv6 service %s can forward at layer 2 (l2) or through "
-                       "IPv6-in-IPv6 (ipip), not GUE" % (prefix, address))
     if fwd != "gue":
         if gue_port is not None:
             raise XvsError("%sgue_port: only for forwarding gue, not %s" % (prefix, fwd))
@@ -295,7 +291,7 @@ def service(label, entry):
     sticky, chk, least = entry.get("sticky"), entry.get("check"), entry.get("min_healthy")
     fwd, gue_port = entry.get("forwarding"), entry.get("gue_port")
     if fwd is not None:
-        forwarding(label, fwd, gue_port, address=out_address)   # checked here; planned with the current one
+        forwarding(label, fwd, gue_port)   # checked here; planned with the current one
     elif gue_port is not None:
         port(prefix + "gue_port", gue_port)
     out = {"address": out_address,

@@ -1,5 +1,5 @@
-"""Layer-3 DSR (docs/design.md §2.13): IPIP and GUE encapsulation
-and the ICMP fragmentation-needed for frames that would not fit, frame by
+"""Layer-3 DSR (docs/design.md §2.13): IPIP, GUE and their IPv6 kinds,
+and the ICMP too-big replies for frames that would not fit, frame by
 frame through the real program (BPF_PROG_TEST_RUN), compared byte for byte
 with what scapy builds and checked field by field."""
 import pytest
@@ -175,14 +175,16 @@ ROUTED6 = "2001:db8:2::21"
 TUN_SRC6 = "2001:db8:1::2"
 
 
-def tunnel_service6(h, mtu=MTU, vlan=0):
+def tunnel_service6(h, mtu=MTU, vlan=0, forwarding="ipip", gue_port=6080):
     h.dp.set_service(VIP6, 80, "tcp", False, [dict(h.dest(ROUTED6, vlan=vlan), mac=NEXT_HOP_MAC,
-                                                   tun_src=TUN_SRC6, mtu=mtu)], "ipip")
+                                                   tun_src=TUN_SRC6, mtu=mtu)], forwarding, gue_port)
 
 
-def client_ip6(sport=40000, size=0, flags="S", tc=0x28):
+def client_ip6(sport=40000, size=0, flags="S", tc=0x28, payload=b""):
+    """The client's IPv6 packet to VIP6:80, padded to size bytes; a given
+    payload goes last (after the padding)."""
     pkt = IPv6(src=CLIENT6, dst=VIP6, tc=tc) / TCP(sport=sport, dport=80, flags=flags)
-    return bytes(pkt / (b"p" * max(0, size - len(pkt))))
+    return bytes(pkt / (b"p" * max(0, size - len(pkt) - len(payload)) + payload))
 
 
 def frame6(inner, vlan=None):
@@ -217,3 +219,56 @@ def test_ipv6_frame_too_big_for_the_tunnel_gets_packet_too_big(h):
     assert (verdict, out) == ("tx", want)                 # scapy computed the checksum
     c = h.counters()
     assert (c["icmp_too_big"], c["encap_ipip"]) == (1, 1)
+
+
+# ---- GUE over IPv6: a UDP checksum over the whole datagram -------------------
+def gue6(inner, sport, port=6080):
+    """The outer headers GUE over IPv6 puts in front of inner, with the
+    UDP checksum scapy computes (over the pseudo-header and datagram)."""
+    label = flow_hash6(CLIENT6, VIP6, sport, 80, 6)
+    return (IPv6(src=TUN_SRC6, dst=ROUTED6, nh=17, hlim=64, tc=0x28, fl=label & 0xFFFFF) /
+            UDP(sport=0xC000 | (label & 0x3FFF), dport=port) / inner)
+
+
+@pytest.mark.parametrize("vlan", [None, 20])
+def test_gue6_carries_a_udp_checksum_over_the_whole_datagram(h, vlan):
+    """Every length from a bare SYN to 3,000 bytes (a 9,000-byte MTU), in
+    steps that cross the summing's 512-byte chunks and end in zero to three
+    bytes past a word, comes out byte for byte as scapy builds it."""
+    tunnel_service6(h, mtu=9000, forwarding="gue", gue_port=7777, vlan=vlan or 0)
+    l2 = Ether(src=BALANCER_MAC, dst=NEXT_HOP_MAC)
+    l2 = l2 / Dot1Q(vlan=vlan, prio=3) if vlan else l2
+    sizes = list(range(60, 140)) + list(range(505, 1040, 13)) + [1023, 1024, 1025, 1026, 2047, 3000]
+    for n, size in enumerate(sizes):
+        inner = client_ip6(40000 + n, size=size)
+        verdict, out = h.run(frame6(inner, vlan))
+        want = bytes(l2 / gue6(inner, 40000 + n, port=7777))
+        assert (verdict, out) == ("tx", want), size
+        got = IPv6(out[18 if vlan else 14:])
+        assert got[UDP].chksum != 0 and got[UDP].len == 8 + len(inner) and got.plen == 8 + len(inner)
+    assert h.counters()["encap_gue"] == len(sizes)
+
+
+def test_gue6_sends_a_zero_sum_as_all_ones(h):
+    """A datagram whose checksum works out to 0 carries 0xffff (0 would
+    mean no checksum): the inner packet's last two bytes are chosen so."""
+    tunnel_service6(h, forwarding="gue")
+    inner = client_ip6(size=100, payload=b"\0\0")
+    fill = bytes(IPv6(bytes(gue6(inner, 40000))))
+    want_sum = IPv6(fill)[UDP].chksum             # the sum with the two bytes at 0 ...
+    inner = inner[:-2] + want_sum.to_bytes(2, "big")  # ... added in makes it 0xffff: checksum 0
+    verdict, out = h.run(frame6(inner))
+    assert verdict == "tx" and out[14 + 40 + 6:14 + 40 + 8] == b"\xff\xff"
+    assert out[14 + 48:] == inner
+
+
+def test_gue6_frame_too_big_gets_packet_too_big_for_48_bytes_of_overhead(h):
+    tunnel_service6(h, forwarding="gue")
+    assert h.run(frame6(client_ip6(size=MTU - 48)))[0] == "tx"
+    inner = client_ip6(size=MTU - 47, flags="A")
+    verdict, out = h.run(frame6(inner))
+    want = bytes(Ether(src=BALANCER_MAC, dst=CLIENT_MAC) / IPv6(src=VIP6, dst=CLIENT6, hlim=64) /
+                 ICMPv6PacketTooBig(mtu=MTU - 48) / inner[:L.ICMP_QUOTE_LEN])
+    assert (verdict, out) == ("tx", want)
+    c = h.counters()
+    assert (c["icmp_too_big"], c["encap_gue"]) == (1, 1)
