@@ -128,13 +128,18 @@ def basic_cases(root, fd_floor_tx, fd_floor_pass, established=1024):
     dp.set_service(VIP, 82, "tcp", False, dests(10, tunnel=True), "gue")
     dp.set_service(VIP6, 80, "tcp", False, dests(10, v6=True))
     dp.set_service(VIP6, 81, "tcp", False, dests(10, v6=True, tunnel=True), "ipip")
+    dp.set_service(VIP6, 82, "tcp", False, dests(10, v6=True, tunnel=True), "gue", 6080)
     est, syn = Flows(tcp()), Flows(tcp("S"))
     udp = Flows(ether() / IP(src="198.51.100.1", dst=VIP) / UDP(sport=1024, dport=53) / b"q")
     tagged = Flows(tcp(dport=8080, vlan=10))
     ipip, gue = Flows(tcp(dport=81)), Flows(tcp(dport=82))
     big = Flows(tcp(dport=82) / (b"b" * (1500 - 40)))     # 1,500 bytes: 28 too many for GUE
     est6, syn6, ip6ip6 = Flows6(tcp6()), Flows6(tcp6("S")), Flows6(tcp6(dport=81))
-    for flows in (est, udp, tagged, ipip, gue, big, est6, ip6ip6):
+    # GUE over IPv6 sums its checksum over the datagram: a small and a
+    # 1,400-byte frame, and IPv6-in-IPv6 at 1,400 bytes to set it against
+    gue6, gue6_big = Flows6(tcp6(dport=82)), Flows6(tcp6(dport=82) / (b"b" * (1400 - 60)))
+    ip6ip6_big = Flows6(tcp6(dport=81) / (b"b" * (1400 - 60)))
+    for flows in (est, udp, tagged, ipip, gue, big, est6, ip6ip6, gue6, gue6_big, ip6ip6_big):
         warm(prog.fd, flows, established)
     first_new = 1 << 20                 # flows never sent before
     other = bytes(tcp(dst=OTHER))
@@ -157,6 +162,9 @@ def basic_cases(root, fd_floor_tx, fd_floor_pass, established=1024):
         Case("IPv6 new flow", prog.fd, lambda i: syn6[first_new + i], "tx"),
         Case("ICMPv6 echo", prog.fd, lambda i: echo6, "tx"),
         Case("IPv6-in-IPv6 tunnel", prog.fd, lambda i: ip6ip6[i % established], "tx"),
+        Case("IPv6-in-IPv6, 1,400 B", prog.fd, lambda i: ip6ip6_big[i % established], "tx"),
+        Case("GUE over IPv6", prog.fd, lambda i: gue6[i % established], "tx"),
+        Case("GUE over IPv6, 1,400 B", prog.fd, lambda i: gue6_big[i % established], "tx"),
     ]
     return prog, dp, cases
 

@@ -11,12 +11,16 @@
  *   - it is an unfragmented IPv4 packet (one 802.1Q tag allowed) carrying
  *     IPIP (protocol 4) with ipip enabled, or UDP to the configured GUE port
  *     whose payload starts with an IPv4 header (GUE variant 1); or an IPv6
- *     packet whose next header is IPv6 (41, IPv6-in-IPv6) with ipip enabled;
+ *     packet whose next header is IPv6 (41, IPv6-in-IPv6) with ipip enabled,
+ *     or UDP to the GUE port whose payload starts with an IPv6 header;
  *   - the inner packet, of the outer's family, is addressed to one of the
  *     host's configured VIPs;
  *   - when balancer sources are configured, the outer source is one.
  * The outer headers are removed, the Ethernet header (and tag) moved up,
  * and the inner packet passed to the kernel as if it had arrived plain.
+ * GUE's UDP checksum (there over IPv6) is not verified: the inner packet's
+ * own transport checksum, which covers its addresses, still is, by the
+ * kernel, and summing the datagram here would cost what the balancer pays.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -102,8 +106,9 @@ static __always_inline int strip(struct xdp_md *ctx, u32 l2, u32 outer, u32 coun
     return count(counter, XDP_PASS);
 }
 
-/* IPv6-in-IPv6: an outer IPv6 header with no extension header, next
- * header 41, an IPv6 packet to a VIP inside. */
+/* IPv6-in-IPv6 (next header 41) or GUE over IPv6 (UDP to the GUE port):
+ * an outer IPv6 header with no extension header, an IPv6 packet to a VIP
+ * inside. */
 static __always_inline int decap6(struct xdp_md *ctx, struct config *cfg, u32 l2)
 {
     void *data = (void *)(long)ctx->data;
@@ -111,17 +116,29 @@ static __always_inline int decap6(struct xdp_md *ctx, struct config *cfg, u32 l2
     if (l2 > sizeof(struct ethhdr) + sizeof(struct vlan_hdr))      /* bounds for the verifier */
         return XDP_PASS;
     struct ipv6hdr *ip6 = data + l2;
-    if ((void *)(ip6 + 1) > data_end || ip6->version != IPV6_VERSION || ip6->nexthdr != IPPROTO_IPV6 ||
-        !cfg->ipip)
+    if ((void *)(ip6 + 1) > data_end || ip6->version != IPV6_VERSION)
         return XDP_PASS;
-    struct ipv6hdr *inner = ip6 + 1;
+    u32 outer = sizeof(*ip6);
+    u32 counter;
+    if (ip6->nexthdr == IPPROTO_IPV6 && cfg->ipip) {
+        counter = C_DECAP_IPIP;
+    } else if (ip6->nexthdr == IPPROTO_UDP && cfg->gue_port) {
+        struct udphdr *udp = (void *)(ip6 + 1);
+        if ((void *)(udp + 1) > data_end || udp->dest != cfg->gue_port)
+            return XDP_PASS;
+        outer += sizeof(*udp);
+        counter = C_DECAP_GUE;
+    } else {
+        return XDP_PASS;
+    }
+    struct ipv6hdr *inner = (void *)ip6 + outer;
     if ((void *)(inner + 1) > data_end || inner->version != IPV6_VERSION)
         return XDP_PASS;
     if (!vips6.lookup((struct addr6 *)&inner->daddr))
         return count(C_NOT_VIP, XDP_PASS);
     if (cfg->check_sources && !sources6.lookup((struct addr6 *)&ip6->saddr))
         return count(C_NOT_SOURCE, XDP_PASS);
-    return strip(ctx, l2, sizeof(*ip6), C_DECAP_IPIP);
+    return strip(ctx, l2, outer, counter);
 }
 
 int xdp_decap(struct xdp_md *ctx)

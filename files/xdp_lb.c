@@ -1254,7 +1254,7 @@ static __always_inline int encapsulate6(struct xdp_md *ctx, struct counters *c, 
     u32 off = (void *)u - (void *)(long)ctx->data;
     s64 sum = csum_bytes(ctx, off, ulen, bpf_csum_diff(0, 0, (void *)&ph, sizeof(ph), 0));
     if (sum < 0)
-        return verdict(c, C_DROP_ENCAP, XDP_DROP);     /* the frame is shorter than its IPv6 length */
+        return verdict(c, C_DROP_ENCAP, XDP_DROP);     /* cannot happen: parse6 checked the length */
     __sum16 check = csum_fold(sum);
     u->check = check ? check : UDP_CSUM_ZERO;
     c->n[C_ENCAP_GUE]++;

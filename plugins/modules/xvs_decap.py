@@ -44,7 +44,8 @@ options:
   decap:
     description:
       - The balancer services' forwarding method to undo, V(ipip) (IPv4 in IPv4, protocol 4, and
-        IPv6 in IPv6, next header 41) or V(gue) (IPv4 directly in UDP to O(gue_port), GUE variant 1).
+        IPv6 in IPv6, next header 41) or V(gue) (the IP packet directly in UDP to O(gue_port), GUE
+        variant 1, over IPv4 or IPv6; the UDP checksum is not verified, the inner packet's own is).
         Required with O(state=present).
     type: str
     choices: [ipip, gue]

@@ -167,3 +167,26 @@ def test_ip6ip6_to_an_ipv6_vip_comes_out_as_the_inner_packet(pin_root, vlan):
         assert _decap.counters(d.root) == {"decap_ipip": 1, "decap_gue": 0, "not_vip": 1, "not_source": 1}
     finally:
         d.close()
+
+
+def gue6(payload, port=6080, src=BAL6, vlan=None):
+    e = Ether(src=BAL_MAC, dst=RS_MAC, type=0x86DD)
+    if vlan:
+        e = Ether(src=BAL_MAC, dst=RS_MAC, type=0x8100) / Dot1Q(vlan=vlan, prio=5, type=0x86DD)
+    return bytes(e / IPv6(src=src, dst=RS6) / UDP(sport=50000, dport=port) / payload)
+
+
+@pytest.mark.parametrize("vlan", [None, 20])
+def test_gue_over_ipv6_to_an_ipv6_vip_comes_out_as_the_inner_packet(make, vlan):
+    d = make("gue", sources=[BAL6], gue_port=7777, vips=[VIP6])
+    frame = gue6(inner6(), port=7777, vlan=vlan)
+    l2 = len(frame) - len(inner6()) - 48
+    assert d.run(frame) == ("pass", frame[:l2] + inner6())
+    untouched = (gue6(inner6(), port=6080),                         # another port
+                 gue6(inner(), port=7777),                          # IPv4 inside IPv6
+                 ip6ip6(inner6()),                                  # IPv6-in-IPv6: ipip is off
+                 gue6(inner6(dst="2001:db8:100::99"), port=7777),   # not a VIP
+                 gue6(inner6(), port=7777, src="2001:db8:1::3"))    # not a source
+    for other in untouched:
+        assert d.run(other) == ("pass", other)
+    assert _decap.counters(d.root) == {"decap_ipip": 0, "decap_gue": 1, "not_vip": 1, "not_source": 1}

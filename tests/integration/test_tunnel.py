@@ -1,12 +1,14 @@
 """Layer-3 DSR end to end (docs/design.md §2.13, §2.14): the client and the
 balancer on one segment, three backends on another behind a router.  The
-xvs role tunnels to them (IPv4 in ipip and in gue, IPv6 in IPv6-in-IPv6)
+xvs role tunnels to them (ipip: IPv4 in IPv4 and IPv6 in IPv6; gue: over
+either)
 and the realserver role's XDP decapsulator undoes the tunnel; curl reaches
 every backend, replies go
 from the backends to the client without the balancer, path-MTU discovery
 works through the tunnel, drain and remove behave as for layer 2, and the
 decapsulator comes back from its boot restore."""
 import os
+import socket
 
 import pytest
 
@@ -91,8 +93,38 @@ def fleet(request, bpffs, tmp_path):
             f.close()
 
 
-@pytest.mark.parametrize("fleet", [("ipip", 4), ("gue", 4), ("ipip", 6)], indirect=True,
-                         ids=["ipip", "gue", "ip6ip6"])
+def assert_kernel_accepts_gue(fleet):
+    """With web1's decapsulator gone, a plain UDP socket on the GUE port
+    there receives the tunnel's datagrams: the kernel (as its fou would)
+    checked their UDP checksum, which over IPv6 is summed over each
+    datagram, and delivers only those that pass."""
+    family = socket.AF_INET6 if fleet.family == 6 else socket.AF_INET
+    with inside(fleet.lab.name("web1")):
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.bind((fleet.address("web1"), 6080))
+        sock.settimeout(0.2)
+        for i in range(9):                # about a third of the flows are web1's, and fail
+            fleet.curl("whoami", 25000 + i, timeout=1)
+        got = []
+        while True:
+            try:
+                got.append(sock.recv(65535))
+            except socket.timeout:
+                break
+    finally:
+        sock.close()
+    assert got, "no GUE datagram reached web1's socket"
+    inner = got[0]
+    assert inner[0] >> 4 == fleet.family      # GUE variant 1: the client's packet, whole
+    if fleet.family == 6:
+        assert inner[24:40] == socket.inet_pton(socket.AF_INET6, fleet.vip)
+    else:
+        assert inner[16:20] == socket.inet_aton(fleet.vip)
+
+
+@pytest.mark.parametrize("fleet", [("ipip", 4), ("gue", 4), ("ipip", 6), ("gue", 6)], indirect=True,
+                         ids=["ipip", "gue", "ip6ip6", "gue6"])
 def test_routed_backends_through_the_tunnel(fleet):
     lab, forwarding = fleet.lab, fleet.forwarding
     assert all(n > 0 for n in fleet.roles())
@@ -127,6 +159,8 @@ def test_routed_backends_through_the_tunnel(fleet):
     with inside(lab.name("web1")):
         _loader.detach("eth0")
     _decap.remove(web1)
+    if forwarding == "gue":
+        assert_kernel_accepts_gue(fleet)
     assert os.path.exists(fleet.rs_vars["web1"]["realserver_decap_config_file"])
     with open(os.path.join(fleet.rs_vars["web1"]["realserver_systemd_dir"], "xvs-realserver.service")) as unit:
         boot = [line.split("=", 1)[1] for line in unit.read().splitlines() if "xvs-decap " in line]

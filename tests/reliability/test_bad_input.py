@@ -112,10 +112,8 @@ CASES = [
     ("xvs_attach", dict(ATTACH, tunnel_source={"ipv4": "224.0.0.1"}), "ipv4=224.0.0.1"),
     ("xvs_attach", dict(ATTACH, tunnel_source={"ipv6": "fe80::1"}), "ipv6=fe80::1"),
     ("xvs_attach", dict(ATTACH, tunnel_source={"ipv6": "192.0.2.1"}), "ipv6=192.0.2.1"),
-    # IPv6: one family per service, layer 2 only, no link-local VIP, destinations on-link
+    # IPv6: one family per service, no link-local VIP, destinations on-link at layer 2
     ("xvs_service", dict(SVC, address="2001:db8::10"), "an IPv4 destination for the IPv6 VIP 2001:db8::10"),
-    ("xvs_service", dict(SVC, address="2001:db8::10", destinations=[], forwarding="gue"),
-     "not GUE"),
     ("xvs_service", dict(SVC, address="fe80::10", destinations=[]), "address=fe80::10"),
     ("xvs_service", dict(SVC, address="2001:db8::10", destinations=[{"address": "2001:db8::21"}]),
      "2001:db8::21 is not on-link"),

@@ -39,7 +39,7 @@ from scapy.layers.inet6 import (ICMPv6EchoRequest, ICMPv6ND_NS, ICMPv6PacketTooB
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 
 from ansible_collections.xvs.lb.plugins.module_utils import _layout as L
-from xvstest.packets import BALANCER_MAC, CLIENT, CLIENT_MAC, VIP, harness, mac_for
+from xvstest.packets import BALANCER_MAC, CLIENT, CLIENT_MAC, TEST_SIZES, VIP, harness, mac_for
 
 VIP2 = "203.0.113.20"            # a VIP whose only service has no destinations
 VIP6 = "2001:db8:100::10"        # an IPv6 VIP: a TCP and a sticky UDP service
@@ -56,11 +56,18 @@ NEXT_HOP_MAC = "02:00:00:00:00:fe"
 TUN_SRC = "192.0.2.2"
 TUN_MTU = 200
 TUNNELS = {(8443, "tcp"): "gue", (5353, "udp"): "ipip"}
+GUE_PORT = 6080
+# and for IPv6 the same two, with the least MTU a tunnel may have so that
+# a large seed crosses it
+ROUTED6 = ["2001:db8:2::21", "2001:db8:2::22"]
+TUN_SRC6 = "2001:db8:1::2"
+TUN_MTU6 = L.IPV6_MIN_MTU + 48
 FRAMES = int(os.environ.get("XVS_FUZZ_FRAMES", "200000"))
 # BPF_PROG_TEST_RUN refuses XDP input shorter than an Ethernet header
 # (EINVAL), so truncation starts there.
 MIN_FRAME = 14
 CLIENT6 = "2001:db8:200::7"
+SIZES = dict(TEST_SIZES, max_services=16)    # the services above
 
 
 class Checker(object):
@@ -78,7 +85,9 @@ class Checker(object):
         h.dp.set_service(VIP6, 53, "udp", True, [h.dest(a) for a in POOL6])
         for (port, proto), forwarding in TUNNELS.items():
             h.dp.set_service(VIP, port, proto, False, [dict(h.dest(a), mac=NEXT_HOP_MAC, tun_src=TUN_SRC,
-                                                            mtu=TUN_MTU) for a in ROUTED], forwarding)
+                                                            mtu=TUN_MTU) for a in ROUTED], forwarding, GUE_PORT)
+            h.dp.set_service(VIP6, port, proto, False, [dict(h.dest(a), mac=NEXT_HOP_MAC, tun_src=TUN_SRC6,
+                                                             mtu=TUN_MTU6) for a in ROUTED6], forwarding, GUE_PORT)
         self.tagged_macs = {L.mac_bytes(mac_for(a)) for a in TAGGED + POOL6}
 
     def configure(self, n):
@@ -104,14 +113,22 @@ class Checker(object):
 
     def check_tx(self, raw, out):
         off = l3_offset(raw)
+        off6 = l3_offset(raw, b"\x86\xdd")
         if len(out) > len(raw):
-            return self.check_tunnel(raw, out, off)
+            return self.check_tunnel(raw, out, off) if off else self.check_tunnel6(raw, out, off6)
         if out[0:6] == raw[6:12] and ip_src(out) in VIPS:
-            if len(out) < len(raw):                  # fragmentation-needed, quoting the frame
+            if len(out) < len(raw) and off:          # fragmentation-needed, quoting the frame
                 icmp = IP(out[off:])
                 assert (icmp.proto, icmp[ICMP].type, icmp[ICMP].code) == (1, 3, 4), raw.hex()
                 assert icmp[ICMP].nexthopmtu in (TUN_MTU - 20, TUN_MTU - 28)
                 assert out[off + 28:] == raw[off:off + L.ICMP_QUOTE_LEN] and out[12:off] == raw[12:off]
+            elif len(out) < len(raw):                # Packet Too Big, quoting the frame
+                ptb = IPv6(out[off6:])
+                assert (ptb.nh, ptb[ICMPv6PacketTooBig].mtu) in ((58, TUN_MTU6 - 40), (58, TUN_MTU6 - 48))
+                assert out[off6 + 48:] == raw[off6:off6 + L.ICMP_QUOTE_LEN] and out[12:off6] == raw[12:off6]
+                ptb[ICMPv6PacketTooBig].cksum = None
+                assert bytes(ptb) == out[off6:], raw.hex()
+                self.seen["packet_too_big"] += 1
             else:
                 assert len(out) == len(raw)
             return                                   # ICMP echo reply to the sender
@@ -132,6 +149,24 @@ class Checker(object):
         assert (outer.src, outer.dst in ROUTED, outer.proto, outer.ttl, outer.flags) == \
             (TUN_SRC, True, 4 if overhead == 20 else 17, 64, 2), raw.hex()
         assert IP(bytes(outer)).chksum == outer.chksum
+
+    def check_tunnel6(self, raw, out, off):
+        """IPv6-in-IPv6 or GUE over IPv6 to a current destination, and for
+        GUE a UDP checksum a receiver accepts (scapy sums it the same)."""
+        overhead = len(out) - len(raw)
+        assert overhead in (40, 48), raw.hex()
+        self.seen["ip6ip6" if overhead == 40 else "gue6"] += 1
+        assert out[0:6] == L.mac_bytes(NEXT_HOP_MAC) and out[6:12] == L.mac_bytes(BALANCER_MAC)
+        assert out[12:off] == raw[12:off] and out[off + overhead:] == raw[off:]
+        outer = IPv6(out[off:])
+        assert (outer.src, outer.dst in ROUTED6, outer.nh, outer.hlim) == \
+            (TUN_SRC6, True, 41 if overhead == 40 else 17, 64), raw.hex()
+        if overhead == 48:
+            assert outer[UDP].dport == GUE_PORT and outer[UDP].len == outer.plen
+            end = off + 40 + outer.plen              # what the datagram covers (the frame may be padded)
+            datagram = IPv6(out[off:end])
+            datagram[UDP].chksum = None
+            assert bytes(datagram) == out[off:end], raw.hex()
 
     def check_counters(self):
         c = self.h.counters()
@@ -215,6 +250,10 @@ def seeds():
             IPv6(src=VIP6, dst=CLIENT6) / TCP(sport=80, dport=40020)),
         eth() / IPv6(src=CLIENT6, dst=VIP6) / ICMPv6ND_NS(tgt=VIP6),
         eth() / IPv6(src=CLIENT6, dst="2001:db8:100::99") / TCP(dport=80),
+        eth() / IPv6(src=CLIENT6, dst=VIP6) / TCP(sport=40024, dport=8443, flags="S"),
+        eth() / IPv6(src=CLIENT6, dst=VIP6) / TCP(sport=40025, dport=8443, flags="A") / (b"t" * 1260),
+        eth() / IPv6(src=CLIENT6, dst=VIP6) / UDP(sport=40026, dport=5353) / (b"u" * 1250),
+        eth() / IPv6(src=CLIENT6, dst=VIP6) / UDP(sport=40027, dport=5353) / b"q",
         eth() / ip / TCP(sport=40008, dport=8443, flags="S"),
         eth() / ip / TCP(sport=40009, dport=8443, flags="A") / (b"t" * 300),
         eth() / ip / UDP(sport=40010, dport=5353) / b"q",
@@ -264,7 +303,7 @@ def mutate(rng, raw):
 
 @pytest.fixture
 def checker(pin_root):
-    with harness(pin_root) as h:
+    with harness(pin_root, sizes=SIZES) as h:
         yield Checker(h)
 
 
@@ -294,7 +333,8 @@ def test_random_mutations(checker):
     # the run reached every outcome: otherwise it fuzzed only one path
     assert verdicts["pass"] and verdicts["tx"] and verdicts["drop"], verdicts
     c = checker.h.counters()
-    assert c["encap_gue"] and c["encap_ipip"] and c["icmp_too_big"], c     # and every tunnel path
+    assert c["encap_gue"] and c["encap_ipip"] and c["icmp_too_big"], c     # and every tunnel path,
+    assert checker.seen["gue6"] and checker.seen["ip6ip6"] and checker.seen["packet_too_big"]   # IPv6's too
     v6 = checker.h.dp.service(VIP6, 80, "tcp")
     assert checker.h.dp.service_stats(v6["index"])["packets"], "no IPv6 frame was forwarded"
     print("fuzzed %d frames: %s" % (FRAMES, dict(verdicts)))
@@ -361,7 +401,7 @@ def module_checker(bpffs):
     from ansible_collections.xvs.lb.plugins.module_utils import _loader
     root = os.path.join(bpffs, "fuzz_hypothesis")
     try:
-        with harness(root) as h:
+        with harness(root, sizes=SIZES) as h:
             yield Checker(h)
     finally:
         _loader.unpin_all(root)

@@ -88,9 +88,6 @@ def desired(*services):
     ([svc(address="2001:db8::10", dests=[("192.0.2.21", 1)])],
      r"config\[0\].destinations\[0\].address=192.0.2.21: an IPv4 destination for the IPv6 VIP 2001:db8::10"),
     ([svc(dests=[("2001:db8::21", 1)])], r"an IPv6 destination for the IPv4 VIP 203.0.113.10"),
-    ([svc(address="2001:db8::10", dests=[], forwarding="gue")],
-     r"config\[0\].forwarding=gue: the IPv6 service 2001:db8::10 can forward at layer 2 \(l2\) or through "
-     r"IPv6-in-IPv6 \(ipip\), not GUE"),
     ([svc(address="fe80::1", dests=[])], r"config\[0\].address=fe80::1: not a unicast IPv6 address"),
     ([svc(address="::ffff:192.0.2.1", dests=[])], r"not a unicast IPv6 address"),
     ([svc(address="ff02::1", dests=[])], r"not a unicast IPv6 address"),
