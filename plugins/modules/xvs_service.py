@@ -141,7 +141,8 @@ options:
         on that interface) or O(xvs.lb.xvs_attach#module:tunnel_source). A packet that would not
         fit the egress MTU once encapsulated is answered with an ICMP fragmentation-needed. The realservers must decapsulate
         (the P(xvs.lb.realserver#role) role's C(realserver_decap)).
-      - For an IPv6 service, V(ipip) is IPv6-in-IPv6 (next header 41) and V(gue) is refused.
+      - For an IPv6 service, V(ipip) is IPv6-in-IPv6 (next header 41) and V(gue) GUE over IPv6, whose UDP
+        checksum the balancer sums over the datagram.
     type: str
     choices: [l2, ipip, gue]
     default: l2

@@ -159,7 +159,8 @@ options:
             on that interface) or O(xvs.lb.xvs_attach#module:tunnel_source). A packet that would not
             fit the egress MTU once encapsulated is answered with an ICMP fragmentation-needed. The realservers must decapsulate
             (the P(xvs.lb.realserver#role) role's C(realserver_decap)).
-          - For an IPv6 service, V(ipip) is IPv6-in-IPv6 (next header 41) and V(gue) is refused.
+          - For an IPv6 service, V(ipip) is IPv6-in-IPv6 (next header 41) and V(gue) GUE over IPv6, whose UDP
+            checksum the balancer sums over the datagram.
           - Default V(l2) for a new service; with O(state=merged) a service left without it keeps its own.
         type: str
         choices: [l2, ipip, gue]
