@@ -68,7 +68,8 @@ def _http(check, address, port):
         conn = http.client.HTTPConnection(address, port, timeout=check["timeout"])
     try:
         conn.request("GET", check["path"], headers={
-            "Host": check.get("host") or address, "User-Agent": "xvs-agent", "Connection": "close"})
+            "Host": check.get("host") or ("[%s]" % address if ":" in address else address),
+            "User-Agent": "xvs-agent", "Connection": "close"})
         status = conn.getresponse().status
     finally:
         conn.close()

@@ -319,3 +319,31 @@ def test_check_types_against_real_servers(servers, spec, healthy, reason):
     with inside(servers):
         ok, why = _agent.run_check(spec, SERVER, (VIP, 80, "tcp"))
     assert ok == healthy and reason in why, why
+
+
+SERVER6 = "2001:db8::50"
+STRICT_HOST_SERVER = """
+import http.server, socket, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):       # 400 for a Host header that is not a valid one, as nginx answers
+        self.send_response(200 if self.headers["Host"].split("]:")[0].rstrip("]") == "[" + sys.argv[1] else 400)
+        self.end_headers()
+class Server(http.server.HTTPServer):
+    address_family = socket.AF_INET6
+Server((sys.argv[1], 8080), Handler).serve_forever()
+"""
+
+
+def test_http_check_of_an_ipv6_destination_sends_a_valid_host(tmp_path):
+    """An IPv6 literal in the Host header goes in brackets (RFC 7230
+    section 5.4): a server as strict as nginx answers the check 200."""
+    (tmp_path / "strict.py").write_text(STRICT_HOST_SERVER)
+    with Lab("xh") as lab:
+        ns = lab.add("srv")
+        lab.sh(ns, "ip link set lo up && ip -6 addr add %s/128 dev lo nodad" % SERVER6)
+        lab.bg(ns, "/usr/bin/python3 %s %s" % (tmp_path / "strict.py", SERVER6))
+        wait_for(lambda: lab.sh(ns, "curl -sf -o /dev/null http://[%s]:8080/" % SERVER6, check=False).returncode == 0,
+                 what="the IPv6 server")
+        with inside(ns):
+            assert _agent.run_check(check("http", port=8080), SERVER6, ("2001:db8::10", 80, "tcp")) == \
+                (True, "HTTP status 200")
