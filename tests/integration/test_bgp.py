@@ -1,16 +1,17 @@
 """Scale-out over BGP, with real daemons in namespaces: two balancers, each
 configured by the xvs role (BIRD's configuration included) and running
 BIRD 2 and xvs-agent from the commands the role installs, announce the VIP
-to a router namespace running BIRD 2 with ECMP (merge paths); a client
-behind the router reaches three backends through both.
+over IPv4 sessions and the IPv6 VIP over IPv6 sessions to a router
+namespace running BIRD 2 with ECMP (merge paths); a client behind the
+router reaches three backends through both, over IPv4 and IPv6.
 
-    client 198.51.100.10
+    client 198.51.100.10, 2001:db8:2::10
        |
     router 198.51.100.1 / 192.0.2.1   BIRD, AS 65000, ECMP on the 5-tuple
-       |  (bridge: 192.0.2.0/24)
-       +-- bal1 192.0.2.2  BIRD AS 65001 + xvs-agent + XDP
-       +-- bal2 192.0.2.3  BIRD AS 65001 + xvs-agent + XDP
-       +-- b1 .21, b2 .22, b3 .23   VIP on lo; replies go straight to the router
+       |  (bridge: 192.0.2.0/24, 2001:db8:1::/64)
+       +-- bal1 192.0.2.2, ::2  BIRD AS 65001 + xvs-agent + XDP
+       +-- bal2 192.0.2.3, ::3  BIRD AS 65001 + xvs-agent + XDP
+       +-- b1 .21, b2 .22, b3 .23   VIPs on lo; replies go straight to the router
 """
 import json
 import os
@@ -23,21 +24,25 @@ import time
 
 import pytest
 
-from ansible_collections.xvs.lb.plugins.module_utils import _health, _layout as L, _loader
-from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane
-from xvstest.lab import (BGP_BALANCERS as BALANCERS, CLIENT_NET_CLIENT as CLIENT, ECHO_PORT, ROUTER, VIP, Lab,
-                         build_bgp_lab, echo_server, http_server, inside, next_hops, wait_for)
+from ansible_collections.xvs.lb.plugins.module_utils import _health, _loader
+from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane, dest_address
+from xvstest.lab import (BGP_BALANCERS as BALANCERS, CLIENT_NET_CLIENT as CLIENT, ECHO_PORT, FRONT6, ROUTER, VIP,
+                         VIP6, Lab, build_bgp_lab, echo_server, http_server, inside, next_hops, v6, wait_for)
 from xvstest.modules import BIN, ansible_env
 
 BACKENDS = {"b1": "192.0.2.21", "b2": "192.0.2.22", "b3": "192.0.2.23"}
 INTERVAL, FALL, RISE = 0.5, 2, 2
+BALANCERS6 = sorted(v6(FRONT6, a) for a in BALANCERS.values())
 
 
 def services():
     dests = [{"address": a} for a in sorted(BACKENDS.values())]
+    dests6 = [{"address": v6(FRONT6, a)} for a in sorted(BACKENDS.values())]
     check = {"interval": INTERVAL, "timeout": 0.4, "fall": FALL, "rise": RISE}
-    return [{"address": VIP, "port": 80, "destinations": dests, "check": dict(check, type="http", path="/whoami")},
-            {"address": VIP, "port": ECHO_PORT, "destinations": dests, "check": dict(check, type="tcp")}]
+    http = dict(check, type="http", path="/whoami")
+    return [{"address": VIP, "port": 80, "destinations": dests, "check": http},
+            {"address": VIP, "port": ECHO_PORT, "destinations": dests, "check": dict(check, type="tcp")},
+            {"address": VIP6, "port": 80, "destinations": dests6, "check": http}]
 
 
 class Balancer(object):
@@ -55,12 +60,14 @@ class Balancer(object):
         self.vars = {
             "xvs_interfaces": ["eth0"], "xvs_mode": "generic", "xvs_bpffs": self.root,
             "xvs_install_packages": False, "xvs_restore_at_boot": False, "xvs_purge_services": True,
-            "xvs_sizes": {"flow_table_size": 65536, "max_services": 8}, "xvs_services": services(),
+            "xvs_sizes": {"flow_table_size": 65536, "flow_table_size_v6": 65536, "max_services": 8},
+            "xvs_services": services(),
             "xvs_state_dir": os.path.dirname(self.state_file), "xvs_lib_dir": str(self.work / "lib"),
             "xvs_agent_bin": str(self.work / "xvs-agent"), "xvs_systemd_dir": str(self.work / "etc"),
             "xvs_metrics_listen": "127.0.0.1:9405",
             "xvs_bgp": {"local_as": 65001, "router_id": BALANCERS[short], "communities": ["65001:80"],
-                        "neighbors": [{"address": ROUTER, "remote_as": 65000}]},
+                        "neighbors": [{"address": ROUTER, "remote_as": 65000},
+                                      {"address": v6(FRONT6, ROUTER), "remote_as": 65000}]},
             "xvs_bird_conf": str(self.work / "bird.conf"), "xvs_bird_socket": self.bird_socket}
         self.playbook = str(self.work / "role.yml")
         with open(self.playbook, "w") as f:
@@ -120,7 +127,7 @@ class Balancer(object):
         with DataPlane(self.root) as dp:
             for key, v in dp._services_raw().items():
                 raw = b"".join(dp.maps["maglev"].lookup_range((v.index * 2 + v.gen) * dp.chunks, dp.chunks))
-                out[key] = (raw, dict((s, L.ip_str(d.addr)) for s, d in dp._dest_slots(v.index).items()))
+                out[key] = (raw, dict((s, dest_address(d)) for s, d in dp._dest_slots(v.index).items()))
         return out
 
     def flows(self):
@@ -138,9 +145,9 @@ class Balancer(object):
         _health.remove(self.state_file)
 
 
-def whoami(lab, port):
-    return lab.sh(lab.name("cli"), "curl -s --max-time 3 --local-port %d http://%s/whoami" % (port, VIP),
-                  check=False)
+def whoami(lab, port, vip=VIP):
+    return lab.sh(lab.name("cli"), "curl -sg --max-time 3 --local-port %d http://%s/whoami"
+                  % (port, "[%s]" % vip if ":" in vip else vip), check=False)
 
 
 def servers(lab, short):
@@ -173,11 +180,16 @@ def test_two_balancers_behind_ecmp(fleet, tmp_path):
     # the router learns the VIP from both, and spreads the client's flows over them
     wait_for(lambda: next_hops(lab) == sorted(BALANCERS.values()), timeout=30, what="two next hops")
     assert {whoami(lab, 20000 + i).stdout for i in range(40)} == set(BACKENDS)
+    # and the IPv6 VIP over the IPv6 sessions
+    wait_for(lambda: next_hops(lab, VIP6) == BALANCERS6, timeout=30, what="two IPv6 next hops")
+    assert {whoami(lab, 21000 + i, VIP6).stdout for i in range(40)} == set(BACKENDS)
     # the same configuration gives byte-identical Maglev tables on both
-    assert bals["bal1"].tables() == bals["bal2"].tables() and len(bals["bal1"].tables()) == 2
+    assert bals["bal1"].tables() == bals["bal2"].tables() and len(bals["bal1"].tables()) == 3
     m = bals["bal1"].metrics()
     assert m[("xvs_vip_announced", (("vip", VIP),))] == 1
     assert m[("xvs_bgp_session_up", (("neighbor", ROUTER), ("protocol", "xvs_192_0_2_1")))] == 1
+    assert m[("xvs_vip_announced", (("vip", VIP6),))] == 1
+    assert m[("xvs_bgp_session_up", (("neighbor", v6(FRONT6, ROUTER)), ("protocol", "xvs_2001_db8_1__1")))] == 1
     assert m[("xvs_bird_up", ())] == 1
 
     # 20 long-lived connections through the router, spread over both balancers
@@ -195,6 +207,7 @@ def test_two_balancers_behind_ecmp(fleet, tmp_path):
     assert bals["bal1"].stop_agent() == 0
     assert "VIP %s withdrawn: the agent is stopping" % VIP in bals["bal1"].logged()
     wait_for(lambda: next_hops(lab) == [BALANCERS["bal2"]], timeout=10, what="one next hop")
+    wait_for(lambda: next_hops(lab, VIP6) == [v6(FRONT6, BALANCERS["bal2"])], timeout=10, what="one IPv6 next hop")
     broken = []
     for i, (s, f, name) in enumerate(held):
         try:
@@ -229,6 +242,7 @@ def test_two_balancers_behind_ecmp(fleet, tmp_path):
             lab.procs.remove(p)
     wait_for(lambda: next_hops(lab) == [], timeout=FALL * INTERVAL + 10, what="the VIP withdrawn")
     took = time.monotonic() - start
+    wait_for(lambda: next_hops(lab, VIP6) == [], timeout=5, what="the IPv6 VIP withdrawn")
     assert took <= FALL * INTERVAL + 3, "withdrawn after %.1fs" % took
     print("the VIP left the router %.2fs after every backend stopped" % took)     # shown with pytest -s
     assert bals["bal1"].metrics()[("xvs_vip_announced", (("vip", VIP),))] == 0

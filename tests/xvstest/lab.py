@@ -155,7 +155,19 @@ def echo_server(lab, short):
     return lab.bg(lab.name(short), "/usr/bin/python3 %s %s %d" % (_ECHO, short, ECHO_PORT))
 
 
+# IPv6 in the labs: two /64s, 2001:db8:1::/64 (FRONT6) and 2001:db8:2::/64
+# (BACK6), each host's IPv6 address ending in its IPv4 address's last number
+VIP6 = "2001:db8:100::10"
+FRONT6, BACK6 = "2001:db8:1::", "2001:db8:2::"
+
+
+def v6(side, ipv4):
+    """A lab host's IPv6 address on side (FRONT6 or BACK6)."""
+    return side + ipv4.rsplit(".", 1)[1]
+
+
 # ---- the routed lab of the BGP scale-out (tests/integration/test_bgp.py, molecule/bgp)
+# Dual-stack: the balancers' bridge is also FRONT6, the client's side BACK6.
 CLIENT_NET_CLIENT, ROUTER_CLIENT_SIDE, ROUTER = "198.51.100.10", "198.51.100.1", "192.0.2.1"
 BGP_BALANCERS = {"bal1": "192.0.2.2", "bal2": "192.0.2.3"}
 ROUTER_AS, BALANCER_AS = 65000, 65001
@@ -164,39 +176,48 @@ router id %(router)s;
 protocol device { }
 # every balancer's route for a VIP becomes one next hop of a multipath route
 protocol kernel { merge paths on; ipv4 { import none; export all; }; }
+protocol kernel { merge paths on; ipv6 { import none; export all; }; }
 template bgp balancer { local as %(router_as)d; ipv4 { import all; export none; }; }
+template bgp balancer6 { local as %(router_as)d; ipv6 { import all; export none; }; }
 %(neighbours)s
 """
 
 
 def build_bgp_lab(lab, tmp_path, backends):
-    """A client behind a router (BIRD 2, AS 65000, ECMP over the 5-tuple)
-    and, on one bridge behind it, the balancers' namespaces (addresses
-    only: the role and the agent do the rest) and backends with the VIP on
-    lo and their default route through the router, each serving HTTP on 80
-    and the echo service."""
+    """A client behind a router (BIRD 2, AS 65000, ECMP over the 5-tuple,
+    IPv4 and IPv6 sessions to each balancer) and, on one bridge behind it,
+    the balancers' namespaces (addresses only: the role and the agent do
+    the rest) and backends with the VIPs (VIP, VIP6) on lo and their
+    default routes through the router, each serving HTTP on 80 and the
+    echo service."""
     sw = lab.add("sw")
     lab.sh(sw, "ip link add br0 type bridge && ip link set br0 up")
     router, cli = lab.add("rtr"), lab.add("cli")
     lab.veth(cli, "eth0", router, "eth1")
-    lab.sh(cli, "ip addr add %s/24 dev eth0 && ip route add default via %s && ethtool -K eth0 tx off >/dev/null"
-           % (CLIENT_NET_CLIENT, ROUTER_CLIENT_SIDE))
-    lab.sh(router, "ip addr add %s/24 dev eth1 && sysctl -qw net.ipv4.ip_forward=1 "
-                   "net.ipv4.fib_multipath_hash_policy=1" % ROUTER_CLIENT_SIDE)
+    lab.sh(cli, "ip addr add %s/24 dev eth0 && ip route add default via %s && ip -6 addr add %s/64 dev eth0 nodad "
+                "&& ip -6 route add default via %s && ethtool -K eth0 tx off >/dev/null"
+           % (CLIENT_NET_CLIENT, ROUTER_CLIENT_SIDE, v6(BACK6, CLIENT_NET_CLIENT), v6(BACK6, ROUTER_CLIENT_SIDE)))
+    lab.sh(router, "ip addr add %s/24 dev eth1 && ip -6 addr add %s/64 dev eth1 nodad && sysctl -qw "
+                   "net.ipv4.ip_forward=1 net.ipv4.fib_multipath_hash_policy=1 net.ipv6.conf.all.forwarding=1 "
+                   "net.ipv6.fib_multipath_hash_policy=1" % (ROUTER_CLIENT_SIDE, v6(BACK6, ROUTER_CLIENT_SIDE)))
     for short, addr in dict(BGP_BALANCERS, rtr=ROUTER, **backends).items():
         ns = lab.name(short) if short == "rtr" else lab.add(short)
         lab.veth(ns, "eth0", sw, "p-" + short)
         lab.sh(sw, "ip link set p-%s master br0" % short)
-        lab.sh(ns, "ip addr add %s/24 dev eth0" % addr)
+        lab.sh(ns, "ip addr add %s/24 dev eth0 && ip -6 addr add %s/64 dev eth0 nodad" % (addr, v6(FRONT6, addr)))
     for short in backends:
         ns = lab.name(short)
         lab.sh(ns, "ip addr add %s/32 dev lo && ip route add default via %s && sysctl -qw "
-                   "net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2" % (VIP, ROUTER))
+                   "net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2 && "
+                   "ip -6 addr add %s/128 dev lo nodad && ip -6 route add default via %s"
+                   % (VIP, ROUTER, VIP6, v6(FRONT6, ROUTER)))
     serve(lab, tmp_path / "www", backends)
     conf = tmp_path / "router-bird.conf"
-    conf.write_text(ROUTER_BIRD % {"router": ROUTER, "router_as": ROUTER_AS, "neighbours": "\n".join(
-        "protocol bgp %s from balancer { neighbor %s as %d; }" % (short, addr, BALANCER_AS)
-        for short, addr in sorted(BGP_BALANCERS.items()))})
+    sessions = ["protocol bgp %s from balancer { neighbor %s as %d; }" % (short, addr, BALANCER_AS)
+                for short, addr in sorted(BGP_BALANCERS.items())]
+    sessions += ["protocol bgp %s_6 from balancer6 { neighbor %s as %d; }" % (short, v6(FRONT6, addr), BALANCER_AS)
+                 for short, addr in sorted(BGP_BALANCERS.items())]
+    conf.write_text(ROUTER_BIRD % {"router": ROUTER, "router_as": ROUTER_AS, "neighbours": "\n".join(sessions)})
     lab.bg(router, "/usr/sbin/bird -f -c %s -s %s" % (conf, tmp_path / "router-bird.ctl"))
 
 
@@ -205,15 +226,6 @@ def build_bgp_lab(lab, tmp_path, backends):
 # balancer); the backends are on another, behind a router.
 ROUTED_FRONT = {"cli": CLIENT, "bal": BALANCER, "rtr": "192.0.2.1"}
 ROUTED_BACK_ROUTER = "198.51.100.1"
-# and the same in IPv6: front 2001:db8:1::/64, back 2001:db8:2::/64, each
-# host's IPv6 address ending in its IPv4 address's last number
-VIP6 = "2001:db8:100::10"
-FRONT6, BACK6 = "2001:db8:1::", "2001:db8:2::"
-
-
-def v6(side, ipv4):
-    """A lab host's IPv6 address on side (FRONT6 or BACK6)."""
-    return side + ipv4.rsplit(".", 1)[1]
 
 
 def build_routed_lab(lab, tmp_path, backends):
@@ -250,10 +262,11 @@ def build_routed_lab(lab, tmp_path, backends):
         _xdp_pass("p-bal")
 
 
-def next_hops(lab):
-    """The router's next hops for the VIP (its kernel route, as BIRD put it)."""
-    out = lab.sh(lab.name("rtr"), "ip -4 route show %s/32" % VIP).stdout
-    return sorted(re.findall(r"via (\S+)", out))
+def next_hops(lab, vip=VIP):
+    """The router's next hops for vip (its kernel route, as BIRD put it)."""
+    six = ":" in vip
+    out = lab.sh(lab.name("rtr"), "ip -%d route show %s/%d" % (6 if six else 4, vip, 128 if six else 32)).stdout
+    return sorted(re.findall(r"via (?:inet6 )?([0-9a-f.:]+)", out))
 
 
 def xdp_pass_on_peer(lab):
