@@ -330,6 +330,8 @@ LEVERS = [
      [("#define flow_clock() bpf_ktime_get_coarse_ns()", "#define flow_clock() bpf_ktime_get_ns()")]),
     ("without the per-/20 source counter",
      [("    u64 *pc = prefix_stats.lookup(&src_prefix);", "    u64 *pc = 0;")]),
+    ("without the per-/48 IPv6 source counter",
+     [("    count_prefix6(&q->key.saddr);\n", "")]),
     ("without the per-service stats",
      [("    stats_add(svc_stats.lookup(&si), p->len, ch->new_flow);", "")]),
     ("per-CPU LRU flow table (BPF_F_NO_COMMON_LRU)",
@@ -338,18 +340,24 @@ LEVERS = [
 
 
 def variant(text, edits):
+    """text with each edit made in the IPv4 path, or failing that in the
+    IPv6 stages (which repeat some IPv4 lines: the IPv4 path is meant)."""
     head, v6 = ipv4_part(text)
     for old, new in edits:
-        if head.count(old) != 1:
-            raise RuntimeError("lever edit %r: not found exactly once in xdp_lb.c's IPv4 path" % old)
-        head = head.replace(old, new)
+        if head.count(old) == 1:
+            head = head.replace(old, new)
+        elif head.count(old) == 0 and v6.count(old) == 1:
+            v6 = v6.replace(old, new)
+        else:
+            raise RuntimeError("lever edit %r: not found exactly once in xdp_lb.c's IPv4 path or IPv6 stages" % old)
     return _whole(head, v6)
 
 
 def levers(bpffs, runs=20000, rounds=20, instances=3, established=1024, flow_table=1 << 16):
     """Each lever's effect on one hot established flow, 1,024 established
-    flows, new flows, pass-through and a pressure case (a full flow table
-    of flow_table entries, half the runs evicting), in ns over the XDP_TX /
+    flows, new flows, pass-through, a pressure case (a full flow table of
+    flow_table entries, half the runs evicting) and 1,024 established IPv6
+    flows, in ns over the XDP_TX /
     XDP_PASS floors measured in the same rounds; plus how much of the table
     one CPU's flows can hold (the RSS trade-off of a per-CPU LRU).
 
@@ -360,12 +368,12 @@ def levers(bpffs, runs=20000, rounds=20, instances=3, established=1024, flow_tab
     cpu = pin_cpu()
     text = _loader.read_source()
     base = load_baselines()
-    flows, syn = Flows(tcp()), Flows(tcp("S"))
+    flows, syn, flows6 = Flows(tcp()), Flows(tcp("S")), Flows6(tcp6())
     other = bytes(tcp(dst=OTHER))
     rng = random.Random(1)
     floors = [Case("floor XDP_TX", base.load_func(b"floor_tx", base.XDP).fd, lambda i: flows[0], "tx"),
               Case("floor XDP_PASS", base.load_func(b"floor_pass", base.XDP).fd, lambda i: other, "pass")]
-    classes = ("one hot flow", "1,024 flows", "new flow", "pass-through", "pressure")
+    classes = ("one hot flow", "1,024 flows", "new flow", "pass-through", "pressure", "IPv6 1,024 flows")
     loaded, held = [], {}
     with contextlib.ExitStack() as stack:
         stack.callback(base.cleanup)
@@ -378,7 +386,9 @@ def levers(bpffs, runs=20000, rounds=20, instances=3, established=1024, flow_tab
                     root, {"flow_table_size": flow_table, "max_services": 8}, text=source))
                 dp = stack.enter_context(_dataplane.DataPlane(root))
                 dp.set_service(VIP, 80, "tcp", False, dests(10))
+                dp.set_service(VIP6, 80, "tcp", False, dests(10, v6=True))
                 warm(prog.fd, flows, established)
+                warm(prog.fd, flows6, established)
                 pressure = Flows(tcp())
                 for f in range(2 * flow_table):       # twice the table through it: full
                     _bpf.prog_test_run(prog.fd, pressure[1 << 17 | f])
@@ -389,7 +399,8 @@ def levers(bpffs, runs=20000, rounds=20, instances=3, established=1024, flow_tab
                     Case(classes[2], prog.fd, lambda i, s=syn: s[(1 << 20) + i], "tx"),
                     Case(classes[3], prog.fd, lambda i: other, "pass"),
                     Case(classes[4], prog.fd,
-                         lambda i, p=pressure: p[1 << 17 | rng.randrange(2 * flow_table)], "tx")]))
+                         lambda i, p=pressure: p[1 << 17 | rng.randrange(2 * flow_table)], "tx"),
+                    Case(classes[5], prog.fd, lambda i: flows6[i % established], "tx")]))
         measure(floors + [c for dummy, cases in loaded for c in cases], runs, rounds)
     floor = {"tx": summary(floors[0].durations)["median"], "pass": summary(floors[1].durations)["median"]}
     rows = []

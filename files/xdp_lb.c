@@ -80,6 +80,10 @@
 #define VLAN_IDS 4096           /* 802.1Q ids: the vlans map's index */
 #define SRC_PREFIX_LEN 20       /* source prefix counters count per /20 */
 #define PREFIX_SLOTS (1 << SRC_PREFIX_LEN)
+/* IPv6 clients count per /48 (a site's usual allocation), too many to
+ * index: an LRU hash keeps the PREFIX6_SLOTS most recently seen. */
+#define SRC_PREFIX6_LEN 48
+#define PREFIX6_SLOTS 65536
 
 /* The VIP filter: a bitmap of 2^VIP_FILTER_ORDER bits in u64 words, bit
  * h(daddr) set for every VIP, h being Fibonacci hashing (multiply by
@@ -325,6 +329,8 @@ BPF_TABLE_PINNED("percpu_array", u32, struct counters, counters, 1, PIN("counter
 BPF_TABLE_PINNED("percpu_array", u32, struct stats, svc_stats, MAX_SERVICES, PIN("svc_stats"));
 BPF_TABLE_PINNED("percpu_array", u32, struct stats, dest_stats, MAX_SERVICES * MAX_DESTS, PIN("dest_stats"));
 BPF_TABLE_PINNED("percpu_array", u32, u64, prefix_stats, PREFIX_SLOTS, PIN("prefix_stats"));
+/* key: the /48's first six bytes, in memory order, zero-padded */
+BPF_TABLE_PINNED("lru_percpu_hash", u64, u64, prefix_stats6, PREFIX6_SLOTS, PIN("prefix_stats6"));
 BPF_TABLE_PINNED("array", u32, struct vlan_net, vlans, VLAN_IDS, PIN("vlans"));
 BPF_TABLE_PINNED("array", u32, struct tunnel_src, tunnel_src, 1, PIN("tunnel_src"));
 BPF_TABLE_PINNED("hash", struct addr6, struct vip_val, vips6, MAX_SERVICES, PIN("vips6"));
@@ -1261,8 +1267,28 @@ static __always_inline int encapsulate6(struct xdp_md *ctx, struct counters *c, 
     return CONTINUE;
 }
 
-/* Stages 4 and 5 for IPv6: per service and destination (per-prefix
- * counters are IPv4's); layer 2, or a tunnel with its MTU checked first. */
+/* Contract 9 for an IPv6 client: its /48 counted in prefix_stats6, made
+ * on its first packet.  Should another CPU make it first, this CPU's slot
+ * of it (zeroed by the kernel) is counted instead. */
+static __always_inline void count_prefix6(struct addr6 *saddr)
+{
+    u64 prefix = 0;
+    __builtin_memcpy(&prefix, saddr, SRC_PREFIX6_LEN / 8);
+    u64 *pc = prefix_stats6.lookup(&prefix);
+    if (pc) {
+        *pc += 1;
+        return;
+    }
+    u64 one = 1;
+    if (prefix_stats6.insert(&prefix, &one) == 0)
+        return;
+    pc = prefix_stats6.lookup(&prefix);
+    if (pc)
+        *pc += 1;
+}
+
+/* Stages 4 and 5 for IPv6: per source /48, service and destination;
+ * layer 2, or a tunnel with its MTU checked first. */
 static __always_inline int account_forward6(struct xdp_md *ctx, struct counters *c,
                                             struct packet6 *q, struct choice *ch)
 {
@@ -1279,6 +1305,7 @@ static __always_inline int account_forward6(struct xdp_md *ctx, struct counters 
             return icmp6_too_big(ctx, c, q, mtu - overhead);
         }
     }
+    count_prefix6(&q->key.saddr);
     if (q->ptb)
         c->n[C_ICMP_PTB_FORWARDED]++;
     u32 si = ch->index;

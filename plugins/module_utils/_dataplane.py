@@ -204,10 +204,11 @@ class DataPlane(object):
         return self._stats_many("dest_stats", index * self.max_dests, slots)
 
     def busiest_prefixes(self, n):
-        """The n source /20 prefixes that sent the most forwarded VIP
-        packets: [{'prefix': 'a.b.c.0/20', 'packets': count}], busiest
-        first.  One batch read of the whole per-CPU array (8 bytes per /20
-        per CPU), summed over CPUs with array slices, not per entry."""
+        """The n client source prefixes (IPv4 /20s, IPv6 /48s) that sent
+        the most forwarded VIP packets: [{'prefix': 'a.b.c.0/20',
+        'packets': count}], busiest first.  One batch read of the whole
+        per-CPU IPv4 array (8 bytes per /20 per CPU), summed over CPUs with
+        array slices, not per entry, and one of the IPv6 hash."""
         if n <= 0:
             return []
         m = self.maps["prefix_stats"]
@@ -216,10 +217,15 @@ class DataPlane(object):
         totals = per_cpu[0::cpus]
         for cpu in range(1, cpus):
             totals = array.array("Q", map(operator.add, totals, per_cpu[cpu::cpus]))
-        busy = heapq.nlargest(n, (i for i, c in enumerate(totals) if c), key=totals.__getitem__)
-        return [{"prefix": "%s/%d" % (ipaddress.IPv4Address(i << (32 - L.SRC_PREFIX_LEN)),
-                                      L.SRC_PREFIX_LEN),
-                 "packets": totals[i]} for i in busy]
+        busy = [("%s/%d" % (ipaddress.IPv4Address(i << (32 - L.SRC_PREFIX_LEN)), L.SRC_PREFIX_LEN), totals[i])
+                for i in heapq.nlargest(n, (i for i, c in enumerate(totals) if c), key=totals.__getitem__)]
+        m6 = self.maps["prefix_stats6"]
+        for k, v in m6.lookup_batch():
+            packets = sum(array.array("Q", v)[::m6.stride // 8])
+            if packets:
+                net = ipaddress.IPv6Address(k[:L.SRC_PREFIX6_LEN // 8].ljust(16, b"\0"))
+                busy.append(("%s/%d" % (net, L.SRC_PREFIX6_LEN), packets))
+        return [{"prefix": p, "packets": c} for p, c in heapq.nlargest(n, busy, key=lambda b: b[1])]
 
     def flows(self):
         out = []

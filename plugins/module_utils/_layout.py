@@ -22,6 +22,8 @@ ABI_VERSION = 3
 MAGLEV_CHUNK = 16          # Maglev slots per array element
 SRC_PREFIX_LEN = 20        # source prefix counters count per /20
 PREFIX_SLOTS = 1 << SRC_PREFIX_LEN
+SRC_PREFIX6_LEN = 48       # and IPv6 clients per /48 ...
+PREFIX6_SLOTS = 65536      # ... the most recently seen (an LRU hash)
 # The VIP filter: a bitmap of 2**VIP_FILTER_ORDER bits in u64 words, bit
 # (vip * VIP_FILTER_MULT mod 2**32) >> (32 - VIP_FILTER_ORDER) set per VIP
 VIP_FILTER_ORDER = 16
@@ -214,7 +216,8 @@ def map_entries(s):
         "maglev": s["max_services"] * 2 * maglev_chunks(s["maglev_table_size"]),
         "flows": s["flow_table_size"], "counters": 1, "vip_filter": VIP_FILTER_WORDS,
         "svc_stats": s["max_services"], "dest_stats": per_dest,
-        "prefix_stats": PREFIX_SLOTS, "tx_ports": s["max_interfaces"], "vlans": VLAN_IDS,
+        "prefix_stats": PREFIX_SLOTS, "prefix_stats6": PREFIX6_SLOTS, "tx_ports": s["max_interfaces"],
+        "vlans": VLAN_IDS,
         "tunnel_src": 1, "vips6": s["max_services"], "services6": s["max_services"],
         "flows6": s["flow_table_size_v6"],
     }
@@ -233,6 +236,7 @@ MAPS = {
     "svc_stats": (6, U32, Stats),
     "dest_stats": (6, U32, Stats),
     "prefix_stats": (6, U32, U64),
+    "prefix_stats6": (10, U64, U64),
     "tx_ports": (14, U32, U32),
     "vlans": (2, U32, VlanNet),
     "tunnel_src": (2, U32, TunnelSrc),

@@ -20,8 +20,9 @@ description:
 options:
   source_prefixes:
     description:
-      - How many of the busiest client source /20 prefixes to return in RV(source_prefixes), by
-        forwarded packets since the maps were made.
+      - How many of the busiest client source prefixes (IPv4 /20s, IPv6 /48s) to return in
+        RV(source_prefixes), by forwarded packets since the maps were made (for IPv6, since the /48
+        was last made: the 65,536 most recently seen are kept).
       - V(0) reads none. Reading them is one batch read of the whole per-CPU prefix array
         (8 MiB per CPU), so ask only when you want them.
     type: int
@@ -140,8 +141,8 @@ counters:
            "flow_reselect": 0, "encap_ipip": 0, "encap_gue": 0, "icmp_too_big": 0, "drop_encap": 0}
 source_prefixes:
   description:
-    - The O(source_prefixes) busiest client source /20 prefixes, busiest first, with the VIP
-      packets each sent that were forwarded. Empty unless O(source_prefixes) is above 0.
+    - The O(source_prefixes) busiest client source prefixes (IPv4 /20s, IPv6 /48s), busiest first,
+      with the VIP packets each sent that were forwarded. Empty unless O(source_prefixes) is above 0.
   returned: success
   type: list
   elements: dict

@@ -257,7 +257,24 @@ def test_service_and_destination_counters_and_verdicts_add_up(h):
     want = {"packets": 11, "bytes": 11 * len(frames[0]), "new_flows": 10}
     assert h.dp.service_stats(svc["index"]) == want
     assert h.dp.dest_stats(svc["index"], svc["destinations"][0]["slot"]) == want
-    assert h.dp.busiest_prefixes(5) == []          # per-prefix counters are IPv4's
+    assert h.dp.busiest_prefixes(5) == [{"prefix": "2001:db8:200::/48", "packets": 11}]
     assert {f["vip"] for f in h.dp.flows()} == {VIP} and len(h.dp.flows()) == 10
     c = h.counters()
     assert sum(c[k] for k in L.VERDICT_COUNTERS) == c["rx_packets"] == 11
+
+
+def test_prefix_counters_count_clients_per_48_beside_ipv4(h):
+    """Contract 9 for IPv6: per source /48, whatever the rest of the
+    address; listed with the IPv4 /20s, busiest first."""
+    service(h, [(B1, 1)])
+    h.dp.set_service(VIP4, 80, "tcp", False, [h.dest("192.0.2.21")])
+    for i in range(3):                              # three /64s of one /48
+        h.run(tcp(sport=100 + i, src="2001:db8:200:%x::%x" % (i, i + 1)))
+    h.run(tcp(sport=200, src="2001:db8:201::1"))    # the next /48
+    h.run(tcp(sport=300, dst="2001:db8:100::99"))   # not a VIP: passed, not counted
+    for sport in (400, 401):                        # and an IPv4 client twice
+        h.run(bytes(eth() / IP(src="198.51.100.1", dst=VIP4) / TCP(sport=sport, dport=80, flags="S")))
+    assert h.dp.busiest_prefixes(5) == [{"prefix": "2001:db8:200::/48", "packets": 3},
+                                        {"prefix": "198.51.96.0/20", "packets": 2},
+                                        {"prefix": "2001:db8:201::/48", "packets": 1}]
+    assert h.dp.busiest_prefixes(2) == h.dp.busiest_prefixes(5)[:2]
