@@ -106,6 +106,24 @@ static __always_inline int strip(struct xdp_md *ctx, u32 l2, u32 outer, u32 coun
     return count(counter, XDP_PASS);
 }
 
+/* Which tunnel an outer header with this protocol (IPv4's protocol or
+ * IPv6's next header; ipip_proto the family's IP-in-IP one) and transport
+ * header l4 is: its counter, *outer grown by GUE's UDP header; -1 for a
+ * packet that is none we undo. */
+static __always_inline int tunnel(struct config *cfg, u8 proto, u8 ipip_proto, void *l4, void *data_end,
+                                  u32 *outer)
+{
+    if (proto == ipip_proto && cfg->ipip)
+        return C_DECAP_IPIP;
+    if (proto != IPPROTO_UDP || !cfg->gue_port)
+        return -1;
+    struct udphdr *udp = l4;
+    if ((void *)(udp + 1) > data_end || udp->dest != cfg->gue_port)
+        return -1;
+    *outer += sizeof(*udp);
+    return C_DECAP_GUE;
+}
+
 /* IPv6-in-IPv6 (next header 41) or GUE over IPv6 (UDP to the GUE port):
  * an outer IPv6 header with no extension header, an IPv6 packet to a VIP
  * inside. */
@@ -119,18 +137,9 @@ static __always_inline int decap6(struct xdp_md *ctx, struct config *cfg, u32 l2
     if ((void *)(ip6 + 1) > data_end || ip6->version != IPV6_VERSION)
         return XDP_PASS;
     u32 outer = sizeof(*ip6);
-    u32 counter;
-    if (ip6->nexthdr == IPPROTO_IPV6 && cfg->ipip) {
-        counter = C_DECAP_IPIP;
-    } else if (ip6->nexthdr == IPPROTO_UDP && cfg->gue_port) {
-        struct udphdr *udp = (void *)(ip6 + 1);
-        if ((void *)(udp + 1) > data_end || udp->dest != cfg->gue_port)
-            return XDP_PASS;
-        outer += sizeof(*udp);
-        counter = C_DECAP_GUE;
-    } else {
+    int counter = tunnel(cfg, ip6->nexthdr, IPPROTO_IPV6, ip6 + 1, data_end, &outer);
+    if (counter < 0)
         return XDP_PASS;
-    }
     struct ipv6hdr *inner = (void *)ip6 + outer;
     if ((void *)(inner + 1) > data_end || inner->version != IPV6_VERSION)
         return XDP_PASS;
@@ -171,18 +180,9 @@ int xdp_decap(struct xdp_md *ctx)
         (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET)))
         return XDP_PASS;
     u32 outer = ip->ihl * IPV4_IHL_UNIT;
-    u32 counter;
-    if (ip->protocol == IPPROTO_IPIP && cfg->ipip) {
-        counter = C_DECAP_IPIP;
-    } else if (ip->protocol == IPPROTO_UDP && cfg->gue_port) {
-        struct udphdr *udp = (void *)ip + outer;
-        if ((void *)(udp + 1) > data_end || udp->dest != cfg->gue_port)
-            return XDP_PASS;
-        outer += sizeof(*udp);
-        counter = C_DECAP_GUE;
-    } else {
+    int counter = tunnel(cfg, ip->protocol, IPPROTO_IPIP, (void *)ip + outer, data_end, &outer);
+    if (counter < 0)
         return XDP_PASS;
-    }
     struct iphdr *inner = (void *)ip + outer;
     if ((void *)(inner + 1) > data_end || inner->version != IPV4_VERSION)
         return XDP_PASS;
