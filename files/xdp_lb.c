@@ -138,9 +138,9 @@
 /* GUE over IPv6 carries a real UDP checksum: IPv6 has no header checksum,
  * and a zero one (RFC 6935) is refused by receivers not configured for it,
  * the kernel's fou among them.  It is summed over the whole datagram in
- * bpf_csum_diff's largest piece (512 bytes); CSUM_CHUNKS + 1 of them bound
- * the loop and so the datagram: a larger egress MTU is used as
- * GUE6_MTU_MAX (above a 9,000-byte jumbo frame). */
+ * bpf_csum_diff's largest piece (512 bytes); CSUM_CHUNKS of them (and a
+ * shorter rest) bound the loop and so the datagram: a larger egress MTU is
+ * used as GUE6_MTU_MAX (above a 9,000-byte jumbo frame). */
 #define CSUM_CHUNK 512
 #define CSUM_CHUNKS 18
 #define GUE6_MTU_MAX (sizeof(struct ipv6hdr) + CSUM_CHUNKS * CSUM_CHUNK)
@@ -1233,7 +1233,7 @@ static __always_inline int encapsulate6(struct xdp_md *ctx, struct counters *c, 
     u32 overhead = gue ? GUE6_OVERHEAD : IP6IP6_OVERHEAD;
     struct ipv6hdr *outer = push_front(ctx, overhead, q->vh != 0, &q->eth, &q->vh);
     void *data_end = (void *)(long)ctx->data_end;
-    if (!outer || (void *)outer + GUE6_OVERHEAD > data_end)
+    if (!outer || (void *)outer + GUE6_OVERHEAD > data_end)     /* either: the inner header follows */
         return verdict(c, C_DROP_ENCAP, XDP_DROP);
     *(__be32 *)outer = bpf_htonl((IPV6_VERSION << 28) | first | (hash & IPV6_FLOW_MASK));
     outer->payload_len = bpf_htons(inner_len + overhead - sizeof(*outer));
