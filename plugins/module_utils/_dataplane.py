@@ -20,9 +20,11 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import array
+import collections
 import ctypes
 import functools
 import heapq
+import itertools
 import ipaddress
 import operator
 import os
@@ -206,9 +208,10 @@ class DataPlane(object):
     def busiest_prefixes(self, n):
         """The n client source prefixes (IPv4 /20s, IPv6 /48s) that sent
         the most forwarded VIP packets: [{'prefix': 'a.b.c.0/20',
-        'packets': count}], busiest first.  One batch read of the whole
-        per-CPU IPv4 array (8 bytes per /20 per CPU), summed over CPUs with
-        array slices, not per entry, and one of the IPv6 hash."""
+        'packets': count}], busiest first.  One batch read of each whole
+        per-CPU array: the IPv4 one (8 bytes per /20 per CPU) summed over
+        CPUs with array slices, not per entry; the IPv6 one's (/48,
+        packets) slots (16 bytes per slot per CPU) summed by /48."""
         if n <= 0:
             return []
         m = self.maps["prefix_stats"]
@@ -220,11 +223,15 @@ class DataPlane(object):
         busy = [("%s/%d" % (ipaddress.IPv4Address(i << (32 - L.SRC_PREFIX_LEN)), L.SRC_PREFIX_LEN), totals[i])
                 for i in heapq.nlargest(n, (i for i, c in enumerate(totals) if c), key=totals.__getitem__)]
         m6 = self.maps["prefix_stats6"]
-        for k, v in m6.lookup_batch():
-            packets = sum(array.array("Q", v)[::m6.stride // 8])
-            if packets:
-                net = ipaddress.IPv6Address(k[:L.SRC_PREFIX6_LEN // 8].ljust(16, b"\0"))
-                busy.append(("%s/%d" % (net, L.SRC_PREFIX6_LEN), packets))
+        words = array.array("Q", b"".join(m6.lookup_range(0, m6.max_entries)))   # (prefix, packets) pairs
+        prefixes, counts = words[0::2], words[1::2]
+        by_prefix = collections.Counter()
+        # the used slots only, picked out in C (compress, filter): most are empty
+        for prefix, packets in zip(itertools.compress(prefixes, counts), filter(None, counts)):
+            by_prefix[prefix] += packets
+        for prefix, packets in by_prefix.items():
+            net = ipaddress.IPv6Address(prefix.to_bytes(8, sys.byteorder)[:L.SRC_PREFIX6_LEN // 8].ljust(16, b"\0"))
+            busy.append(("%s/%d" % (net, L.SRC_PREFIX6_LEN), packets))
         return [{"prefix": p, "packets": c} for p, c in heapq.nlargest(n, busy, key=lambda b: b[1])]
 
     def flows(self):

@@ -22,8 +22,10 @@ ABI_VERSION = 3
 MAGLEV_CHUNK = 16          # Maglev slots per array element
 SRC_PREFIX_LEN = 20        # source prefix counters count per /20
 PREFIX_SLOTS = 1 << SRC_PREFIX_LEN
-SRC_PREFIX6_LEN = 48       # and IPv6 clients per /48 ...
-PREFIX6_SLOTS = 65536      # ... the most recently seen (an LRU hash)
+SRC_PREFIX6_LEN = 48       # and IPv6 clients per /48, in slots of
+PREFIX6_ORDER = 16         # (/48, packets) each: a /48 hashes to slot
+PREFIX6_SLOTS = 1 << PREFIX6_ORDER
+PREFIX6_MULT = 0x9E3779B97F4A7C15  # (its 6 bytes as a u64 * MULT mod 2**64) >> (64 - ORDER)
 # The VIP filter: a bitmap of 2**VIP_FILTER_ORDER bits in u64 words, bit
 # (vip * VIP_FILTER_MULT mod 2**32) >> (32 - VIP_FILTER_ORDER) set per VIP
 VIP_FILTER_ORDER = 16
@@ -141,6 +143,11 @@ class VlanNet(ctypes.Structure):
     _fields_ = [("net", ctypes.c_uint32), ("prefixlen", ctypes.c_uint32)]
 
 
+class Prefix6Count(ctypes.Structure):
+    # prefix: the /48's six bytes in memory order, zero-padded
+    _fields_ = [("prefix", ctypes.c_uint64), ("packets", ctypes.c_uint64)]
+
+
 class TunnelSrc(ctypes.Structure):
     _fields_ = [("ipv4", ctypes.c_uint32), ("ipv6", ctypes.c_uint8 * 16)]
 
@@ -236,7 +243,7 @@ MAPS = {
     "svc_stats": (6, U32, Stats),
     "dest_stats": (6, U32, Stats),
     "prefix_stats": (6, U32, U64),
-    "prefix_stats6": (10, U64, U64),
+    "prefix_stats6": (6, U32, Prefix6Count),
     "tx_ports": (14, U32, U32),
     "vlans": (2, U32, VlanNet),
     "tunnel_src": (2, U32, TunnelSrc),
@@ -250,6 +257,14 @@ def vip_filter_bit(vip):
     """The filter bit of a VIP given as be32() gives it (for IPv6, the XOR
     of its four words: fold6())."""
     return ((vip * VIP_FILTER_MULT) & 0xFFFFFFFF) >> (32 - VIP_FILTER_ORDER)
+
+
+def prefix6_slot(address):
+    """The prefix_stats6 slot of the /48 of an IPv6 address, as xdp_lb.c
+    computes it."""
+    prefix = int.from_bytes(ipaddress.IPv6Address(address).packed[:SRC_PREFIX6_LEN // 8].ljust(8, b"\0"),
+                            sys.byteorder)
+    return (prefix * PREFIX6_MULT) % 2 ** 64 >> (64 - PREFIX6_ORDER)
 
 
 def addr6(address):

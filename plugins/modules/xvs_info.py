@@ -21,10 +21,11 @@ options:
   source_prefixes:
     description:
       - How many of the busiest client source prefixes (IPv4 /20s, IPv6 /48s) to return in
-        RV(source_prefixes), by forwarded packets since the maps were made (for IPv6, since the /48
-        was last made: the 65,536 most recently seen are kept).
-      - V(0) reads none. Reading them is one batch read of the whole per-CPU prefix array
-        (8 MiB per CPU), so ask only when you want them.
+        RV(source_prefixes), by forwarded packets since the maps were made. IPv6 /48s share 65,536
+        slots by a hash; where two sending /48s share one, the busier keeps it and its count is
+        lowered by the other's packets.
+      - V(0) reads none. Reading them is one batch read of each whole per-CPU prefix array
+        (9 MiB per CPU), so ask only when you want them.
     type: int
     default: 0
 extends_documentation_fragment:

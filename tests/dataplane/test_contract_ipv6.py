@@ -1,6 +1,8 @@
 """The data-plane contract for IPv6 services (docs/design.md §2.15), frame
 by frame through BPF_PROG_TEST_RUN: verdicts, exact output bytes and the
 counters each frame moves, as test_contract.py does for IPv4."""
+import ipaddress
+import os
 import struct
 
 import pytest
@@ -107,6 +109,7 @@ def test_flows_keep_their_destination_drain_and_removal(h):
 
 def test_ipv4_and_ipv6_services_side_by_side(h):
     service(h, [(B1, 1)])
+    assert L.prefix6_slot("2001:db8:200::") != L.prefix6_slot("2001:db8:201::")
     h.dp.set_service(VIP4, 80, "tcp", False, [h.dest("192.0.2.21")])
     assert owner(h.run(tcp())[1]) == B1
     v4 = bytes(eth() / IP(src="198.51.100.7", dst=VIP4) / TCP(dport=80))
@@ -265,7 +268,8 @@ def test_service_and_destination_counters_and_verdicts_add_up(h):
 
 def test_prefix_counters_count_clients_per_48_beside_ipv4(h):
     """Contract 9 for IPv6: per source /48, whatever the rest of the
-    address; listed with the IPv4 /20s, busiest first."""
+    address; listed with the IPv4 /20s, busiest first (these /48s have
+    slots of their own)."""
     service(h, [(B1, 1)])
     h.dp.set_service(VIP4, 80, "tcp", False, [h.dest("192.0.2.21")])
     for i in range(3):                              # three /64s of one /48
@@ -278,3 +282,26 @@ def test_prefix_counters_count_clients_per_48_beside_ipv4(h):
                                         {"prefix": "198.51.96.0/20", "packets": 2},
                                         {"prefix": "2001:db8:201::/48", "packets": 1}]
     assert h.dp.busiest_prefixes(2) == h.dp.busiest_prefixes(5)[:2]
+
+
+def test_a_busy_48_keeps_its_slot_against_a_quiet_one_sharing_it(h):
+    """Two /48s that hash to one slot: the quiet one's packets are taken
+    from the busy one's count, never credited to the wrong /48, and the
+    slot passes to the other once the count is spent."""
+    service(h, [(B1, 1)])
+    busy = "2001:db8:200::1"
+    quiet = next(a for a in ("2001:db8:%x::1" % i for i in range(0x300, 0x30000))
+                 if L.prefix6_slot(a) == L.prefix6_slot(busy))
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})           # each CPU has its slots: keep to one
+    try:
+        for i in range(5):
+            h.run(tcp(sport=100 + i, src=busy))
+        h.run(tcp(sport=200, src=quiet))
+        assert h.dp.busiest_prefixes(5) == [{"prefix": "2001:db8:200::/48", "packets": 4}]
+        for i in range(5):
+            h.run(tcp(sport=201 + i, src=quiet))   # 4 to spend the count, then the slot is quiet's
+        assert h.dp.busiest_prefixes(5) == [{"prefix": str(ipaddress.IPv6Network(quiet + "/48", strict=False)),
+                                             "packets": 1}]
+    finally:
+        os.sched_setaffinity(0, cpus)
