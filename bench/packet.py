@@ -334,6 +334,14 @@ LEVERS = [
      [("    count_prefix6(&q->key.saddr);\n", "")]),
     ("without the per-service stats",
      [("    stats_add(svc_stats.lookup(&si), p->len, ch->new_flow);", "")]),
+    # contract 5 (issue 22): before it, a record was followed whatever its
+    # destination's weight; the established path now tests that weight and
+    # reads a TCP packet's flags
+    ("without contract 5's checks (drained, failing, SYN)",
+     [("    if (proto == IPPROTO_TCP)\n        p->syn = tcp_syn(p->l4, data_end);\n", ""),
+      (" || !dest_keeps(d, p->syn)", ""),
+      ("    if (proto == IPPROTO_TCP)\n        q->syn = tcp_syn(q->l4, data_end);\n", ""),
+      (" || !dest_keeps(d, q->syn)", "")]),
     ("per-CPU LRU flow table (BPF_F_NO_COMMON_LRU)",
      [('flows, FLOW_TABLE_SIZE, PIN("flows"));', 'flows, FLOW_TABLE_SIZE, PIN("flows"), BPF_F_NO_COMMON_LRU);')]),
 ]

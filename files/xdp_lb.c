@@ -110,6 +110,9 @@
 #define IPV4_IHL_UNIT 4         /* ... of 4 bytes */
 #define ECHO_REPLY_TTL 64
 #define IP_DF 0x4000            /* frag_off: don't fragment */
+#define TCP_FLAGS_OFFSET 13     /* the flags byte of a TCP header */
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_ACK 0x10
 
 /* Forwarding methods (contract 13), per service, copied into its dests. */
 #define FWD_L2 0                /* rewrite the MACs: the destination is on-link */
@@ -189,6 +192,11 @@ struct vip_val {
 
 #define DEST_VALID 1
 #define DEST_V6 2               /* addr6 holds the address (for the control plane) */
+/* Masked by health (xvs-agent found it failing; its weight is then 0 as
+ * well): told apart from an operator's drain (weight 0 alone), because a
+ * failing destination cannot answer, so no packet follows a flow record to
+ * it (contract 5). */
+#define DEST_FAILING 4
 
 struct addr6 {
     __be32 w[4];
@@ -220,7 +228,7 @@ struct maglev_chunk {
 struct flow_key {
     __be32 saddr;
     __be32 daddr;
-    __be16 sport;    /* 0 for sticky services: one entry per address pair */
+    __be16 sport;    /* 0: a sticky service's address pair (its fragments') */
     __be16 dport;
     u8 proto;
     u8 pad[3];
@@ -368,6 +376,8 @@ struct packet {
     u64 len;
     u16 frag;                /* frag_off in host order */
     u8 ptb;                  /* an ICMP fragmentation-needed for a VIP flow */
+    u8 syn;                  /* a TCP SYN without ACK: a new connection */
+    u8 sticky;               /* of a sticky service: the hash leaves out the ports */
     struct flow_key key;     /* the flow, as the client sent it */
     struct svc_key sk;       /* the service it is for */
 };
@@ -383,6 +393,8 @@ struct packet6 {
     u8 l4proto;              /* the header after the extension headers */
     u8 unparsed;             /* the chain ended in one we do not follow */
     u8 ptb;                  /* an ICMPv6 Packet Too Big for a VIP flow */
+    u8 syn;
+    u8 sticky;
     struct flow_key6 key;
     struct svc_key6 sk;
 };
@@ -425,10 +437,13 @@ static __always_inline u32 mix32(u32 h)
     return h;
 }
 
-static __always_inline u32 flow_hash(struct flow_key *k)
+/* Contract 3: the hash a new flow selects by, of the 5-tuple or, for a
+ * sticky service, of the addresses only (sport left out).  A tunnel's GUE
+ * source port and IPv6 flow label come from it as well. */
+static __always_inline u32 flow_hash(struct flow_key *k, u8 sticky)
 {
     u32 h = mix32(0x9e3779b9 ^ k->proto);
-    h = mix32(h ^ (((u32)k->sport << 16) | k->dport));
+    h = mix32(h ^ (((u32)(sticky ? 0 : k->sport) << 16) | k->dport));
     h = mix32(h ^ k->saddr);
     return mix32(h ^ k->daddr);
 }
@@ -510,17 +525,49 @@ static __always_inline int flow_expired(u8 proto, u64 last_seen, u64 now)
     return (s64)(now - last_seen) > (s64)timeout;
 }
 
+/* A TCP SYN without ACK: the first packet of a new connection. */
+static __always_inline u8 tcp_syn(void *l4, void *data_end)
+{
+    u8 *flags = l4 + TCP_FLAGS_OFFSET;
+    if ((void *)(flags + 1) > data_end)
+        return 0;
+    return (*flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+}
+
+/* Contract 5: whether a packet follows its flow's record to d.  A
+ * destination in service (weight above 0) keeps its flows.  A drained one
+ * keeps its established connections but never a SYN: that is a new
+ * connection, whichever client port it reuses.  A failing one keeps
+ * nothing: it cannot answer, so every packet selects again and the client
+ * hears from a live destination at once.  The common case costs one test
+ * of a word forward() reads anyway. */
+static __always_inline int dest_keeps(struct dest *d, u8 syn)
+{
+    return d->weight || !(syn || (d->flags & DEST_FAILING));
+}
+
 /* Contract 4: an unexpired flow record of this service whose destination
- * slot still holds the same address keeps its destination. */
+ * slot still holds the same address keeps its destination (contract 5
+ * permitting). */
 static __always_inline struct dest *flow_dest(struct packet *p, struct svc_val *svc,
                                               struct flow_val *f, u64 now)
 {
     if (!f || f->svc_index != svc->index || flow_expired(p->key.proto, f->last_seen, now))
         return 0;
     struct dest *d = dest_at(svc->index, f->dest_slot);
-    if (!d || d->addr != f->dest_addr)
+    if (!d || d->addr != f->dest_addr || !dest_keeps(d, p->syn))
         return 0;
     return d;
+}
+
+static __always_inline void record_flow(struct flow_key *k, struct choice *ch, u64 now)
+{
+    struct flow_val v = {};
+    v.last_seen = now;
+    v.svc_index = ch->index;
+    v.dest_slot = ch->slot;
+    v.dest_addr = ch->d->addr;
+    flows.update(k, &v);
 }
 
 /* Contract 7: answer an echo request to a VIP from the balancer. */
@@ -671,6 +718,8 @@ static __always_inline int classify(struct xdp_md *ctx, struct counters *c, stru
     p->key.sport = ports->source;
     p->key.dport = ports->dest;
     p->sk.port = ports->dest;
+    if (proto == IPPROTO_TCP)
+        p->syn = tcp_syn(p->l4, data_end);
     return CONTINUE;
 }
 
@@ -679,7 +728,11 @@ static __always_inline int classify(struct xdp_md *ctx, struct counters *c, stru
  * dropped, a VIP filter collision passes), then contract 4: a live flow
  * keeps its destination, its record refreshed at most once a second (an
  * ICMP message only follows it); else contracts 3 and 5: a new selection
- * from the eligible destinations, recorded as a flow. */
+ * from the eligible destinations, recorded as a flow.  Every connection
+ * has its own record, a sticky service's too (contract 5 tells a client's
+ * new connection from its open ones); the first fragment of a sticky
+ * service's datagram also records its address pair, which the later
+ * fragments, carrying no ports, look up (contract 8). */
 static __always_inline int select_dest(struct counters *c, struct packet *p, struct choice *ch)
 {
     struct svc_val *svc = services.lookup(&p->sk);
@@ -689,7 +742,7 @@ static __always_inline int select_dest(struct counters *c, struct packet *p, str
         return verdict(c, p->ptb ? C_DROP_ICMP : C_DROP_NO_SERVICE, XDP_DROP);
     }
     if (svc->flags & SVC_STICKY)
-        p->key.sport = 0;    /* one record per address pair */
+        p->sticky = 1;
     else if (p->frag & IP_OFFSET)
         return verdict(c, C_DROP_FRAGMENT, XDP_DROP);
     ch->index = svc->index;
@@ -702,31 +755,30 @@ static __always_inline int select_dest(struct counters *c, struct packet *p, str
             f->last_seen = now;
         ch->d = d;
         ch->slot = f->dest_slot;
-        return CONTINUE;
-    }
-
-    u32 drop = p->ptb ? C_DROP_ICMP : C_DROP_NO_DEST;
-    u32 slot = 0;
-    if (svc->ndest == 0 || maglev_pick(svc, flow_hash(&p->key), &slot) < 0)
-        return verdict(c, drop, XDP_DROP);
-    d = dest_at(svc->index, slot);
-    if (!d)
-        return verdict(c, drop, XDP_DROP);
-    if (!p->ptb) {
+    } else {
+        u32 drop = p->ptb ? C_DROP_ICMP : C_DROP_NO_DEST;
+        u32 slot = 0;
+        if (svc->ndest == 0 || maglev_pick(svc, flow_hash(&p->key, p->sticky), &slot) < 0)
+            return verdict(c, drop, XDP_DROP);
+        d = dest_at(svc->index, slot);
+        if (!d)
+            return verdict(c, drop, XDP_DROP);
+        ch->d = d;
+        ch->slot = slot;
+        if (p->ptb)
+            return CONTINUE;
         /* Counted so the control plane can tell evictions apart: records
          * created = new_flows - flow_reselect (f: a record is replaced). */
         c->n[C_FLOW_RESELECT] += f != 0;
         c->n[C_NEW_FLOWS]++;
-        struct flow_val nf = {};
-        nf.last_seen = now;
-        nf.svc_index = svc->index;
-        nf.dest_slot = slot;
-        nf.dest_addr = d->addr;
-        flows.update(&p->key, &nf);
+        record_flow(&p->key, ch, now);
         ch->new_flow = 1;
     }
-    ch->d = d;
-    ch->slot = slot;
+    if (p->sticky && (p->frag & (IP_MF | IP_OFFSET)) == IP_MF && !p->ptb) {
+        struct flow_key pair = p->key;
+        pair.sport = 0;
+        record_flow(&pair, ch, now);
+    }
     return CONTINUE;
 }
 
@@ -880,7 +932,7 @@ static __always_inline int encapsulate(struct xdp_md *ctx, struct counters *c, s
     h.check = ipv4_csum(&h);
     struct udphdr u = {};
     if (proto == IPPROTO_UDP) {
-        u.source = bpf_htons(GUE_SPORT_BASE | (flow_hash(&p->key) & GUE_SPORT_MASK));
+        u.source = bpf_htons(GUE_SPORT_BASE | (flow_hash(&p->key, p->sticky) & GUE_SPORT_MASK));
         u.dest = d->gue_port;
         u.len = bpf_htons(inner_len + sizeof(u));   /* checksum 0: none, as IPv4 allows */
     }
@@ -927,10 +979,10 @@ static __always_inline int addr6_eq(struct addr6 *a, struct addr6 *b)
 }
 
 /* flow_hash() over the 16-byte addresses; tests/xvstest/packets.py mirrors it. */
-static __always_inline u32 flow_hash6(struct flow_key6 *k)
+static __always_inline u32 flow_hash6(struct flow_key6 *k, u8 sticky)
 {
     u32 h = mix32(0x9e3779b9 ^ k->proto);
-    h = mix32(h ^ (((u32)k->sport << 16) | k->dport));
+    h = mix32(h ^ (((u32)(sticky ? 0 : k->sport) << 16) | k->dport));
 #pragma unroll
     for (int i = 0; i < 4; i++)
         h = mix32(h ^ k->saddr.w[i]);
@@ -1075,6 +1127,8 @@ static __always_inline int classify6(struct xdp_md *ctx, struct counters *c, str
     q->key.sport = ports->source;
     q->key.dport = ports->dest;
     q->sk.port = ports->dest;
+    if (proto == IPPROTO_TCP)
+        q->syn = tcp_syn(q->l4, data_end);
     return CONTINUE;
 }
 
@@ -1085,9 +1139,19 @@ static __always_inline struct dest *flow_dest6(struct packet6 *q, struct svc_val
     if (!f || f->svc_index != svc->index || flow_expired(q->key.proto, f->last_seen, now))
         return 0;
     struct dest *d = dest_at(svc->index, f->dest_slot);
-    if (!d || !addr6_eq(&d->addr6, &f->dest_addr))
+    if (!d || !addr6_eq(&d->addr6, &f->dest_addr) || !dest_keeps(d, q->syn))
         return 0;
     return d;
+}
+
+static __always_inline void record_flow6(struct flow_key6 *k, struct choice *ch, u64 now)
+{
+    struct flow_val6 v = {};
+    v.last_seen = now;
+    v.svc_index = ch->index;
+    v.dest_slot = ch->slot;
+    v.dest_addr = ch->d->addr6;
+    flows6.update(k, &v);
 }
 
 /* Stage 3 for IPv6: select_dest() with the IPv6 maps. */
@@ -1100,7 +1164,7 @@ static __always_inline int select_dest6(struct counters *c, struct packet6 *q, s
         return verdict(c, q->ptb ? C_DROP_ICMP : C_DROP_NO_SERVICE, XDP_DROP);
     }
     if (svc->flags & SVC_STICKY)
-        q->key.sport = 0;
+        q->sticky = 1;
     else if (q->frag & IPV6_FRAG_OFFSET)
         return verdict(c, C_DROP_FRAGMENT, XDP_DROP);
     ch->index = svc->index;
@@ -1113,29 +1177,28 @@ static __always_inline int select_dest6(struct counters *c, struct packet6 *q, s
             f->last_seen = now;
         ch->d = d;
         ch->slot = f->dest_slot;
-        return CONTINUE;
-    }
-
-    u32 drop = q->ptb ? C_DROP_ICMP : C_DROP_NO_DEST;
-    u32 slot = 0;
-    if (svc->ndest == 0 || maglev_pick(svc, flow_hash6(&q->key), &slot) < 0)
-        return verdict(c, drop, XDP_DROP);
-    d = dest_at(svc->index, slot);
-    if (!d)
-        return verdict(c, drop, XDP_DROP);
-    if (!q->ptb) {
+    } else {
+        u32 drop = q->ptb ? C_DROP_ICMP : C_DROP_NO_DEST;
+        u32 slot = 0;
+        if (svc->ndest == 0 || maglev_pick(svc, flow_hash6(&q->key, q->sticky), &slot) < 0)
+            return verdict(c, drop, XDP_DROP);
+        d = dest_at(svc->index, slot);
+        if (!d)
+            return verdict(c, drop, XDP_DROP);
+        ch->d = d;
+        ch->slot = slot;
+        if (q->ptb)
+            return CONTINUE;
         c->n[C_FLOW_RESELECT] += f != 0;
         c->n[C_NEW_FLOWS]++;
-        struct flow_val6 nf = {};
-        nf.last_seen = now;
-        nf.svc_index = svc->index;
-        nf.dest_slot = slot;
-        nf.dest_addr = d->addr6;
-        flows6.update(&q->key, &nf);
+        record_flow6(&q->key, ch, now);
         ch->new_flow = 1;
     }
-    ch->d = d;
-    ch->slot = slot;
+    if (q->sticky && (q->frag & (IPV6_FRAG_MORE | IPV6_FRAG_OFFSET)) == IPV6_FRAG_MORE && !q->ptb) {
+        struct flow_key6 pair = q->key;
+        pair.sport = 0;
+        record_flow6(&pair, ch, now);
+    }
     return CONTINUE;
 }
 
@@ -1238,7 +1301,7 @@ static __always_inline int encapsulate6(struct xdp_md *ctx, struct counters *c, 
     struct ipv6hdr *in = q->ip6;
     u32 first = bpf_ntohl(*(__be32 *)in) & IPV6_TC_MASK;
     u16 inner_len = sizeof(*in) + bpf_ntohs(in->payload_len);
-    u32 hash = flow_hash6(&q->key);
+    u32 hash = flow_hash6(&q->key, q->sticky);
     int gue = d->forwarding == FWD_GUE;
     u32 overhead = gue ? GUE6_OVERHEAD : IP6IP6_OVERHEAD;
     struct ipv6hdr *outer = push_front(ctx, overhead, q->vh != 0, &q->eth, &q->vh);

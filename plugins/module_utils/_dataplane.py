@@ -532,16 +532,20 @@ def svc_key(address, port, protocol):
 
 def make_dest(d, forwarding=0, gue_port=0):
     """The Dest for a resolved destination dict, of a service forwarding
-    (L.FORWARDING value) through gue_port.  Read-only and cached: a
-    thousand services over one pool compare the same few hundred."""
-    return _dest(d["address"], d["weight"], d["mac"], d["src_mac"], d.get("vlan", 0),
+    (L.FORWARDING value) through gue_port; failing=True marks one health
+    masks (written with weight 0).  Read-only and cached: a thousand
+    services over one pool compare the same few hundred."""
+    failing = bool(d.get("failing"))
+    return _dest(d["address"], 0 if failing else d["weight"], d["mac"], d["src_mac"], d.get("vlan", 0),
                  d.get("tx_port", 0), d["ifindex"], forwarding, gue_port,
-                 d.get("tun_src"), d.get("mtu", 0))
+                 d.get("tun_src"), d.get("mtu", 0), failing)
 
 
 @functools.lru_cache(maxsize=8192)
-def _dest(address, weight, mac, src_mac, vlan, tx_port, ifindex, forwarding, gue_port, tun_src, mtu):
-    out = L.Dest(flags=L.DEST_VALID, vlan=vlan, tx_port=tx_port,
+def _dest(address, weight, mac, src_mac, vlan, tx_port, ifindex, forwarding, gue_port, tun_src, mtu,
+          failing):
+    flags = L.DEST_VALID | (L.DEST_FAILING if failing else 0)
+    out = L.Dest(flags=flags, vlan=vlan, tx_port=tx_port,
                  ifindex=ifindex, weight=weight, forwarding=forwarding, gue_port=L.be16(gue_port), mtu=mtu)
     if ":" in address:
         out.flags |= L.DEST_V6
@@ -556,11 +560,19 @@ def _dest(address, weight, mac, src_mac, vlan, tx_port, ifindex, forwarding, gue
     return out
 
 
+def dest_state(d):
+    """What the maps say of a destination (docs/design.md section 2.5):
+    failing (masked by health), drained (weight 0) or up."""
+    if d.flags & L.DEST_FAILING:
+        return "failing"
+    return "up" if d.weight else "drained"
+
+
 def dest_dict(d, slot):
     """A Dest as a plain dict; tun_src and mtu only for a tunnel."""
     out = {"address": dest_address(d), "weight": d.weight, "mac": L.mac_str(d.mac),
            "src_mac": L.mac_str(d.src_mac), "vlan": d.vlan, "ifindex": d.ifindex,
-           "tx_port": d.tx_port, "slot": slot}
+           "tx_port": d.tx_port, "slot": slot, "state": dest_state(d)}
     if d.forwarding != L.FORWARDING["l2"]:
         out.update(tun_src=L.ip6_str(d.tun_src6) if d.flags & L.DEST_V6 else L.ip_str(d.tun_src), mtu=d.mtu)
     return out

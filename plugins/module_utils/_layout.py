@@ -35,6 +35,7 @@ VLAN_IDS = 4096            # 802.1Q ids, the index of the vlans map
 SVC_STICKY = 1
 DEST_VALID = 1
 DEST_V6 = 2                # the destination's address is addr6
+DEST_FAILING = 4           # masked by health: no packet follows a flow to it (weight 0 too)
 # Forwarding methods: a service's, copied into each of its destinations.
 FORWARDING = {"l2": 0, "ipip": 1, "gue": 2}
 # Bytes a tunnel adds in front of the client's packet, by IP version.
