@@ -31,11 +31,13 @@ import threading
 import time
 
 from ansible_collections.xvs.lb.plugins.module_utils import _announce, _health, _planner, _spec, _state
+from ansible_collections.xvs.lb.plugins.module_utils._journal import ERR, NOTICE, WARNING
 from ansible_collections.xvs.lb.plugins.module_utils._balancer import EXPECTED_ERRORS, Balancer
 from ansible_collections.xvs.lb.plugins.module_utils._spec import XvsError
 
 RELOAD_EVERY = 1.0      # s between looks at the state of record for changes
 RETRY_EVERY = 5.0       # s before an apply that failed (no attachment yet) is tried again
+RESOLVE_EVERY = 2.0     # s between probes of destinations not in the maps yet
 TICK = 0.05             # s the loop waits for a check to finish or one to fall due
 MAX_WORKERS = 32        # checks in flight at once
 WATCHDOG_EVERY = 2.0    # s between "alive" notes to systemd (the unit's WatchdogSec is 30)
@@ -130,7 +132,14 @@ class Agent(object):
     """The checks of one state of record, and with an announcer (see
     _announce) its VIPs announced while their services are up (policy
     "any" or "all" of a VIP's services).  run() until stop is set; the
-    metrics read snapshot() from another thread."""
+    metrics read snapshot() from another thread.  log(line, priority)
+    takes each event as it happens (see _journal).
+
+    Nothing here waits on a destination: the agent's runs of the planner
+    probe the destinations the maps do not hold yet without waiting for
+    them (Balancer(wait=0)), and look again every RESOLVE_EVERY seconds,
+    adding each once it answers; every step that can take long tells
+    systemd's watchdog the agent is alive (alive())."""
 
     def __init__(self, state_file, log, clock=time.monotonic, announcer=None, policy="any", alive=None):
         self.state_file, self.log, self.clock = state_file, log, clock
@@ -145,14 +154,17 @@ class Agent(object):
         self.service_up = {}     # key -> bool, as last reported
         self.pending = False     # health to write and apply
         self.retry_at = 0.0
+        self.unresolved = {}     # (key, address) -> reason: in the record, not in the maps
+        self.resolve_at = 0.0
+        self._saved = None       # the health last written
         self._stamp = None
         self._said = set()       # problems already logged once
         self._guard = threading.Lock()
 
-    def _once(self, line):
+    def _once(self, line, priority=ERR):
         if line not in self._said:
             self._said.add(line)
-            self.log(line)
+            self.log(line, priority)
 
     # ---- the state of record ------------------------------------------------------
     def reload(self):
@@ -180,7 +192,7 @@ class Agent(object):
                     entry = _spec.service(label, dict(raw, check=None))
                     problems[_spec.service_key(entry)] = str(e)
             except (XvsError, TypeError) as e:
-                self._once("xvs-agent: %s (service skipped)" % e)
+                self._once("xvs-agent: %s (service skipped)" % e, WARNING)
                 continue
             entries[_spec.service_key(entry)] = entry
         first = self._stamp is None
@@ -201,7 +213,7 @@ class Agent(object):
                     t.reason = (known.get(key, {}).get(address) or "failing before the restart")
                 targets[(key, address)] = t
         for problem in sorted(set(problems.values())):
-            self._once("xvs-agent: %s: the check fails until it is fixed" % problem)
+            self._once("xvs-agent: %s: the check fails until it is fixed" % problem, WARNING)
         with self._guard:
             gone = [k for k, t in self.targets.items() if k not in targets and not t.up]
             self.bpffs, self.services, self.targets = record["bpffs"], services, targets
@@ -238,7 +250,7 @@ class Agent(object):
         self.log("xvs-agent: %s destination %s %s: %s (%d %s check(s) in a row)"
                  % (_health.label(t.key), t.address, "up" if ok else "down", reason,
                     (t.check or _spec.CHECK_DEFAULTS)["rise" if ok else "fall"],
-                    "good" if ok else "failed"))
+                    "good" if ok else "failed"), NOTICE if ok else WARNING)
 
     # ---- health applied -----------------------------------------------------------
     def down(self):
@@ -260,13 +272,16 @@ class Agent(object):
         return out
 
     def apply(self):
-        """Write the health file and re-apply the record masked by it."""
+        """Write the health file (when it changed) and re-apply the record
+        masked by it, adding the destinations that answer now."""
         down = self.down()
         services_down = self.services_down(down)
         try:
             with _state.host_lock(waiting=self.alive):
-                _health.save(self.state_file, down, services_down)
-                with Balancer(self.bpffs) as bal:
+                if self._saved != (down, services_down):
+                    _health.save(self.state_file, down, services_down)
+                    self._saved = (down, services_down)
+                with Balancer(self.bpffs, wait=0, alive=self.alive) as bal:
                     run = _planner.Run(bal, self.state_file, lambda before: before, strict=False,
                                        record_required=True)
                     run.plan.apply()
@@ -275,6 +290,7 @@ class Agent(object):
             self.retry_at = self.clock() + RETRY_EVERY
             return
         self.pending = False
+        self._unresolved(run.plan.unresolved)
         for key in sorted(self.services):
             up = key not in services_down
             if self.service_up.get(key, True) != up:
@@ -282,18 +298,36 @@ class Agent(object):
                 self.log("xvs-agent: service %s %s: %d of %d destination(s) healthy, min_healthy %d"
                          % (_health.label(key), "up" if up else "down",
                             len(svc["destinations"]) - len(down.get(key, ())),
-                            len(svc["destinations"]), svc["min_healthy"]))
+                            len(svc["destinations"]), svc["min_healthy"]), NOTICE if up else WARNING)
         self.service_up = dict((key, key not in services_down) for key in self.services)
         self.announce_due = self.announcer is not None
 
+    def _unresolved(self, found):
+        """Log what the last apply left out of the maps, and what it added
+        of what an earlier one left out."""
+        now = dict(((key, addr), reason) for key, addr, reason in found)
+        for (key, addr) in sorted(set(now) - set(self.unresolved)):
+            self.log("xvs-agent: %s" % now[(key, addr)], WARNING)
+        for (key, addr) in sorted(set(self.unresolved) - set(now)):
+            if addr in self.services.get(key, {}).get("destinations", {}):
+                self.log("xvs-agent: service %s destination %s answers: now in the maps"
+                         % (_health.label(key), addr), NOTICE)
+        with self._guard:
+            self.unresolved = now
+        self.resolve_at = self.clock() + RESOLVE_EVERY
+
     def announce(self):
-        """Announce the VIPs whose services are up, withdraw the others;
-        the first time only once every checked destination has been
-        checked, so a starting agent announces nothing it has not seen."""
-        if any(t.duration is None for t in self.targets.values()):
-            return
-        self.announce_due = False
+        """Announce the VIPs whose services are up, withdraw the others.
+        A VIP is decided once every checked destination of its services has
+        been checked once, so a starting agent announces nothing it has not
+        seen, and a VIP whose own destinations answer is announced without
+        waiting for the checks of another VIP's dead ones."""
+        unseen = set(t.key[0] for t in self.targets.values() if t.duration is None)
         want = _announce.wanted(self.service_up, self.policy)
+        want.update((vip, self.announced.get(vip, False)) for vip in unseen if vip in want)
+        self.announce_due = bool(unseen)     # decide those once their checks are in
+        if want == self.announced:
+            return
         try:
             added, removed = self.announcer.set(vip for vip, up in want.items() if up)
         except (OSError, XvsError) as e:
@@ -301,11 +335,11 @@ class Agent(object):
             self.announce_due, self.announce_at = True, self.clock() + RETRY_EVERY
             return
         for vip in added:
-            self.log("xvs-agent: VIP %s announced" % vip)
+            self.log("xvs-agent: VIP %s announced" % vip, NOTICE)
         for vip in removed:
             self.log("xvs-agent: VIP %s withdrawn: %s" % (
                 vip, "no longer in the state of record" if vip not in want else
-                "%s of its services down" % ("one" if self.policy == "all" else "all")))
+                "%s of its services down" % ("one" if self.policy == "all" else "all")), WARNING)
         with self._guard:
             self.announced = want
 
@@ -315,9 +349,9 @@ class Agent(object):
             return
         try:
             for vip in self.announcer.set(())[1]:
-                self.log("xvs-agent: VIP %s withdrawn: the agent is stopping" % vip)
+                self.log("xvs-agent: VIP %s withdrawn: the agent is stopping" % vip, NOTICE)
         except (OSError, XvsError) as e:
-            self.log("xvs-agent: could not withdraw the VIPs: %s" % e)
+            self.log("xvs-agent: could not withdraw the VIPs: %s" % e, ERR)
 
     def snapshot(self):
         """What the metrics show of the agent, consistent within itself:
@@ -356,6 +390,8 @@ class Agent(object):
                     t.busy = False
                     with self._guard:
                         self.result(t, *fut.result())
+                if self.unresolved and self.clock() >= self.resolve_at:
+                    self.pending = True
                 if self.pending and self.clock() >= self.retry_at and self.bpffs:
                     self.apply()
                 if self.announce_due and self.clock() >= self.announce_at:
@@ -394,12 +430,10 @@ def main(argv, log=None):
     import argparse
     import signal
     import sys
-    from ansible_collections.xvs.lb.plugins.module_utils import _metrics
+    from ansible_collections.xvs.lb.plugins.module_utils import _journal, _metrics
 
-    def say(line):
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()     # one journal line per event, as it happens
-    log = log or say
+    log = log or _journal.Log()
+    fail = _journal.Log(sys.stderr)
     parser = argparse.ArgumentParser(prog="xvs-agent", description="xvs.lb health checks, metrics, VIP announcement")
     parser.add_argument("state_file", nargs="?", default=_spec.DEFAULT_STATE_FILE)
     parser.add_argument("--metrics-listen", default="", help="serve metrics at ADDRESS:PORT")
@@ -417,7 +451,7 @@ def main(argv, log=None):
         try:
             announcer = _announce.Announcer(args.bgp_table)
         except XvsError as e:
-            sys.stderr.write("xvs-agent: %s\n" % e)
+            fail("xvs-agent: %s" % e, ERR)
             return 1
     # systemd's watchdog restarts an agent whose loop stopped turning
     watchdog = _periodic(WATCHDOG_EVERY, lambda: _notify("WATCHDOG=1"))
@@ -431,7 +465,7 @@ def main(argv, log=None):
         try:
             import prometheus_client
         except ImportError:
-            sys.stderr.write("xvs-agent: metrics need prometheus_client (Debian: python3-prometheus-client)\n")
+            fail("xvs-agent: metrics need prometheus_client (Debian: python3-prometheus-client)", ERR)
             return 1
         registry = prometheus_client.CollectorRegistry(auto_describe=False)
         registry.register(_metrics.Collector(agent, args.bird_socket))
@@ -440,7 +474,7 @@ def main(argv, log=None):
                 address, port = _metrics.listen_address(args.metrics_listen)
                 prometheus_client.start_http_server(port, address, registry)
             except (ValueError, OSError) as e:
-                sys.stderr.write("xvs-agent: --metrics-listen %s: %s\n" % (args.metrics_listen, e))
+                fail("xvs-agent: --metrics-listen %s: %s" % (args.metrics_listen, e), ERR)
                 return 1
             log("xvs-agent: metrics on http://%s/metrics" % args.metrics_listen)
         if args.metrics_textfile:

@@ -21,7 +21,11 @@ EXPECTED_ERRORS = (XvsError, DataPlaneError, _loader.LoaderError, _netinfo.NetIn
 class Balancer(object):
     """The pinned program's state and maps under one bpffs root."""
 
-    def __init__(self, root):
+    def __init__(self, root, wait=_netinfo.RESOLVE_TIMEOUT, alive=None):
+        """wait: seconds a run waits, once, for the neighbours it probed
+        (0: probe and take what answered already, as xvs-agent does);
+        alive(): called while waiting (the agent's watchdog)."""
+        self.wait, self.alive = wait, alive
         self.root = bpffs(root)
         self.status = _loader.status(self.root)
         if self.status is None:
@@ -32,6 +36,7 @@ class Balancer(object):
         self._resolved = {}
         self._infos = None        # the attached interfaces, read once a run
         self._neighbours = {}     # ifindex -> neighbours(), read once a run
+        self._probed = set()      # addresses probed and waited for in this run
         self._routes = {}         # address -> _netinfo.route(), read once a run
 
     def close(self):
@@ -111,26 +116,58 @@ class Balancer(object):
     def _info(self, index):
         return next(i for i in self._attached() if i["index"] == index)
 
-    def _resolve(self, option, address, mac_override):
+    def _locate(self, option, address):
+        """(interface(), VLAN id) through which address is on-link."""
         interfaces = sorted(self.status["interfaces"])
         if not interfaces:
             raise XvsError("bpffs=%s: the program is not attached to any interface" % self.root)
         try:
-            info, vlan = _netinfo.locate(address, interfaces, self.status["vlans"], self._attached())
+            return _netinfo.locate(address, interfaces, self.status["vlans"], self._attached())
         except _netinfo.NetInfoError as e:
             raise XvsError("%s=%s: %s" % (option, address, e))
+
+    def _known(self, index):
+        """The neighbour table of one interface, read once a run (and again
+        after a wait)."""
+        if index not in self._neighbours:
+            self._neighbours[index] = _netinfo.neighbours(index)
+        return self._neighbours[index]
+
+    def prepare(self, requests):
+        """Resolve together every destination of requests ((option,
+        address, mac override, tunnel) each) whose MAC, or whose tunnel's
+        next hop's, the neighbour tables lack: one probe each and one shared
+        wait of self.wait seconds, so no number of dead destinations stalls
+        a run.  resolve() then answers from the tables and raises the errors
+        (an address not on-link, no route, no answer)."""
+        missing = {}
+        for option, address, mac_override, tunnel in requests:
+            if mac_override or (address, mac_override, tunnel) in self._resolved:
+                continue
+            try:
+                hop = (self._route(option, address)["gateway"] or address) if tunnel else address
+                info, vlan = self._locate(option, hop)
+            except XvsError:
+                continue              # resolve() says so
+            if not vlan and hop not in self._probed and hop not in self._known(info["index"]):
+                missing.setdefault((info["index"], info["name"]), set()).add(hop)
+        if missing:
+            self._neighbours.update(_netinfo.resolve_all(missing, self.wait, self.alive))
+            self._probed.update(a for addresses in missing.values() for a in addresses)
+
+    def _resolve(self, option, address, mac_override):
+        info, vlan = self._locate(option, address)
         if mac_override:
             dest_mac = mac_override
         elif vlan:
             raise XvsError("%s=%s: on VLAN %d of trunk %s the MAC cannot be probed; give mac"
                            % (option, address, vlan, info["name"]))
         else:
-            if info["index"] not in self._neighbours:
-                self._neighbours[info["index"]] = _netinfo.neighbours(info["index"])
-            try:
-                dest_mac = _netinfo.resolve_mac(address, info, known=self._neighbours[info["index"]])
-            except _netinfo.NetInfoError as e:
-                raise XvsError("%s=%s: %s" % (option, address, e))
+            self.prepare([(option, address, None, False)])
+            dest_mac = self._known(info["index"]).get(address)
+            if not dest_mac:
+                raise XvsError("%s=%s: %s" % (option, address,
+                                              _netinfo.unresolved(address, info["name"], self.wait)))
         return {"address": address, "mac": dest_mac, "src_mac": info["mac"],
                 "ifindex": info["index"], "vlan": vlan,
                 "tx_port": self.dp.tx_port(info["index"]) or 0}
@@ -146,7 +183,7 @@ class Balancer(object):
 
     def dest_view(self, d):
         """mac is the destination's, or for a tunnel its next hop's."""
-        out = {"address": d["address"], "weight": d["weight"], "mac": d["mac"],
+        out = {"address": d["address"], "weight": d["weight"], "state": d["state"], "mac": d["mac"],
                "interface": self.ifname(d["ifindex"]), "vlan": d["vlan"]}
         if "mtu" in d:
             out.update(tunnel_source=d["tun_src"], mtu=d["mtu"])

@@ -20,6 +20,8 @@ from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane
 
 SERVICE_LABELS = ["vip", "port", "protocol"]
 DESTINATION_LABELS = SERVICE_LABELS + ["destination"]
+# a destination's state (docs/design.md section 2.5), one series per state
+DESTINATION_STATES = ("up", "drained", "failing", "unresolved")
 # the global counters (see _layout.COUNTERS) as Prometheus families:
 # counter name -> (metric name, label name, label value)
 FRAME_ENDS = dict([(n, ("xvs_packets", "action", n))
@@ -99,7 +101,27 @@ class Collector(object):
         if dp is None:
             return
         with dp:
-            yield from self._maps(dp, CounterMetricFamily, GaugeMetricFamily)
+            services = dp.services()
+            yield from self._maps(dp, services, CounterMetricFamily, GaugeMetricFamily)
+        yield self._states(desired, services, GaugeMetricFamily)
+
+    @staticmethod
+    def _states(desired, services, Gauge):
+        """xvs_destination_state: 1 for the state each desired destination
+        is in, 0 for the others (an enum, as node_exporter's systemd unit
+        states are), so a query needs no value mapping."""
+        family = Gauge("xvs_destination_state",
+                       "1 for the destination's state: up, drained (weight 0), failing (masked by its "
+                       "health check), unresolved (in the state of record, not in the maps yet).",
+                       labels=DESTINATION_LABELS + ["state"])
+        held = dict(((s["address"], s["port"], s["protocol"], d["address"]), d["state"])
+                    for s in services for d in s["destinations"])
+        for key in sorted(desired):
+            for address in sorted(desired[key]["destinations"]):
+                now = held.get(key + (address,), "unresolved")
+                for state in DESTINATION_STATES:
+                    family.add_metric([key[0], str(key[1]), key[2], address, state], 1 if state == now else 0)
+        return family
 
     def _bgp(self, announced, Gauge):
         if announced is not None:
@@ -123,7 +145,7 @@ class Collector(object):
         yield sessions
 
     @staticmethod
-    def _maps(dp, Counter, Gauge):
+    def _maps(dp, services, Counter, Gauge):
         counters = dp.counters()
         families = {}
         for name, value in counters.items():
@@ -147,7 +169,6 @@ class Collector(object):
         dest = _stats_family(Counter, "destination", DESTINATION_LABELS)
         weight = Gauge("xvs_destination_weight", "The weight written to the maps (0 while drained by health).",
                        labels=DESTINATION_LABELS)
-        services = dp.services()
         svc_stats = dp.services_stats([s["index"] for s in services])
         for s in services:
             labels = [s["address"], str(s["port"]), s["protocol"]]

@@ -72,8 +72,12 @@ def service_view(r, bal, key):
 
 
 def exit_with(module, r, key=None, **result):
-    """changed, and with --diff the desired state before and after (of the
-    service key only, for the one-service modules)."""
+    """changed, the destinations left unresolved (each also a warning),
+    and with --diff the desired state before and after (of the service
+    key only, for the one-service modules)."""
     if module._diff:
         result["diff"] = r.plan.diff(key)
-    module.exit_json(changed=r.changed, **result)
+    for u in r.plan.unresolved_report():
+        module.warn("%s:%d/%s destination %s is not in the maps until it answers: %s"
+                    % (u["address"], u["port"], u["protocol"], u["destination"], u["reason"]))
+    module.exit_json(changed=r.changed, unresolved=r.plan.unresolved_report(), **result)

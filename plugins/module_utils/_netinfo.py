@@ -121,10 +121,11 @@ def neighbours(index, ipr=None):
     return out
 
 
-def _probe(address, ifname):
+def probe(address, ifname):
     """Make the kernel resolve the address: one datagram to the discard
     port through the interface starts ARP (or neighbour discovery), as any
-    first packet would."""
+    first packet would.  Returns at once; the answer lands in the
+    neighbour table."""
     s = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM)
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
@@ -135,23 +136,44 @@ def _probe(address, ifname):
         s.close()
 
 
-def resolve_mac(address, info, timeout=3.0, known=None):
+RESOLVE_TIMEOUT = 3.0     # s a run waits, once, for the neighbours it probed
+POLL = 0.05               # s between looks at the neighbour tables while waiting
+
+
+def unresolved(address, ifname, timeout):
+    """The error of a MAC that did not resolve."""
+    return NetInfoError("cannot resolve the MAC address of %s on %s (no %s reply within %gs)"
+                        % (address, ifname, "neighbour discovery" if ":" in address else "ARP", timeout))
+
+
+def resolve_all(missing, timeout=RESOLVE_TIMEOUT, alive=None):
+    """Resolve many neighbours at once: missing is {(ifindex, ifname):
+    set of addresses}; each is probed once, then the neighbour tables are
+    read until every one answered or timeout passed (alive(), if given, is
+    called while waiting).  Returns {ifindex: neighbours()} as last read:
+    a hundred dead destinations cost one timeout, not a hundred."""
+    with IPRoute() as ipr:
+        found = dict((index, neighbours(index, ipr)) for index, dummy in missing)
+        for (index, name), addresses in missing.items():
+            for address in addresses - set(found[index]):
+                probe(address, name)
+        deadline = time.monotonic() + timeout
+        while any(addresses - set(found[index]) for (index, dummy), addresses in missing.items()) \
+                and time.monotonic() < deadline:
+            if alive:
+                alive()
+            time.sleep(POLL)
+            found = dict((index, neighbours(index, ipr)) for index, dummy in missing)
+    return found
+
+
+def resolve_mac(address, info, timeout=RESOLVE_TIMEOUT, known=None):
     """The destination's MAC from the neighbour table (known: neighbours()
     of the interface, read already), probing once if it is missing;
     NetInfoError when it cannot be resolved within timeout."""
     if known is not None and address in known:
         return known[address]
-    with IPRoute() as ipr:
-        mac = neighbours(info["index"], ipr).get(address)
-        if mac:
-            return mac
-        _probe(address, info["name"])
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            time.sleep(0.05)
-            mac = neighbours(info["index"], ipr).get(address)
-            if mac:
-                return mac
-    raise NetInfoError("cannot resolve the MAC address of %s on %s (no %s reply within %.0fs)"
-                       % (address, info["name"], "neighbour discovery" if ":" in address else "ARP",
-                          timeout))
+    mac = resolve_all({(info["index"], info["name"]): {address}}, timeout)[info["index"]].get(address)
+    if not mac:
+        raise unresolved(address, info["name"], timeout)
+    return mac

@@ -196,24 +196,34 @@ def _reusable(bal, cur, d, tunnel, option_labels, key):
     return (cur["tun_src"], cur["mtu"]) == (now["tun_src"], now["mtu"])
 
 
+def state_of(weight, failing):
+    """A destination's state in the maps (docs/design.md section 2.5)."""
+    return "failing" if failing else "up" if weight else "drained"
+
+
 class Plan(object):
     """What one run writes to the maps to make them hold `after`.
 
-    Planning reads the maps once and resolves new destinations; it writes
-    nothing, so check mode returns the same plan a real run applies.  Every
-    limit and every destination is checked here, before apply() writes
-    anything.  strict=False (the boot restore) leaves a destination that
-    cannot be resolved out of the maps, not out of the desired state, and
-    lists it in errors, so one unreachable backend does not keep the other
-    services down.  down ({service key: {address: reason}}, see _health)
-    masks failing destinations: they are written with weight 0.
+    Planning reads the maps once and resolves the destinations they do not
+    hold yet, all at once (one probe each, one shared wait: see
+    Balancer.prepare); it writes nothing, so check mode returns the same
+    plan a real run applies.  Every limit is checked here, before apply()
+    writes anything.  A destination the run adds to a service must resolve
+    (strict, the modules: an error naming it); one the desired state held
+    already, or any with strict=False (the boot restore, xvs-agent), is
+    left out of the maps when it does not resolve, not out of the desired
+    state, and listed in `unresolved`, so a backend that is off (drained
+    for maintenance, or not booted yet) keeps neither the other services
+    nor an unrelated change down; the agent adds it once it answers.
+    down ({service key: {address: reason}}, see _health) masks failing
+    destinations: they are written with weight 0, marked failing.
     """
 
     def __init__(self, bal, before, after, option_labels=None, strict=True, current=None,
                  down=None):
         self.bal, self.before, self.after = bal, before, after
         down = down or {}
-        self.errors = []
+        self.unresolved = []   # (key, address, reason), in service order
         dp = bal.dp
         current = dp.read_services() if current is None else current
         live = {}
@@ -225,27 +235,34 @@ class Plan(object):
         taken = set(v.index for k, (v, dummy) in current.items() if k in wanted_keys)
         self.writes = []
         self.effective = {}    # key -> the resolved destinations written
+        work = []              # (key, address, desired, live to reuse or None, tunnel)
         for key in sorted(after, key=_sort_key):
-            svc = after[key]
-            have = live.get(svc_key(*key), {})
-            failing = down.get(key, ())
+            svc, have = after[key], live.get(svc_key(*key), {})
             tunnel = svc["forwarding"] != "l2"
-            dests = []
             for addr in sorted(svc["destinations"]):
                 d = svc["destinations"][addr]
-                cur = have.get(addr)
                 try:
-                    if _reusable(bal, cur, d, tunnel, option_labels, key):
-                        fwd = cur
-                    else:
-                        fwd = bal.resolve(_option(option_labels, key, addr), addr, d["mac"], tunnel)
-                except EXPECTED_ERRORS as e:
-                    if strict:
-                        raise
-                    self.errors.append("service %s:%d/%s: %s" % (key + (e,)))
-                    continue
-                dests.append(dict(fwd, weight=0 if addr in failing else d["weight"]))
-            self.effective[key] = dests
+                    cur = have.get(addr) if _reusable(bal, have.get(addr), d, tunnel, option_labels, key) else None
+                except EXPECTED_ERRORS:
+                    cur = None         # resolved again below, which says why it fails
+                work.append((key, addr, d, cur, tunnel))
+        bal.prepare([(_option(option_labels, key, addr), addr, d["mac"], tunnel)
+                     for key, addr, d, cur, tunnel in work if cur is None])
+        resolved = {}
+        for key, addr, d, cur, tunnel in work:
+            try:
+                fwd = cur or bal.resolve(_option(option_labels, key, addr), addr, d["mac"], tunnel)
+            except EXPECTED_ERRORS as e:
+                if strict and addr not in before.get(key, {}).get("destinations", {}):
+                    raise
+                self.unresolved.append((key, addr, str(e)))
+                continue
+            failing = addr in down.get(key, ())
+            resolved.setdefault(key, []).append(dict(fwd, weight=0 if failing else d["weight"],
+                                                     failing=failing, state=state_of(d["weight"], failing)))
+        for key in sorted(after, key=_sort_key):
+            svc = after[key]
+            dests = self.effective[key] = resolved.get(key, [])
             sw = dp.plan_write(key[0], key[1], key[2], svc["sticky"], dests, current, taken,
                                svc["forwarding"], svc["gue_port"] or 0)
             if sw is not None:
@@ -266,7 +283,14 @@ class Plan(object):
         tables = {}
         for sw in self.writes:
             dp.write(sw, tables)
+            if self.bal.alive:
+                self.bal.alive()     # a thousand services take seconds: the watchdog hears of them
         dp.sync_vips()
+
+    def unresolved_report(self):
+        """The destinations left out of the maps, as modules return them."""
+        return [{"address": key[0], "port": key[1], "protocol": key[2], "destination": addr,
+                 "reason": reason} for key, addr, reason in self.unresolved]
 
     def diff(self, key=None):
         """The desired state before and after in the config shape; with key,
@@ -277,6 +301,15 @@ class Plan(object):
         pick = [to_config(dict((k, v) for k, v in d.items() if k == key))
                 for d in (self.before, self.after)]
         return {"before": pick[0][0] if pick[0] else {}, "after": pick[1][0] if pick[1] else {}}
+
+
+def unresolved(desired, services):
+    """[(service key, address)] of the desired destinations the maps do not
+    hold (services: DataPlane.services()): not resolved yet, see Plan."""
+    held = dict(((s["address"], s["port"], s["protocol"]), set(d["address"] for d in s["destinations"]))
+                for s in services)
+    return [(key, a) for key in sorted(desired, key=_sort_key) for a in sorted(desired[key]["destinations"])
+            if a not in held.get(key, ())]
 
 
 def recorded(bal, state_file, required=False, current=None):

@@ -18,7 +18,7 @@ import os
 import sys
 import zipfile
 
-from ansible_collections.xvs.lb.plugins.module_utils import _loader, _planner, _spec, _state
+from ansible_collections.xvs.lb.plugins.module_utils import _journal, _loader, _planner, _spec, _state
 from ansible_collections.xvs.lb.plugins.module_utils._attach import AttachPlan
 from ansible_collections.xvs.lb.plugins.module_utils._balancer import EXPECTED_ERRORS, Balancer
 from ansible_collections.xvs.lb.plugins.module_utils._spec import XvsError
@@ -59,18 +59,21 @@ def main(library, argv):
     line on stderr when the record cannot be applied."""
     state_file = argv[0] if argv else _spec.DEFAULT_STATE_FILE
     try:
-        restore(state_file, lambda line: sys.stdout.write(line + "\n"), text=program(library))
+        restore(state_file, _journal.Log(), text=program(library))
     except EXPECTED_ERRORS as e:
-        sys.stderr.write("xvs-restore: %s\n" % e)
+        _journal.Log(sys.stderr)("xvs-restore: %s" % e, _journal.ERR)
         return 1
     return 0
 
 
 def restore(state_file, log, source=None, text=None):
-    """Apply the record at state_file; log(line) reports each step.  A
-    destination that cannot be resolved yet (a backend still booting) is
-    left out of the maps and reported as an error after every other service
-    is applied: the unit runs again until it resolves."""
+    """Apply the record at state_file; log(line, priority) reports each
+    step as it happens.  Destinations that do not resolve (a backend still
+    booting, or off while drained for maintenance) are all probed at once
+    and waited for once, then left out of the maps (not out of the record)
+    and logged as warnings: every service comes up with the destinations
+    that answer, and xvs-agent adds the others when they do.  Only a record
+    that cannot be applied at all is an error."""
     with _state.host_lock():
         record = _state.load(state_file, required=True)
         if record["attach"] is None:
@@ -90,7 +93,8 @@ def restore(state_file, log, source=None, text=None):
         log("xvs: %d service(s) in the record: %d written, %d removed, %d unchanged"
             % (len(plan.after), len(plan.writes), len(plan.removes),
                len(plan.after) - len(plan.writes)))
-        for e in plan.errors:
-            log("xvs: %s" % e)
-    if plan.errors:
-        raise XvsError("%d destination(s) not restored yet: %s" % (len(plan.errors), "; ".join(plan.errors)))
+        for key, addr, reason in plan.unresolved:
+            log("xvs: unresolved, left out of the maps until it answers: %s" % reason, _journal.WARNING)
+        if plan.unresolved:
+            log("xvs: %d destination(s) unresolved; xvs-agent adds each when it answers"
+                % len(plan.unresolved), _journal.WARNING)

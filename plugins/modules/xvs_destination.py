@@ -94,6 +94,22 @@ EXAMPLES = r'''
 '''
 
 RETURN = r'''
+unresolved:
+  description:
+    - Destinations of the desired state that the maps do not hold because their MAC (or their
+      tunnel's next hop's) did not answer within the run's one shared wait (3 s), each also a
+      warning. Only a destination that this run adds must resolve (else the run fails and changes
+      nothing); one that was desired already (a backend that is off, for example drained for
+      maintenance) stays desired and is added when it answers (by xvs-agent, or the next run).
+  returned: always
+  type: list
+  elements: dict
+  sample:
+    - address: 203.0.113.10
+      port: 80
+      protocol: tcp
+      destination: 192.0.2.24
+      reason: "service 203.0.113.10:80/tcp destination=192.0.2.24: cannot resolve the MAC address of 192.0.2.24 on eth0 (no ARP reply within 3s)"
 destination:
   description: The destination after the run (null when absent).
   returned: always
@@ -104,9 +120,15 @@ destination:
       type: str
       sample: 192.0.2.24
     weight:
-      description: Its weight.
+      description: Its weight in the maps (0 while failing its health check).
       type: int
       sample: 1
+    state:
+      description:
+        - C(up); C(drained) (weight 0, no new connection, established ones continue); or C(failing)
+          (xvs-agent's check failed, every packet of its flows goes to another destination).
+      type: str
+      sample: up
     mac:
       description: The MAC address frames are sent to.
       type: str

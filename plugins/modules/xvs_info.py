@@ -111,6 +111,10 @@ services:
     - Every service, its destinations, and their counters (packets, bytes, new flows).
     - C(forwarding) is the service's method (l2, ipip, gue; C(gue_port) with gue). A tunnelled
       service's destinations add C(tunnel_source) and C(mtu), and their C(mac) is the next hop's.
+    - A destination's C(state) is C(up); C(drained), weight 0, where no new connection goes and
+      established ones continue; or C(failing), where its health check failed, weight 0, and every
+      packet of its flows selects another destination. Desired destinations the maps do not hold are
+      in RV(unresolved).
   returned: success
   type: list
   elements: dict
@@ -124,6 +128,7 @@ services:
       destinations:
         - address: 192.0.2.21
           weight: 1
+          state: up
           mac: "02:00:c0:00:02:15"
           interface: eth0
           vlan: 0
@@ -164,6 +169,20 @@ failing:
       protocol: tcp
       destination: 192.0.2.22
       reason: Connection refused (port 80)
+unresolved:
+  description:
+    - The destinations in the state of record that the maps do not hold, because their MAC (or
+      their tunnel's next hop's) did not resolve: a backend still booting, or one that is off. They
+      get no traffic; xvs-agent adds each as soon as it answers, and any run of the service modules
+      tries again.
+  returned: success
+  type: list
+  elements: dict
+  sample:
+    - address: 203.0.113.10
+      port: 80
+      protocol: tcp
+      destination: 192.0.2.24
 flow_table:
   description:
     - The flow tables' C(capacity) (C(flow_table_size) plus C(flow_table_size_v6), the IPv4 and the
@@ -191,10 +210,13 @@ def main():
         # under the lock: a consistent read, no run half-way through a change
         with _balancer.Balancer(p["bpffs"]) as bal:
             result = _balancer.info(bal, p["source_prefixes"])
-            result["desired"] = _planner.to_config(_planner.recorded(bal, p["state_file"])[1])
+            desired = _planner.recorded(bal, p["state_file"])[1]
+            result["desired"] = _planner.to_config(desired)
             down = _health.load(p["state_file"])
             result["failing"] = [{"address": k[0], "port": k[1], "protocol": k[2], "destination": a,
                                   "reason": r} for k in sorted(down) for a, r in sorted(down[k].items())]
+            result["unresolved"] = [{"address": k[0], "port": k[1], "protocol": k[2], "destination": a}
+                                    for k, a in _planner.unresolved(desired, bal.dp.services())]
             return result
     module.exit_json(changed=False, **_module.run(module, work))
 

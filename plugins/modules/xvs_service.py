@@ -202,6 +202,22 @@ EXAMPLES = r'''
 '''
 
 RETURN = r'''
+unresolved:
+  description:
+    - Destinations of the desired state that the maps do not hold because their MAC (or their
+      tunnel's next hop's) did not answer within the run's one shared wait (3 s), each also a
+      warning. Only a destination that this run adds must resolve (else the run fails and changes
+      nothing); one that was desired already (a backend that is off, for example drained for
+      maintenance) stays desired and is added when it answers (by xvs-agent, or the next run).
+  returned: always
+  type: list
+  elements: dict
+  sample:
+    - address: 203.0.113.10
+      port: 80
+      protocol: tcp
+      destination: 192.0.2.24
+      reason: "service 203.0.113.10:80/tcp destination=192.0.2.24: cannot resolve the MAC address of 192.0.2.24 on eth0 (no ARP reply within 3s)"
 service:
   description: The service after the run (null when absent).
   returned: always
@@ -230,12 +246,13 @@ service:
     destinations:
       description:
         - The destinations, by address. For a tunnel, C(mac) is the next hop's and C(tunnel_source)
-          and C(mtu) are added.
+          and C(mtu) are added. C(state) is C(up), C(drained) or C(failing), as in M(xvs.lb.xvs_info).
       type: list
       elements: dict
       sample:
         - address: 192.0.2.21
           weight: 1
+          state: up
           mac: "02:00:c0:00:02:15"
           interface: eth0
           vlan: 0

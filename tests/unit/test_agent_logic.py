@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from ansible_collections.xvs.lb.plugins.module_utils import _agent, _announce, _health, _metrics, _spec, _state
+from ansible_collections.xvs.lb.plugins.module_utils import _agent, _announce, _health, _journal, _metrics, _spec, _state
 
 VIP = "203.0.113.10"
 KEY = (VIP, 80, "tcp")
@@ -30,9 +30,21 @@ def svc(port, *addresses, **extra):
                  "destinations": [{"address": a, "weight": 1} for a in addresses]}, **extra)
 
 
-def agent(path):
-    lines = []
-    a = _agent.Agent(path, lines.append)
+class Lines(list):
+    """A log that keeps each line, and its priority in .priorities."""
+
+    def __init__(self):
+        list.__init__(self)
+        self.priorities = []
+
+    def __call__(self, line, priority=_journal.INFO):
+        self.append(line)
+        self.priorities.append(priority)
+
+
+def agent(path, **kw):
+    lines = Lines()
+    a = _agent.Agent(path, lines, **kw)
     assert a.reload()
     return a, lines
 
@@ -50,12 +62,14 @@ def test_fall_then_rise_counts_results_in_a_row(tmp_path):
     a.result(t, False, "refused", 0.02)
     assert not t.up and a.pending and t.duration == 0.02
     assert lines[-1] == "xvs-agent: %s:80/tcp destination 192.0.2.21 down: refused (3 failed check(s) in a row)" % VIP
+    assert lines.priorities[-1] == _journal.WARNING       # journalctl -p warning finds it
     assert a.down() == {KEY: {"192.0.2.21": "refused"}}
     a.result(t, True, "connected", 0.01)
     assert not t.up
     a.result(t, True, "connected", 0.01)
     assert t.up and a.down() == {}
     assert lines[-1].endswith("up: connected (2 good check(s) in a row)")
+    assert lines.priorities[-1] == _journal.NOTICE
 
 
 def test_a_bad_check_fails_alone_and_is_logged_once(tmp_path):
@@ -216,3 +230,66 @@ def test_every_global_counter_has_a_metric_with_help():
         else:
             assert _metrics.counter_metric(name) in _metrics.HELP, name
     assert set(L.VERDICT_COUNTERS) <= set(_metrics.FRAME_ENDS)
+
+
+class FakeAnnouncer(object):
+    """The kernel table as a set: set() makes it hold exactly vips."""
+
+    def __init__(self):
+        self.table, self.calls = set(), 0
+
+    def set(self, vips):
+        self.calls += 1
+        vips = set(vips)
+        added, removed = sorted(vips - self.table), sorted(self.table - vips)
+        self.table = vips
+        return added, removed
+
+
+def test_a_vip_is_decided_once_its_own_destinations_were_checked(tmp_path):
+    """A VIP whose destinations answer is announced without waiting for
+    the checks of another VIP's dead ones (twenty of them, whose first
+    checks take their whole timeout); that one is decided when they end."""
+    dead = ["192.0.2.%d" % i for i in range(100, 120)]
+    path = record(tmp_path, [svc(80, "192.0.2.21", check={"type": "tcp"}),
+                             dict(svc(80, *dead, check={"type": "tcp"}), address="203.0.113.11")])
+    announcer = FakeAnnouncer()
+    a, lines = agent(path, announcer=announcer)
+    a.service_up = {KEY: True, ("203.0.113.11", 80, "tcp"): True}
+    a.announce()
+    assert announcer.table == set() and a.announce_due     # nothing checked yet: nothing announced
+    a.result(a.targets[(KEY, "192.0.2.21")], True, "connected", 0.01)
+    a.announce()
+    assert announcer.table == {VIP} and a.announce_due
+    assert lines[-1] == "xvs-agent: VIP %s announced" % VIP and lines.priorities[-1] == _journal.NOTICE
+    calls = announcer.calls
+    a.announce()                      # nothing new decided: the kernel is not asked again
+    assert announcer.calls == calls
+    for address in dead:
+        a.result(a.targets[(("203.0.113.11", 80, "tcp"), address)], False, "no answer", 2.0)
+    a.service_up[("203.0.113.11", 80, "tcp")] = False        # as apply() finds it after the falls
+    a.announce()
+    assert announcer.table == {VIP} and not a.announce_due
+
+
+@pytest.mark.parametrize("journal", [True, False])
+def test_log_lines_carry_their_priority_or_a_timestamp(tmp_path, monkeypatch, journal):
+    """Under systemd ($JOURNAL_STREAM names the stream) a line starts with
+    the <N> journald reads as its priority; elsewhere with a timestamp and
+    the priority's name.  Each line is flushed as it is written."""
+    import re
+    path = tmp_path / "out"
+    with open(str(path), "w") as stream:
+        st = os.fstat(stream.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", "%d:%d" % (st.st_dev, st.st_ino if journal else st.st_ino + 1))
+        log = _journal.Log(stream)
+        log("xvs-agent: destination down", _journal.WARNING)
+        assert path.read_text().count("\n") == 1            # there before the file is closed
+        log("xvs-agent: stopped")
+    text = path.read_text().splitlines()
+    if journal:
+        assert text == ["<4>xvs-agent: destination down", "<6>xvs-agent: stopped"]
+    else:
+        stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d"
+        assert re.match(stamp + r" warning xvs-agent: destination down$", text[0]), text
+        assert re.match(stamp + r" info xvs-agent: stopped$", text[1]), text

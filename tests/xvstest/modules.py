@@ -97,3 +97,23 @@ def changed(procs):
         assert p.returncode == 0, text[-6000:]
         out.append(int(re.search(r"localhost\s+:.*changed=(\d+)", text).group(1)))
     return out
+
+
+def restore_command(work):
+    """The role's restore script, rendered as the role renders it, run
+    with the library xvs_attach installs for it (built from the working
+    tree, as the action plugin builds it), in directory work: the command
+    before its state file argument."""
+    import jinja2
+    from ansible_collections.xvs.lb.plugins.action import xvs_attach as xvs_attach_action
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    work = str(work)
+    with open(os.path.join(work, "xvs-lb.zip"), "wb") as f:
+        f.write(xvs_attach_action.library(root))
+    with open(os.path.join(root, "roles", "xvs", "templates", "xvs-restore.j2")) as f:
+        text = jinja2.Template(f.read()).render(ansible_managed="test", xvs_lib_dir=work,
+                                                xvs_state_dir="/nonexistent")
+    path = os.path.join(work, "xvs-restore")
+    with open(path, "w") as f:
+        f.write(text)
+    return ["/usr/bin/python3", path]
