@@ -172,9 +172,9 @@ failing:
 unresolved:
   description:
     - The destinations in the state of record that the maps do not hold, because their MAC (or
-      their tunnel's next hop's) did not resolve: a backend still booting, or one that is off. They
-      get no traffic; xvs-agent adds each as soon as it answers, and any run of the service modules
-      tries again.
+      their tunnel's next hop's) did not resolve, as for a backend still booting or one that is off.
+      They get no traffic; xvs-agent adds each as soon as it answers, and any run of the service
+      modules tries again.
   returned: success
   type: list
   elements: dict
