@@ -55,7 +55,8 @@ class Balancer(object):
         (self.work / "etc").mkdir(parents=True)
         self.root = os.path.join(bpffs, "bgp-" + short)
         self.state_file = str(self.work / "etc" / "xvs" / "state.json")
-        self.bird_socket = str(self.work / "bird.ctl")
+        # in a directory the role must make (without systemd nothing else does)
+        self.bird_socket = str(self.work / "run" / "bird" / "bird.ctl")
         self.agent = self.bird = None
         self.vars = {
             "xvs_interfaces": ["eth0"], "xvs_mode": "generic", "xvs_bpffs": self.root,
