@@ -24,6 +24,8 @@ def test_demo_balances_over_all_backends_and_cleans_up():
     flows = dict(re.findall(r"^  192\.0\.2\.\d+ +(web\d) +\d+ +(\d+) ", r.stdout, re.M))
     assert sorted(flows) == ["web1", "web2", "web3"]
     assert sum(int(n) for n in flows.values()) == 18
+    assert re.search(r"^  XDP mode on eth0: (native \(on a veth: the peer runs an XDP_PASS program|generic)",
+                     r.stdout, re.M), r.stdout       # the mode it used, and what native takes on a veth
     assert "cleaned up" in r.stdout
     left = os.listdir("/run/xvs") if os.path.isdir("/run/xvs") else []
     assert not [n for n in left if "xvs-demo-" in n]     # the agent's health file
