@@ -9,14 +9,13 @@ import os
 import pathlib
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from xvstest.lab import VIP, curl, dsr_lab, http_server, wait_for  # noqa: E402  (the tests' lab, reused)
+from xvstest.lab import VIP, curl, dsr_lab, http_server, stop_http_server, wait_for  # noqa: E402  (the tests' lab, reused)
 
 BACKENDS = {"web1": "192.0.2.21", "web2": "192.0.2.22", "web3": "192.0.2.23"}
 BIN = os.path.dirname(sys.executable)
@@ -133,10 +132,7 @@ def health_checks(lab, work, n):
     print("== xvs-agent, started with its unit's command (no systemd in the lab), checks each backend")
     wait_for(lambda: said("checked destination"), timeout=20, what="the agent")
     print("== web2's HTTP server stops")
-    web2 = [p for p in lab.procs if p.args[3] == lab.name("web2") and "http.server" in p.args[-1]][0]
-    os.killpg(web2.pid, signal.SIGKILL)
-    web2.wait()
-    lab.procs.remove(web2)
+    stop_http_server(lab, "web2")
     wait_for(lambda: said(r"192\.0\.2\.22 down"), timeout=20, what="web2 drained")
     print("  agent: " + said(r"xvs-agent: (.*192\.0\.2\.22 down.*)$").group(1))
     print("== %d new requests: none goes to web2" % n)

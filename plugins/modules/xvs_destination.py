@@ -96,20 +96,12 @@ EXAMPLES = r'''
 RETURN = r'''
 unresolved:
   description:
-    - Destinations of the desired state that the maps do not hold because their MAC (or their
-      tunnel's next hop's) did not answer within the run's one shared wait (3 s), each also a
-      warning. Only a destination that this run adds must resolve (else the run fails and changes
-      nothing); one that was desired already (a backend that is off, for example drained for
-      maintenance) stays desired and is added when it answers (by xvs-agent, or the next run).
+    - Desired destinations, of any service, left out of the maps because they did not answer (each
+      also a warning), as RV(xvs.lb.xvs_services#module:unresolved) describes.
   returned: always
   type: list
   elements: dict
-  sample:
-    - address: 203.0.113.10
-      port: 80
-      protocol: tcp
-      destination: 192.0.2.24
-      reason: "service 203.0.113.10:80/tcp destination=192.0.2.24: cannot resolve the MAC address of 192.0.2.24 on eth0 (no ARP reply within 3s)"
+  sample: []
 destination:
   description: The destination after the run (null when absent).
   returned: always

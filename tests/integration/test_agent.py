@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ansible_collections.xvs.lb.plugins.module_utils import _agent, _health, _loader, _spec
 from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane
-from xvstest.lab import Lab, VIP, curl, dsr_lab, http_server, inside, wait_for
+from xvstest.lab import Lab, VIP, curl, dsr_lab, http_server, inside, stop_http_server, wait_for
 from xvstest.modules import BIN, Modules, ansible_env
 
 BACKENDS = {"b1": "192.0.2.21", "b2": "192.0.2.22", "b3": "192.0.2.23"}
@@ -114,17 +114,6 @@ class Balancer(object):
         self.mods.close()
 
 
-def server(lab, short):
-    return [p for p in lab.procs if p.args[3] == lab.name(short) and "http.server" in p.args[-1]][0]
-
-
-def stop_server(lab, short):
-    p = server(lab, short)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    lab.procs.remove(p)
-
-
 def timed(predicate, what, limit):
     """Seconds until predicate() holds, failing past limit (+ a margin
     to see how far past)."""
@@ -198,7 +187,7 @@ def test_agent_drains_a_dead_backend_and_brings_it_back(balancer, tmp_path):
     assert {curl(lab, "whoami", 20000 + i).stdout for i in range(30)} == set(BACKENDS)
 
     # b2's server stops: within fall x interval + 1 s it gets no new flows
-    stop_server(lab, "b2")
+    stop_http_server(lab, "b2")
     timed(lambda: b.weights()[BACKENDS["b2"]] == 0, "b2 drained", FALL * INTERVAL + 1)
     answers = [curl(lab, "whoami", 21000 + i) for i in range(200)]
     assert [r.returncode for r in answers] == [0] * 200
@@ -241,7 +230,7 @@ def test_agent_drains_a_dead_backend_and_brings_it_back(balancer, tmp_path):
     assert "b2" in {curl(lab, "whoami", 22000 + i).stdout for i in range(30)}
 
     # a restart re-learns health without flapping: down stays down, up stays up
-    stop_server(lab, "b2")
+    stop_http_server(lab, "b2")
     wait_for(lambda: b.weights()[BACKENDS["b2"]] == 0, what="b2 drained again")
     assert b.stop_agent() == 0 and b.logged().rstrip().endswith("xvs-agent: stopped")
     b.start_agent()

@@ -22,7 +22,7 @@ import time
 import pytest
 
 from ansible_collections.xvs.lb.plugins.module_utils import _health, _loader
-from xvstest.lab import BIG, VIP, dsr_lab, inside, wait_for
+from xvstest.lab import BIG, VIP, dsr_lab, inside, stop_http_server, wait_for
 from xvstest.modules import Modules, collections_path, restore_command
 
 BACKENDS = {"b1": "192.0.2.21", "b2": "192.0.2.22", "b3": "192.0.2.23"}
@@ -120,13 +120,6 @@ def wrk(lab, seconds):
     return {"requests": requests, "errors": errors + (int(non2xx.group(1)) if non2xx else 0), "out": r.stdout}
 
 
-def kill_server(lab, short):
-    p = [p for p in lab.procs if p.args[3] == lab.name(short) and "http.server" in p.args[-1]][0]
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    lab.procs.remove(p)
-
-
 class Balancer(object):
     def __init__(self, lab, bpffs, tmp_path):
         self.lab, self.ns = lab, lab.name("bal")
@@ -200,7 +193,7 @@ def test_no_request_fails_once_a_dead_backend_is_drained_whatever_port_the_clien
     assert warm["errors"] == 0 and warm["requests"] > 3 * REUSED, warm["out"]
     assert all(c() > 0 for c in b.counters.values())
 
-    kill_server(b.lab, "b2")
+    stop_http_server(b.lab, "b2")
     time.sleep(FALL * INTERVAL + 1)
     state = b.weight(BACKENDS["b2"])
     assert (state["weight"], state["state"]) == (0, "failing"), state

@@ -150,6 +150,14 @@ def http_server(lab, short, www):
     return lab.bg(lab.name(short), "/usr/bin/python3 -m http.server 80 --bind :: --directory %s" % www)
 
 
+def stop_http_server(lab, short):
+    """Kill backend short's HTTP server (SIGKILL: a crash, no goodbye)."""
+    p = [p for p in lab.procs if p.args[3] == lab.name(short) and "http.server" in p.args[-1]][0]
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    lab.procs.remove(p)
+
+
 def echo_server(lab, short):
     """Start backend short's echo service on ECHO_PORT."""
     return lab.bg(lab.name(short), "/usr/bin/python3 %s %s %d" % (_ECHO, short, ECHO_PORT))
