@@ -16,14 +16,13 @@ BASELINES = os.path.join(ROOT, "bench", "baselines.c")
 
 
 def collection_path():
-    """A directory holding ansible_collections/xvs/lb -> this checkout, on
-    sys.path (module_utils import themselves by that name) and returned
-    for ANSIBLE_COLLECTIONS_PATH."""
-    work = tempfile.mkdtemp(prefix="xvs-bench-coll-")
-    os.makedirs(os.path.join(work, "ansible_collections", "xvs"))
-    os.symlink(ROOT, os.path.join(work, "ansible_collections", "xvs", "lb"))
+    """The directory holding ansible_collections/xvs/lb -> this checkout
+    (xvstest.collection), put on sys.path (module_utils import themselves
+    by that name) and returned for ANSIBLE_COLLECTIONS_PATH."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))  # the tests' lab, packet and collection helpers
+    from xvstest import collection
+    work = collection.link()
     sys.path.insert(0, work)
-    sys.path.insert(0, os.path.join(ROOT, "tests"))  # the tests' lab and packet helpers
     return work
 
 

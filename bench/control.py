@@ -205,7 +205,7 @@ def dead_destinations_rows(bpffs, dead=100, watch=12.0):
     gap near 30 s."""
     from ansible_collections.xvs.lb.plugins.module_utils import _health, _state
     from xvstest.lab import VIP, dsr_lab
-    from xvstest.modules import collections_path, restore_command
+    from xvstest.modules import agent_command, restore_command
     work = tempfile.mkdtemp(prefix="xvs-bench-dead-")
     root, state_file = os.path.join(bpffs, "dead"), os.path.join(work, "state.json")
     check = {"type": "tcp", "interval": 1.0, "timeout": 1.0}
@@ -213,8 +213,6 @@ def dead_destinations_rows(bpffs, dead=100, watch=12.0):
               "vlans": {}, "tunnel_source": {}}
     live = {"address": VIP, "port": 80, "protocol": "tcp", "sticky": False, "check": check,
             "destinations": [{"address": a, "weight": 1} for a in ("192.0.2.21", "192.0.2.22")]}
-    agent_code = ("import sys; sys.path.insert(0, %r); from ansible_collections.xvs.lb.plugins.module_utils "
-                  "import _agent; sys.exit(_agent.main(sys.argv[1:]))" % collections_path())
     rows = []
     try:
         with dsr_lab("xd", pathlib.Path(work), {"b1": "192.0.2.21", "b2": "192.0.2.22"}) as lab:
@@ -239,8 +237,8 @@ def dead_destinations_rows(bpffs, dead=100, watch=12.0):
                 notify = os.path.join(work, "notify-%d" % n)
                 notes, stop = _watchdog_listener(notify)
                 start = time.monotonic()
-                agent = subprocess.Popen(["ip", "netns", "exec", bal, "/usr/bin/python3", "-c", agent_code,
-                                          state_file, "--bgp-table", "4242"], env=dict(os.environ, NOTIFY_SOCKET=notify),
+                agent = subprocess.Popen(["ip", "netns", "exec", bal] + agent_command(state_file, "--bgp-table", "4242"),
+                                         env=dict(os.environ, NOTIFY_SOCKET=notify),
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 announced = None
                 while time.monotonic() - start < watch:

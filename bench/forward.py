@@ -122,7 +122,7 @@ class Bench(object):
         return (s1 - s0) / (t1 - t0), (n1 - n0) / (t1 - t0)
 
 
-# native forwarding over the ceiling (issue 11's targets): figures to report, not tests
+# native forwarding over the ceiling (docs/design.md section 4's targets): figures to report, not tests
 TARGETS = {10: 0.95, 104000: 0.90}
 
 

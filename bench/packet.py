@@ -24,7 +24,7 @@ from common import load_baselines, pin_cpu, summary, table
 from xvstest.packets import BALANCER_MAC, CLIENT_MAC, VIP, mac_for
 
 OTHER = "192.0.2.99"                  # an address with no service
-# ns over the floor (issue 11's targets): figures to report, not tests
+# ns over the floor (docs/design.md section 4's targets): figures to report, not tests
 TARGETS = {"established": 40, "established, one hot flow": 40, "new flow": 200,
            "pass-through": 10, "ICMP echo": 30, "pressure": 500}
 VERDICT = {1: "drop", 2: "pass", 3: "tx", 4: "redirect"}
@@ -124,11 +124,11 @@ def basic_cases(root, fd_floor_tx, fd_floor_pass, established=1024):
     dp.set_service(VIP, 80, "tcp", False, dests(10))
     dp.set_service(VIP, 53, "udp", False, dests(10))
     dp.set_service(VIP, 8080, "tcp", False, dests(10, vlan=10))
-    dp.set_service(VIP, 81, "tcp", False, dests(10, tunnel=True), "ipip")
-    dp.set_service(VIP, 82, "tcp", False, dests(10, tunnel=True), "gue")
+    dp.set_service(VIP, 81, "tcp", False, dests(10, tunnel=True), {"method": "ipip"})
+    dp.set_service(VIP, 82, "tcp", False, dests(10, tunnel=True), {"method": "gue"})
     dp.set_service(VIP6, 80, "tcp", False, dests(10, v6=True))
-    dp.set_service(VIP6, 81, "tcp", False, dests(10, v6=True, tunnel=True), "ipip")
-    dp.set_service(VIP6, 82, "tcp", False, dests(10, v6=True, tunnel=True), "gue", 6080)
+    dp.set_service(VIP6, 81, "tcp", False, dests(10, v6=True, tunnel=True), {"method": "ipip"})
+    dp.set_service(VIP6, 82, "tcp", False, dests(10, v6=True, tunnel=True), {"method": "gue", "gue_port": 6080})
     est, syn = Flows(tcp()), Flows(tcp("S"))
     udp = Flows(ether() / IP(src="198.51.100.1", dst=VIP) / UDP(sport=1024, dport=53) / b"q")
     tagged = Flows(tcp(dport=8080, vlan=10))
@@ -255,39 +255,24 @@ def run(bpffs, runs=100000, rounds=10, services=1000, per_service=100, flow_tabl
 # after the marker) and measuring the established class through each cut.
 # The difference between consecutive cuts is that stage's cost.
 STAGES = [
-    ("counters record (rx packets, bytes)", "c->n[C_RX_BYTES] += p->len;"),
-    ("parse Ethernet, 802.1Q, IPv4", "p->frag = bpf_ntohs(ip->frag_off);"),
+    ("counters record (rx packets, bytes)", "c->n[C_RX_BYTES] += fr->len;"),
+    ("parse Ethernet, 802.1Q, IPv4", "fr->frag = bpf_ntohs(ip->frag_off);"),
     ("VIP filter (array word)", "    u8 proto = ip->protocol;"),
     ("ports", "    p->sk.port = ports->dest;"),
     ("services lookup (hash)", "    ch->index = svc->index;"),
     ("clock (coarse)", "    u64 now = flow_clock();"),
-    ("flows lookup (LRU hash)", "    struct flow_val *f = flows.lookup(&p->key);"),
-    ("flow's destination (array)", "    struct dest *d = flow_dest(p, svc, f, now);"),
-    ("account (prefix, service, destination stats)", "    account(c, &p, &ch);"),
+    ("flows lookup (LRU hash)", "    struct flow_head *f = v6 ? (void *)flows6.lookup(key) : (void *)flows.lookup(key);"),
+    ("flow's destination (array)", "    struct dest *d = flow_dest(fr, key, v6, svc, f, now);"),
+    ("account (prefix, service, destination stats)", "    account(c, fr, key, v6, &ch);"),
 ]
 
 
-# The profile and the levers measure the IPv4 path: their markers and edits
-# are looked up in the program without its IPv6 stages, which repeat some
-# of its lines.
-IPV6_SECTION = ("/* ---- IPv6: the same five stages", "/* ---- the program")
-IPV6_PLACEHOLDER = "/* (the IPv6 stages) */\n"
-
-
-def ipv4_part(text):
-    """(the program with its IPv6 stages replaced by IPV6_PLACEHOLDER, those stages)."""
-    i, j = text.index(IPV6_SECTION[0]), text.index(IPV6_SECTION[1])
-    return text[:i] + IPV6_PLACEHOLDER + text[j:], text[i:j]
-
-
-def _whole(head, v6):
-    return head.replace(IPV6_PLACEHOLDER, v6)
-
-
 def cut(text, marker):
-    head, v6 = ipv4_part(text)
-    i = head.index(marker) + len(marker)
-    return _whole(head[:i] + "\n    return XDP_TX;\n" + head[i:], v6)
+    """The program returning XDP_TX right after marker (found once)."""
+    if text.count(marker) != 1:
+        raise RuntimeError("profile cut %r: not found exactly once in xdp_lb.c" % marker)
+    i = text.index(marker) + len(marker)
+    return text[:i] + "\n    return XDP_TX;\n" + text[i:]
 
 
 def profile(bpffs, runs=50000, rounds=10, established=1024):
@@ -321,7 +306,7 @@ def profile(bpffs, runs=50000, rounds=10, established=1024):
 # The levers of the per-packet work, each as a variant of the program that
 # undoes (or adds) one of them, measured in the same rounds as the program
 # itself, so every lever's effect is one column read against "as built".
-# A variant is (name, [(text in xdp_lb.c, its replacement)]).
+# A variant is (name, [(text in xdp_lb.c, found once, its replacement)]).
 LEVERS = [
     ("as built", []),
     ("no VIP filter (every frame to the lookups)",
@@ -331,34 +316,28 @@ LEVERS = [
     ("without the per-/20 source counter",
      [("    u64 *pc = prefix_stats.lookup(&src_prefix);", "    u64 *pc = 0;")]),
     ("without the per-/48 IPv6 source counter",
-     [("    count_prefix6(&q->key.saddr);\n", "")]),
+     [("count_prefix6(&((struct flow_key6 *)key)->saddr);", "(void)0;")]),
     ("without the per-service stats",
-     [("    stats_add(svc_stats.lookup(&si), p->len, ch->new_flow);", "")]),
+     [("    stats_add(svc_stats.lookup(&si), fr->len, ch->new_flow);", "")]),
     # contract 5 (issue 22): before it, a record was followed whatever its
     # destination's weight; the established path now tests that weight and
     # reads a TCP packet's flags
     ("without contract 5's checks (drained, failing, SYN)",
-     [("    if (proto == IPPROTO_TCP)\n        p->syn = tcp_syn(p->l4, data_end);\n", ""),
-      (" || !dest_keeps(d, p->syn)", ""),
-      ("    if (proto == IPPROTO_TCP)\n        q->syn = tcp_syn(q->l4, data_end);\n", ""),
-      (" || !dest_keeps(d, q->syn)", "")]),
+     [("    if (proto == IPPROTO_TCP)\n        p->f.syn = tcp_syn(p->f.l4, data_end);\n", ""),
+      ("    if (proto == IPPROTO_TCP)\n        q->f.syn = tcp_syn(q->f.l4, data_end);\n", ""),
+      (" || !dest_keeps(d, fr->syn)", "")]),
     ("per-CPU LRU flow table (BPF_F_NO_COMMON_LRU)",
      [('flows, FLOW_TABLE_SIZE, PIN("flows"));', 'flows, FLOW_TABLE_SIZE, PIN("flows"), BPF_F_NO_COMMON_LRU);')]),
 ]
 
 
 def variant(text, edits):
-    """text with each edit made in the IPv4 path, or failing that in the
-    IPv6 stages (which repeat some IPv4 lines: the IPv4 path is meant)."""
-    head, v6 = ipv4_part(text)
+    """text with each edit made (each found exactly once)."""
     for old, new in edits:
-        if head.count(old) == 1:
-            head = head.replace(old, new)
-        elif head.count(old) == 0 and v6.count(old) == 1:
-            v6 = v6.replace(old, new)
-        else:
-            raise RuntimeError("lever edit %r: not found exactly once in xdp_lb.c's IPv4 path or IPv6 stages" % old)
-    return _whole(head, v6)
+        if text.count(old) != 1:
+            raise RuntimeError("lever edit %r: not found exactly once in xdp_lb.c" % old)
+        text = text.replace(old, new)
+    return text
 
 
 def levers(bpffs, runs=20000, rounds=20, instances=3, established=1024, flow_table=1 << 16):

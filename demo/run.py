@@ -15,7 +15,8 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from xvstest.lab import VIP, curl, dsr_lab, http_server, stop_http_server, wait_for  # noqa: E402  (the tests' lab, reused)
+from xvstest import collection  # noqa: E402  (the tests' helpers, reused)
+from xvstest.lab import VIP, curl, dsr_lab, http_server, stop_http_server, wait_for  # noqa: E402
 
 BACKENDS = {"web1": "192.0.2.21", "web2": "192.0.2.22", "web3": "192.0.2.23"}
 BIN = os.path.dirname(sys.executable)
@@ -30,9 +31,7 @@ def main():
         sys.exit("demo: run as root (it builds network namespaces and loads XDP)")
 
     work = tempfile.mkdtemp(prefix="xvs-demo-")
-    coll = os.path.join(work, "collections", "ansible_collections", "xvs")
-    os.makedirs(coll)
-    os.symlink(ROOT, os.path.join(coll, "lb"))
+    collection.link(os.path.join(work, "collections"))
     bpffs = os.path.join(work, "bpffs")
     os.mkdir(bpffs)
     subprocess.run(["mount", "-t", "bpf", "bpf", bpffs], check=True)

@@ -12,21 +12,15 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The repository root is the collection root; module_utils import it as
-# ansible_collections.xvs.lb, so give Python that path.
-_COLL = tempfile.mkdtemp(prefix="xvs-coll-")
-os.makedirs(os.path.join(_COLL, "ansible_collections", "xvs"))
-os.symlink(ROOT, os.path.join(_COLL, "ansible_collections", "xvs", "lb"))
-sys.path.insert(0, _COLL)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+from xvstest import collection  # noqa: E402  (tests/ just put on the path)
+
+_COLL = collection.link()
+sys.path.insert(0, _COLL)
 
 
 def pytest_unconfigure(config):
-    try:
-        os.unlink(os.path.join(_COLL, "ansible_collections", "xvs", "lb"))
-        os.removedirs(os.path.join(_COLL, "ansible_collections", "xvs"))
-    except OSError:
-        pass
+    collection.unlink(_COLL)
 
 
 def _stat(path):

@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright (c) xvs.lb contributors
 # GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""xvs-agent: the health checks that drain failing destinations.
+"""xvs-agent's scheduler: the health checks that drain failing destinations.
 
 The agent reads the state of record (the services, their checks and
 min_healthy), checks every destination of a checked service on its own
@@ -13,7 +13,8 @@ log line with its reason.
 
 It runs as xvs-agent.service on the system Python with the standard
 library (and python3-prometheus-client for the metrics, see _metrics),
-from the same library zip as the restore.
+from the same library zip as the restore; the command is _agent_cli, the
+probes of each check type _probes.
 """
 
 from __future__ import absolute_import, division, print_function
@@ -21,96 +22,21 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import concurrent.futures
-import http.client
 import os
-import shlex
-import socket
-import ssl
-import subprocess
 import threading
 import time
 
 from ansible_collections.xvs.lb.plugins.module_utils import _announce, _health, _planner, _spec, _state
+from ansible_collections.xvs.lb.plugins.module_utils._balancer import Balancer
+from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
 from ansible_collections.xvs.lb.plugins.module_utils._journal import ERR, NOTICE, WARNING
-from ansible_collections.xvs.lb.plugins.module_utils._balancer import EXPECTED_ERRORS, Balancer
-from ansible_collections.xvs.lb.plugins.module_utils._spec import XvsError
+from ansible_collections.xvs.lb.plugins.module_utils._probes import run_check
 
 RELOAD_EVERY = 1.0      # s between looks at the state of record for changes
 RETRY_EVERY = 5.0       # s before an apply that failed (no attachment yet) is tried again
 RESOLVE_EVERY = 2.0     # s between probes of destinations not in the maps yet
 TICK = 0.05             # s the loop waits for a check to finish or one to fall due
 MAX_WORKERS = 32        # checks in flight at once
-WATCHDOG_EVERY = 2.0    # s between "alive" notes to systemd (the unit's WatchdogSec is 30)
-
-
-class _HTTPSToAddress(http.client.HTTPSConnection):
-    """HTTPS to one address with another name as the TLS server name (SNI):
-    the check reaches the destination itself, as a client of the service's
-    name would.  http.client takes the server name from the host it
-    connects to."""
-
-    def __init__(self, address, port, server_name, timeout, context):
-        http.client.HTTPSConnection.__init__(self, address, port, timeout=timeout, context=context)
-        self.server_name, self.tls = server_name, context
-
-    def connect(self):
-        sock = socket.create_connection((self.host, self.port), self.timeout)
-        self.sock = self.tls.wrap_socket(sock, server_hostname=self.server_name)
-
-
-def _http(check, address, port):
-    if check["type"] == "https":
-        # a health check asks "does it answer?", not "whom do I trust?":
-        # backends commonly serve self-signed or internal certificates
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        conn = _HTTPSToAddress(address, port, check.get("host"), check["timeout"], context)
-    else:
-        conn = http.client.HTTPConnection(address, port, timeout=check["timeout"])
-    try:
-        conn.request("GET", check["path"], headers={
-            "Host": check.get("host") or ("[%s]" % address if ":" in address else address),
-            "User-Agent": "xvs-agent", "Connection": "close"})
-        status = conn.getresponse().status
-    finally:
-        conn.close()
-    if status != check["expect_status"]:
-        return False, "HTTP status %d, expected %d" % (status, check["expect_status"])
-    return True, "HTTP status %d" % status
-
-
-def _exec(check, address, port, key):
-    env = dict(os.environ, XVS_DESTINATION=address, XVS_PORT=str(port), XVS_SERVICE_ADDRESS=key[0],
-               XVS_SERVICE_PORT=str(key[1]), XVS_SERVICE_PROTOCOL=key[2])
-    r = subprocess.run(shlex.split(check["command"]), env=env, timeout=check["timeout"],
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                       check=False)
-    if r.returncode != 0:
-        err = r.stderr.decode("utf-8", "replace").strip().splitlines()
-        return False, "exit status %d%s" % (r.returncode, (": " + err[-1][:200]) if err else "")
-    return True, "exit status 0"
-
-
-def run_check(check, address, key):
-    """(healthy, reason) of one check of destination address of the
-    service key; never raises for what the destination does."""
-    port = check["port"] or key[1]
-    try:
-        if check["type"] == "tcp":
-            socket.create_connection((address, port), timeout=check["timeout"]).close()
-            return True, "connected to port %d" % port
-        if check["type"] in ("http", "https"):
-            return _http(check, address, port)
-        return _exec(check, address, port, key)
-    except (socket.timeout, subprocess.TimeoutExpired):
-        return False, "no answer within %gs" % check["timeout"]
-    except ssl.SSLError as e:
-        return False, "TLS: %s" % (e.reason or e)
-    except (http.client.HTTPException, ValueError) as e:
-        return False, "HTTP: %s" % (e.__class__.__name__ if not str(e) else e)
-    except OSError as e:
-        return False, "%s (port %d)" % (e.strerror or e, port)
 
 
 class Target(object):
@@ -285,7 +211,7 @@ class Agent(object):
                     run = _planner.Run(bal, self.state_file, lambda before: before, strict=False,
                                        record_required=True)
                     run.plan.apply()
-        except EXPECTED_ERRORS as e:
+        except XvsError as e:
             self._once("xvs-agent: cannot apply health yet (retrying every %gs): %s" % (RETRY_EVERY, e))
             self.retry_at = self.clock() + RETRY_EVERY
             return
@@ -402,109 +328,3 @@ class Agent(object):
         finally:
             # checks in flight end within their timeout; none new start
             pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _notify(state):
-    """Tell systemd (Type=notify, WatchdogSec) how the agent is: a
-    datagram to $NOTIFY_SOCKET, which is all sd_notify(3) does; without
-    systemd there is no socket and nothing to tell."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]            # an abstract socket
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        s.sendto(state.encode(), path)
-    except OSError:
-        pass
-    finally:
-        s.close()
-
-
-def main(argv, log=None):
-    """The agent command (see --help); runs until SIGTERM or SIGINT and
-    then withdraws its VIPs.  --withdraw only withdraws them (the unit's
-    ExecStopPost, for an agent that died).  Exit 1 with one line on stderr
-    when it cannot start."""
-    import argparse
-    import signal
-    import sys
-    from ansible_collections.xvs.lb.plugins.module_utils import _journal, _metrics
-
-    log = log or _journal.Log()
-    fail = _journal.Log(sys.stderr)
-    parser = argparse.ArgumentParser(prog="xvs-agent", description="xvs.lb health checks, metrics, VIP announcement")
-    parser.add_argument("state_file", nargs="?", default=_spec.DEFAULT_STATE_FILE)
-    parser.add_argument("--metrics-listen", default="", help="serve metrics at ADDRESS:PORT")
-    parser.add_argument("--metrics-textfile", default="", help="write metrics to this file")
-    parser.add_argument("--textfile-interval", type=float, default=15.0)
-    parser.add_argument("--bgp-table", type=int, default=0,
-                        help="announce VIPs as host routes in this kernel table (BIRD exports it)")
-    parser.add_argument("--announce", choices=_announce.ANNOUNCE_POLICIES, default="any",
-                        help="a VIP is announced while any (or all) of its services are up")
-    parser.add_argument("--bird-socket", default="", help="BIRD's control socket, for the BGP metrics")
-    parser.add_argument("--withdraw", action="store_true", help="withdraw every VIP and exit")
-    args = parser.parse_args(argv)
-    announcer = None
-    if args.bgp_table:
-        try:
-            announcer = _announce.Announcer(args.bgp_table)
-        except XvsError as e:
-            fail("xvs-agent: %s" % e, ERR)
-            return 1
-    # systemd's watchdog restarts an agent whose loop stopped turning
-    watchdog = _periodic(WATCHDOG_EVERY, lambda: _notify("WATCHDOG=1"))
-    agent = Agent(args.state_file, log, announcer=announcer, policy=args.announce,
-                  alive=lambda: watchdog(time.monotonic()))
-    if args.withdraw:
-        agent.withdraw()
-        return 0
-    every = []
-    if args.metrics_listen or args.metrics_textfile:
-        try:
-            import prometheus_client
-        except ImportError:
-            fail("xvs-agent: metrics need prometheus_client (Debian: python3-prometheus-client)", ERR)
-            return 1
-        registry = prometheus_client.CollectorRegistry(auto_describe=False)
-        registry.register(_metrics.Collector(agent, args.bird_socket))
-        if args.metrics_listen:
-            try:
-                address, port = _metrics.listen_address(args.metrics_listen)
-                prometheus_client.start_http_server(port, address, registry)
-            except (ValueError, OSError) as e:
-                fail("xvs-agent: --metrics-listen %s: %s" % (args.metrics_listen, e), ERR)
-                return 1
-            log("xvs-agent: metrics on http://%s/metrics" % args.metrics_listen)
-        if args.metrics_textfile:
-            every.append(_periodic(args.textfile_interval, lambda: _write_textfile(
-                agent, prometheus_client, args.metrics_textfile, registry)))
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *a: stop.set())
-    _notify("READY=1")
-    try:
-        agent.run(stop, lambda now: [f(now) for f in every])
-    finally:
-        _notify("STOPPING=1")
-        agent.withdraw()       # a stopping agent withdraws before it exits
-    log("xvs-agent: stopped")
-    return 0
-
-
-def _periodic(interval, fn):
-    due = [0.0]
-
-    def tick(now):
-        if now >= due[0]:
-            due[0] = now + interval
-            fn()
-    return tick
-
-
-def _write_textfile(agent, prometheus_client, path, registry):
-    try:
-        prometheus_client.write_to_textfile(path, registry)
-    except OSError as e:
-        agent._once("xvs-agent: --metrics-textfile %s: %s" % (path, e))

@@ -27,7 +27,7 @@ __metaclass__ = type
 import ipaddress
 import socket
 
-from ansible_collections.xvs.lb.plugins.module_utils._spec import XvsError
+from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
 
 try:
     from pyroute2 import IPRoute

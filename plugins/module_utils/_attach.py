@@ -2,7 +2,8 @@
 # Copyright (c) xvs.lb contributors
 # GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Load, (re)attach and detach the program: what xvs_attach plans and
-applies, and what the state of record keeps of it for the boot restore."""
+applies (AttachPlan), and its run with the state of record it leaves
+(AttachRun)."""
 
 from __future__ import absolute_import, division, print_function
 
@@ -10,32 +11,16 @@ __metaclass__ = type
 
 import os
 
-from ansible_collections.xvs.lb.plugins.module_utils import _layout as L, _loader, _netinfo
+from ansible_collections.xvs.lb.plugins.module_utils import _layout as L, _loader, _netinfo, _planner, _spec, _state
 from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane
-from ansible_collections.xvs.lb.plugins.module_utils._spec import XvsError, bpffs
-
-
-def record_section(interfaces, mode, sizes, vlans, tunnel_source):
-    """The attachment as the state of record keeps it (JSON: VLAN ids as
-    strings, interfaces sorted)."""
-    return {"interfaces": sorted(interfaces), "mode": mode, "sizes": dict(sizes),
-            "vlans": dict((str(k), v) for k, v in sorted((vlans or {}).items())),
-            "tunnel_source": dict(tunnel_source or {})}
-
-
-def section_from_status(st):
-    """The record's attachment for a balancer attached before it had a
-    record: what is attached now, in one mode where all agree."""
-    modes = set(st["interfaces"].values())
-    return record_section(st["interfaces"], modes.pop() if len(modes) == 1 else "auto",
-                          st["sizes"], st["vlans"], st["tunnel_source"])
+from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
 
 
 class AttachPlan(object):
     """Load, (re)attach and detach the program: what xvs_attach does."""
 
     def __init__(self, params, text):
-        self.root = bpffs(params["bpffs"])
+        self.root = _spec.bpffs(params["bpffs"])
         self.text = text
         self.params = params
         self.allow_reset = params.get("allow_flow_table_reset", False)
@@ -68,16 +53,14 @@ class AttachPlan(object):
                 _netinfo.interface(name)
             except _netinfo.NetInfoError:
                 raise XvsError("interfaces: %s does not exist on this host" % name)
-        parent = self.root if os.path.isdir(self.root) else os.path.dirname(self.root)
-        if not _loader._is_bpffs(parent):
-            raise XvsError("bpffs=%s: %s is not on a mounted bpf filesystem" % (self.root, parent))
+        _loader.check_bpffs(self.root, create=False)
         given = dict((k, v) for k, v in (p.get("sizes") or {}).items() if v is not None)
         try:
             self.sizes = L.sizes(**given)
-            self.vlans = _loader.normalise_vlans(p.get("vlans"))
-            self.tunnel_source = _loader.normalise_tunnel_source(p.get("tunnel_source"))
-        except (L.SizeError, _loader.LoaderError) as e:
-            raise XvsError("sizes: %s" % e if isinstance(e, L.SizeError) else str(e))
+        except L.SizeError as e:
+            raise XvsError("sizes: %s" % e)
+        self.vlans = _spec.vlans(p.get("vlans"))
+        self.tunnel_source = _spec.tunnel_source(p.get("tunnel_source"))
         bid = _loader.build_id(self.text, self.root, self.sizes)
         self.load = self.status is None or self.status["build_id"] != bid
         if self.status:
@@ -106,9 +89,9 @@ class AttachPlan(object):
         if not self.after:
             return None
         if self.params["state"] == "absent":
-            return section_from_status(dict(self.status, interfaces=self.after["interfaces"]))
-        return record_section(self.params["interfaces"], self.params.get("mode") or "auto",
-                              self.sizes, self.vlans, self.tunnel_source)
+            return _state.attach_section_from_status(dict(self.status, interfaces=self.after["interfaces"]))
+        return _state.attach_section(self.params["interfaces"], self.params.get("mode") or "auto",
+                                     self.sizes, self.vlans, self.tunnel_source)
 
     def apply(self):
         if not self.changed:
@@ -130,8 +113,8 @@ class AttachPlan(object):
             for name, mode in sorted(self.to_attach.items()):
                 self.after["interfaces"][name] = _loader.attach(prog, name, mode)
         with DataPlane(self.root) as dp:
-            _loader.write_vlans(dp, self.vlans)
-            _loader.write_tunnel_source(dp, self.tunnel_source)
+            dp.write_vlans(self.vlans)
+            dp.write_tunnel_source(self.tunnel_source)
 
     def result(self):
         st = _loader.status(self.root) if not self.unpin and os.path.isdir(self.root) else None
@@ -141,3 +124,31 @@ class AttachPlan(object):
         return {"bpffs": self.root, "interfaces": st["interfaces"], "program": st["program"],
                 "sizes": st["sizes"], "vlans": st["vlans"], "tunnel_source": st["tunnel_source"],
                 "build_id": st["build_id"]}
+
+
+class AttachRun(object):
+    """xvs_attach's run: its AttachPlan, and the state of record with the
+    attachment it leaves (the services as recorded, or for a balancer that
+    has no record yet as its maps hold them; none once it is unpinned)."""
+
+    def __init__(self, attach_plan, state_file):
+        self.plan, self.state_file = attach_plan, state_file
+        self.record = _state.load(state_file, attach_plan.root)
+        section = attach_plan.record()
+        if section is None:
+            services = []
+        elif self.record is not None:
+            services = self.record["services"]
+        elif attach_plan.status:
+            with DataPlane(attach_plan.root) as dp:
+                services = _planner.to_config(_planner.from_maps(dp.services()))
+        else:
+            services = []
+        self.new_record = _state.make(attach_plan.root, section, services)
+        self.record_changed = self.record != self.new_record
+        self.changed = attach_plan.changed or self.record_changed
+
+    def apply(self):
+        self.plan.apply()
+        if self.record_changed:
+            _state.save(self.state_file, self.new_record)

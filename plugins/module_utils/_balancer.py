@@ -9,13 +9,10 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-from ansible_collections.xvs.lb.plugins.module_utils import _bpf, _layout as L, _loader, _netinfo
-from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane, DataPlaneError
-from ansible_collections.xvs.lb.plugins.module_utils._spec import XvsError, bpffs
-
-# Errors that are the user's to fix: reported as one line, nothing changed.
-EXPECTED_ERRORS = (XvsError, DataPlaneError, _loader.LoaderError, _netinfo.NetInfoError,
-                   L.SizeError, _bpf.BpfError)
+from ansible_collections.xvs.lb.plugins.module_utils import _layout as L, _loader, _netinfo
+from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane
+from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
+from ansible_collections.xvs.lb.plugins.module_utils._spec import bpffs, forwarding_config
 
 
 class Balancer(object):
@@ -93,7 +90,7 @@ class Balancer(object):
         mtu = min(route["mtu"] or self._info(ifindex)["mtu"], L.MAX_TUNNEL_MTU)
         # the MTU left inside must be one the ICMP error can quote (IPv4) or a
         # Packet Too Big may ask for (IPv6)
-        inside = mtu - max(L.TUNNEL_OVERHEAD[6 if v6 else 4].values())
+        inside = mtu - max(m.overhead[6 if v6 else 4] for m in L.METHODS)
         if inside < (L.IPV6_MIN_MTU if v6 else L.ICMP_QUOTE_LEN):
             raise XvsError("%s=%s: the egress MTU %d is too small to tunnel through"
                            % (option, address, mtu))
@@ -175,10 +172,8 @@ class Balancer(object):
     def view(self, svc):
         """A service as the maps hold it, with where each destination is."""
         out = {"address": svc["address"], "port": svc["port"], "protocol": svc["protocol"],
-               "sticky": svc["sticky"], "forwarding": svc["forwarding"],
-               "destinations": [self.dest_view(d) for d in svc["destinations"]]}
-        if svc["forwarding"] == "gue":
-            out["gue_port"] = svc["gue_port"]
+               "sticky": svc["sticky"], "destinations": [self.dest_view(d) for d in svc["destinations"]]}
+        out.update(forwarding_config(svc["forwarding"]))
         return out
 
     def dest_view(self, d):

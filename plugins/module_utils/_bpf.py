@@ -20,6 +20,8 @@ import errno
 import os
 import struct
 
+from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
+
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351}
 
 # enum bpf_cmd
@@ -30,17 +32,18 @@ MAP_GET_NEXT_KEY = 4
 OBJ_PIN = 6
 OBJ_GET = 7
 PROG_TEST_RUN = 10
-PROG_GET_FD_BY_ID = 13
 OBJ_GET_INFO_BY_FD = 15
 MAP_LOOKUP_BATCH = 24
 MAP_UPDATE_BATCH = 26
 
-# enum bpf_map_type (the ones whose values are per CPU)
-PERCPU_MAP_TYPES = frozenset((5, 6, 10))  # percpu_hash, percpu_array, lru_percpu_hash
-MAP_TYPE_NAMES = {1: "hash", 2: "array", 5: "percpu_hash", 6: "percpu_array",
-                  9: "lru_hash", 10: "lru_percpu_hash", 14: "devmap"}
+# enum bpf_map_type: the types the programs declare, and those whose
+# values are per CPU
+MAP_HASH, MAP_ARRAY, MAP_PERCPU_HASH, MAP_PERCPU_ARRAY = 1, 2, 5, 6
+MAP_LRU_HASH, MAP_LRU_PERCPU_HASH, MAP_DEVMAP = 9, 10, 14
+PERCPU_MAP_TYPES = frozenset((MAP_PERCPU_HASH, MAP_PERCPU_ARRAY, MAP_LRU_PERCPU_HASH))
+ARRAY_MAP_TYPES = frozenset((MAP_ARRAY, MAP_PERCPU_ARRAY))
 
-ANY, NOEXIST, EXIST = 0, 1, 2
+ANY = 0                   # BPF_ANY: an update creates or replaces
 
 # EINVAL, ENOTSUPP (524, kernel-internal) and EOPNOTSUPP: no batch ops here.
 _NO_BATCH = (errno.EINVAL, 524, errno.EOPNOTSUPP)
@@ -48,11 +51,11 @@ _NO_BATCH = (errno.EINVAL, 524, errno.EOPNOTSUPP)
 _ATTR_SIZE = 128  # larger than every member we use; the kernel accepts zero tail
 
 
-class BpfError(OSError):
+class BpfError(XvsError, OSError):
     """A bpf(2) call failed; the message names what was being done."""
 
     def __init__(self, err, what):
-        super(BpfError, self).__init__(err, "%s: %s" % (what, os.strerror(err)))
+        OSError.__init__(self, err, "%s: %s" % (what, os.strerror(err)))
         self.what = what
 
 
@@ -105,11 +108,6 @@ def obj_get(path):
 def obj_pin(fd, path):
     data = ctypes.create_string_buffer(os.fsencode(path))
     bpf(OBJ_PIN, "=QII", (_addr(data), fd, 0), "pin object at %s" % path)
-
-
-def prog_get_fd_by_id(prog_id):
-    fd = bpf(PROG_GET_FD_BY_ID, "=III", (prog_id, 0, 0), "open program id %d" % prog_id)[0]
-    return fd
 
 
 class MapInfo(ctypes.Structure):

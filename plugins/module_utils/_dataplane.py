@@ -31,9 +31,10 @@ import os
 import sys
 
 from ansible_collections.xvs.lb.plugins.module_utils import _bpf, _layout as L, _maglev
+from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
 
 
-class DataPlaneError(Exception):
+class DataPlaneError(XvsError):
     pass
 
 
@@ -42,8 +43,10 @@ class LimitError(DataPlaneError):
 
 
 _PROTOCOL_NAMES = {v: k for k, v in L.PROTOCOLS.items()}
-_FORWARDING_NAMES = {v: k for k, v in L.FORWARDING.items()}
 _DEST_FLAGS = L.Dest.flags.offset
+# a forwarding parameter's kind -> its conversion to (and from) the struct
+# field of its name in svc_val and dest: a port is in network order
+_TO_STRUCT = {"port": L.be16}
 _SVC_KEY6_SIZE = ctypes.sizeof(L.SvcKey6)
 
 
@@ -58,7 +61,30 @@ def _u32(n):
 def _fwd_bytes(d):
     """The bytes the data plane reads to forward: everything but weight."""
     return (d.addr, bytes(d.addr6), bytes(d.mac), bytes(d.src_mac), d.vlan, d.tx_port, d.ifindex,
-            d.forwarding, d.gue_port, d.tun_src, bytes(d.tun_src6), d.mtu)
+            d.forwarding, d.tun_src, bytes(d.tun_src6), d.mtu) + tuple(getattr(d, p) for p in L.FORWARDING_PARAMS)
+
+
+def forwarding_fields(fwd):
+    """The struct fields a service's forwarding value sets, in svc_val and
+    in each of its dest slots alike: the method's number and each method
+    parameter's field (0 where the method has no such parameter; a missing
+    value is the parameter's default)."""
+    method = L.FORWARDING[fwd["method"]]
+    out = {"forwarding": method.number}
+    for param, owner in L.FORWARDING_PARAMS.items():
+        default, kind = L.FORWARDING[owner].params[param]
+        out[param] = _TO_STRUCT[kind](fwd.get(param, default)) if param in method.params else 0
+    return out
+
+
+def forwarding_value(struct):
+    """A service's forwarding value from its svc_val (forwarding_fields
+    the other way)."""
+    method = L.FORWARDING_BY_NUMBER[struct.forwarding]
+    out = {"method": method.name}
+    for param, (dummy, kind) in method.params.items():
+        out[param] = _TO_STRUCT[kind](getattr(struct, param))
+    return out
 
 
 def _is6(key):
@@ -104,9 +130,9 @@ class DataPlane(object):
             raise
         self.meta = meta
         self.max_services = meta.max_services
-        self.max_dests = meta.max_dests
-        self.maglev_size = meta.maglev_size
-        self.chunks = L.maglev_chunks(meta.maglev_size)
+        self.max_destinations = meta.max_destinations
+        self.maglev_table_size = meta.maglev_table_size
+        self.chunks = L.maglev_chunks(meta.maglev_table_size)
 
     def close(self):
         for m in self.maps.values():
@@ -125,12 +151,9 @@ class DataPlane(object):
         return {k: L.SvcVal.from_buffer_copy(v) for name in ("services", "services6")
                 for k, v in self.maps[name].lookup_batch()}
 
-    def service_count(self):
-        return len(self._services_raw())
-
     def _dest_slots(self, index):
         """{slot: Dest} of the valid slots of service index."""
-        raw = self.maps["dests"].lookup_range(index * self.max_dests, self.max_dests)
+        raw = self.maps["dests"].lookup_range(index * self.max_destinations, self.max_destinations)
         # test the flags byte before building a struct: most slots are empty
         return {slot: L.Dest.from_buffer_copy(blob) for slot, blob in enumerate(raw)
                 if blob[_DEST_FLAGS] & L.DEST_VALID}
@@ -143,8 +166,7 @@ class DataPlane(object):
         return {"address": address, "port": port,
                 "protocol": _PROTOCOL_NAMES.get(proto, str(proto)),
                 "sticky": bool(v.flags & L.SVC_STICKY), "index": v.index,
-                "forwarding": _FORWARDING_NAMES.get(v.forwarding, str(v.forwarding)),
-                "gue_port": L.be16(v.gue_port), "destinations": dests}
+                "forwarding": forwarding_value(v), "destinations": dests}
 
     def services(self):
         """Every service with its destinations, as plain dicts."""
@@ -195,7 +217,7 @@ class DataPlane(object):
         return self._stats("svc_stats", index)
 
     def dest_stats(self, index, slot):
-        return self._stats("dest_stats", index * self.max_dests + slot)
+        return self._stats("dest_stats", index * self.max_destinations + slot)
 
     def services_stats(self, indexes):
         """{index: service_stats(index)} in one batch read."""
@@ -203,7 +225,7 @@ class DataPlane(object):
 
     def dests_stats(self, index, slots):
         """{slot: dest_stats(index, slot)} in one batch read."""
-        return self._stats_many("dest_stats", index * self.max_dests, slots)
+        return self._stats_many("dest_stats", index * self.max_destinations, slots)
 
     def busiest_prefixes(self, n):
         """The n client source prefixes (IPv4 /20s, IPv6 /48s) that sent
@@ -234,19 +256,6 @@ class DataPlane(object):
             busy.append(("%s/%d" % (net, L.SRC_PREFIX6_LEN), packets))
         return [{"prefix": p, "packets": c} for p, c in heapq.nlargest(n, busy, key=lambda b: b[1])]
 
-    def flows(self):
-        out = []
-        for name, (kt, vt, text) in (("flows", (L.FlowKey, L.FlowVal, L.ip_str)),
-                                     ("flows6", (L.FlowKey6, L.FlowVal6, L.ip6_str))):
-            for k, v in self.maps[name].items():
-                key, val = kt.from_buffer_copy(k), vt.from_buffer_copy(v)
-                out.append({"client": text(key.saddr), "client_port": L.be16(key.sport),
-                            "vip": text(key.daddr), "port": L.be16(key.dport),
-                            "proto": key.proto, "service_index": val.svc_index,
-                            "slot": val.dest_slot, "destination": text(val.dest_addr),
-                            "last_seen_ns": val.last_seen})
-        return out
-
     def flow_table(self):
         """Capacity, live records and evictions of the flow table.
 
@@ -270,31 +279,73 @@ class DataPlane(object):
                 return int.from_bytes(k, "little")
         return None
 
+    def read_vlans(self):
+        """{vlan id: 'net/len'} of a trunk, as pinned."""
+        out = {}
+        for k, v in self.maps["vlans"].lookup_batch():
+            val = L.VlanNet.from_buffer_copy(v)
+            if val.prefixlen:
+                out[int.from_bytes(k, "little")] = "%s/%d" % (L.ip_str(val.net), val.prefixlen)
+        return out
+
+    def read_tunnel_source(self):
+        """{'ipv4': address, 'ipv6': address} as pinned (families not set left out)."""
+        val = L.TunnelSrc.from_buffer_copy(self.maps["tunnel_src"].lookup(_u32(0)))
+        out = {"ipv4": L.ip_str(val.ipv4)} if val.ipv4 else {}
+        if any(val.ipv6):
+            out["ipv6"] = str(ipaddress.IPv6Address(bytes(val.ipv6)))
+        return out
+
     # ---- writing ---------------------------------------------------------
+    def write_vlans(self, vlans):
+        """Make the vlans map hold exactly vlans ({id: prefix}, checked by
+        _spec.vlans); True if it changed."""
+        have = self.read_vlans()
+        if vlans == have:
+            return False
+        for vid in set(have) | set(vlans):
+            val = L.VlanNet()
+            if vid in vlans:
+                net = ipaddress.IPv4Network(vlans[vid])
+                val = L.VlanNet(net=L.be32(str(net.network_address)), prefixlen=net.prefixlen)
+            self.maps["vlans"].update(_u32(vid), _raw(val))
+        return True
+
+    def write_tunnel_source(self, tunnel_source):
+        """Make the pinned tunnel source tunnel_source (checked by
+        _spec.tunnel_source); True if it changed."""
+        if tunnel_source == self.read_tunnel_source():
+            return False
+        val = L.TunnelSrc(ipv4=L.be32(tunnel_source["ipv4"]) if "ipv4" in tunnel_source else 0)
+        if "ipv6" in tunnel_source:
+            val.ipv6[:] = ipaddress.IPv6Address(tunnel_source["ipv6"]).packed
+        self.maps["tunnel_src"].update(_u32(0), _raw(val))
+        return True
+
     def read_services(self):
         """{service key bytes: (SvcVal, {slot: Dest})}: every service with
         its live destination slots, the one read a plan starts from."""
         return {k: (v, self._dest_slots(v.index)) for k, v in self._services_raw().items()}
 
-    def plan_write(self, address, port, protocol, sticky, destinations, current, taken,
-                   forwarding="l2", gue_port=0):
+    def plan_write(self, service, svc, destinations, current, taken):
         """What writing one service takes, checked against the limits before
         anything is written: a ServiceWrite, or None when the maps already
         hold exactly this (no Maglev table is built to find that out: equal
         destinations, weights and forwarding bytes mean the table written
         with them is still the right one).
 
+        service: its (address, port, protocol); svc: a dict with its sticky
+        and forwarding values (a desired service, see _planner);
         destinations: dicts with address, weight, mac, src_mac, vlan,
         ifindex, tx_port and for a tunnel tun_src and mtu (already
         resolved; mac is then the next hop's); current: read_services();
-        taken: service indexes already given out in this plan (updated);
-        forwarding: a key of L.FORWARDING, gue_port its port for gue.
+        taken: service indexes already given out in this plan (updated).
         """
-        label = "service %s:%d/%s" % (address, port, protocol)
-        if len(destinations) > self.max_dests:
+        label = "service %s:%d/%s" % service
+        if len(destinations) > self.max_destinations:
             raise LimitError("%s: %d destinations exceed max_destinations=%d"
-                             % (label, len(destinations), self.max_dests))
-        key = svc_key(address, port, protocol)
+                             % (label, len(destinations), self.max_destinations))
+        key = svc_key(*service)
         addrs = [d["address"] for d in destinations]
         dup = sorted(set(a for a in addrs if addrs.count(a) > 1))
         if dup:
@@ -309,11 +360,11 @@ class DataPlane(object):
         else:
             index, gen = old.index, old.gen
         taken.add(index)
-        fwd, gue_port = L.FORWARDING[forwarding], gue_port if forwarding == "gue" else 0
-        wanted = {d["address"]: make_dest(d, fwd, gue_port) for d in destinations}
+        fwd = forwarding_fields(svc["forwarding"])
+        wanted = {d["address"]: make_dest(d, fwd) for d in destinations}
         by_addr = {dest_address(d): (slot, d) for slot, d in live.items()}
         plan, new_slots = {}, []
-        free_slots = [s for s in range(self.max_dests) if s not in live]
+        free_slots = [s for s in range(self.max_destinations) if s not in live]
         for addr, d in sorted(wanted.items()):
             cur = by_addr.get(addr)
             if cur and _fwd_bytes(cur[1]) == _fwd_bytes(d):
@@ -322,17 +373,16 @@ class DataPlane(object):
                 if not free_slots:
                     raise LimitError("%s: too many destination changes at once for "
                                      "max_destinations=%d; apply them in two steps"
-                                     % (label, self.max_dests))
+                                     % (label, self.max_destinations))
                 plan[addr] = free_slots.pop(0)
                 new_slots.append(plan[addr])
-        flags = L.SVC_STICKY if sticky else 0
+        flags = L.SVC_STICKY if svc["sticky"] else 0
         removed = [s for s in live if s not in plan.values()]
         if (old is not None and old.flags == flags and not new_slots and not removed
-                and (old.forwarding, L.be16(old.gue_port)) == (fwd, gue_port)
+                and all(getattr(old, f) == v for f, v in fwd.items())
                 and all(bytes(live[plan[a]]) == bytes(d) for a, d in wanted.items())):
             return None
-        return ServiceWrite(key, index, gen, old is None, flags, wanted, plan, new_slots, removed,
-                            fwd, gue_port)
+        return ServiceWrite(key, index, gen, old is None, flags, wanted, plan, new_slots, removed, fwd)
 
     def write(self, sw, tables=None):
         """Write one planned service in the order that keeps every packet on
@@ -340,7 +390,7 @@ class DataPlane(object):
         the writes of one run, so services with the same eligible
         destinations and weights build their Maglev table once."""
         tables = {} if tables is None else tables
-        base = sw.index * self.max_dests
+        base = sw.index * self.max_destinations
         dests = self.maps["dests"]
         stats = self.maps["dest_stats"]
         zero_stats = stats.pack_all_cpus(bytes(L.Stats()))
@@ -354,12 +404,12 @@ class DataPlane(object):
                 bytes(L.Stats())))
         weights = tuple(sorted((a, d.weight) for a, d in sw.wanted.items() if d.weight > 0))
         if weights not in tables:
-            tables[weights] = _maglev.build_indexes(weights, self.maglev_size)
+            tables[weights] = _maglev.build_indexes(weights, self.maglev_table_size)
         names, table = tables[weights]
         new_gen = sw.gen ^ 1
         self._write_table(sw.index, new_gen, names, table, sw.plan)
         val = L.SvcVal(index=sw.index, flags=sw.flags, gen=new_gen, ndest=len(weights) if names else 0,
-                       forwarding=sw.forwarding, gue_port=L.be16(sw.gue_port))
+                       **sw.forwarding)
         self.maps[_services_map(sw.key)].update(sw.key, _raw(val))
         for slot in sw.removed:
             dests.update(_u32(base + slot), _raw(L.Dest()))
@@ -370,15 +420,15 @@ class DataPlane(object):
         self.maps[_services_map(key)].delete(key)
         dests = self.maps["dests"]
         for slot in live:
-            dests.update(_u32(old.index * self.max_dests + slot), _raw(L.Dest()))
+            dests.update(_u32(old.index * self.max_destinations + slot), _raw(L.Dest()))
 
-    def set_service(self, address, port, protocol, sticky, destinations, forwarding="l2",
-                    gue_port=0):
+    def set_service(self, address, port, protocol, sticky, destinations, forwarding=None):
         """Make one service exist with exactly these destinations (see
-        plan_write).  Returns True when anything was written."""
+        plan_write; forwarding: a forwarding value, default l2).  Returns
+        True when anything was written."""
         current = self.read_services()
-        sw = self.plan_write(address, port, protocol, sticky, destinations, current,
-                             set(v.index for v, dummy in current.values()), forwarding, gue_port)
+        sw = self.plan_write((address, port, protocol), {"sticky": sticky, "forwarding": forwarding or {
+            "method": "l2"}}, destinations, current, set(v.index for v, dummy in current.values()))
         if sw is None:
             return False
         self.write(sw)
@@ -420,17 +470,14 @@ class DataPlane(object):
         out[1:2 * len(table):2] = hi
         return bytes(out)
 
+    def first_chunk(self, index, gen):
+        """The maglev map's index of the first chunk of a service's half."""
+        return (index * L.MAGLEV_HALVES + gen) * self.chunks
+
     def _write_table(self, index, gen, names, table, plan):
-        first = (index * 2 + gen) * self.chunks
+        first = self.first_chunk(index, gen)
         keys = array.array("I", range(first, first + self.chunks)).tobytes()
         self.maps["maglev"].update_batch(keys, self._table_bytes(names, table, plan))
-
-    def live_table(self, index, gen):
-        """The slots of one half of a service's Maglev table, as written."""
-        got = []
-        for blob in self.maps["maglev"].lookup_range((index * 2 + gen) * self.chunks, self.chunks):
-            got.extend(L.MaglevChunk.from_buffer_copy(blob).slot)
-        return got[:self.maglev_size]
 
     def sync_vips(self):
         """Rebuild the VIP set from the services: which VIPs exist, and the
@@ -484,11 +531,10 @@ class ServiceWrite(object):
     the destinations by address with the slot each goes to, the slots that
     are new and those to clear after the switch."""
 
-    def __init__(self, key, index, gen, new, flags, wanted, plan, new_slots, removed, forwarding,
-                 gue_port):
+    def __init__(self, key, index, gen, new, flags, wanted, plan, new_slots, removed, forwarding):
         self.key, self.index, self.gen, self.new, self.flags = key, index, gen, new, flags
         self.wanted, self.plan, self.new_slots, self.removed = wanted, plan, new_slots, removed
-        self.forwarding, self.gue_port = forwarding, gue_port
+        self.forwarding = forwarding     # forwarding_fields()
 
 
 def pinned_abi(root):
@@ -530,23 +576,22 @@ def svc_key(address, port, protocol):
     return _raw(L.SvcKey(vip=L.be32(address), port=L.be16(port), proto=L.PROTOCOLS[protocol]))
 
 
-def make_dest(d, forwarding=0, gue_port=0):
-    """The Dest for a resolved destination dict, of a service forwarding
-    (L.FORWARDING value) through gue_port; failing=True marks one health
-    masks (written with weight 0).  Read-only and cached: a thousand
-    services over one pool compare the same few hundred."""
+def make_dest(d, forwarding=None):
+    """The Dest for a resolved destination dict, of a service whose
+    forwarding_fields() are forwarding (default: l2); failing=True marks
+    one health masks (written with weight 0).  Read-only and cached: a
+    thousand services over one pool compare the same few hundred."""
     failing = bool(d.get("failing"))
+    fields = tuple(sorted((forwarding or forwarding_fields({"method": "l2"})).items()))
     return _dest(d["address"], 0 if failing else d["weight"], d["mac"], d["src_mac"], d.get("vlan", 0),
-                 d.get("tx_port", 0), d["ifindex"], forwarding, gue_port,
-                 d.get("tun_src"), d.get("mtu", 0), failing)
+                 d.get("tx_port", 0), d["ifindex"], fields, d.get("tun_src"), d.get("mtu", 0), failing)
 
 
 @functools.lru_cache(maxsize=8192)
-def _dest(address, weight, mac, src_mac, vlan, tx_port, ifindex, forwarding, gue_port, tun_src, mtu,
-          failing):
+def _dest(address, weight, mac, src_mac, vlan, tx_port, ifindex, forwarding, tun_src, mtu, failing):
     flags = L.DEST_VALID | (L.DEST_FAILING if failing else 0)
-    out = L.Dest(flags=flags, vlan=vlan, tx_port=tx_port,
-                 ifindex=ifindex, weight=weight, forwarding=forwarding, gue_port=L.be16(gue_port), mtu=mtu)
+    out = L.Dest(flags=flags, vlan=vlan, tx_port=tx_port, ifindex=ifindex, weight=weight, mtu=mtu,
+                 **dict(forwarding))
     if ":" in address:
         out.flags |= L.DEST_V6
         out.addr6 = L.addr6(address)
@@ -572,7 +617,8 @@ def dest_dict(d, slot):
     """A Dest as a plain dict; tun_src and mtu only for a tunnel."""
     out = {"address": dest_address(d), "weight": d.weight, "mac": L.mac_str(d.mac),
            "src_mac": L.mac_str(d.src_mac), "vlan": d.vlan, "ifindex": d.ifindex,
-           "tx_port": d.tx_port, "slot": slot, "state": dest_state(d)}
-    if d.forwarding != L.FORWARDING["l2"]:
+           "tx_port": d.tx_port, "slot": slot, "state": dest_state(d),
+           "failing": bool(d.flags & L.DEST_FAILING)}
+    if L.FORWARDING_BY_NUMBER[d.forwarding].tunnel:
         out.update(tun_src=L.ip6_str(d.tun_src6) if d.flags & L.DEST_V6 else L.ip_str(d.tun_src), mtu=d.mtu)
     return out

@@ -23,12 +23,11 @@ import sys
 import zipfile
 
 from ansible_collections.xvs.lb.plugins.module_utils import _bpf, _layout as L, _loader, _netinfo, _spec, _state
-from ansible_collections.xvs.lb.plugins.module_utils._spec import XvsError
+from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
 
 DEFAULT_BPFFS = "/sys/fs/bpf/xvs-decap"
 DEFAULT_CONFIG_FILE = "/etc/xvs/decap.json"
 ENTRY = "xdp_decap"
-PROG_PIN = "prog"
 METHODS = ("ipip", "gue")
 # files/xdp_decap.c's -D sizes
 MAX_VIPS, MAX_SOURCES = 1024, 256
@@ -50,7 +49,7 @@ SETS = ("vips", "sources", "vips6", "sources6")
 
 
 def default_source():
-    return os.path.join(os.path.dirname(_loader.default_source()), "xdp_decap.c")
+    return _loader.default_source("xdp_decap.c")
 
 
 def normalise(p):
@@ -134,17 +133,6 @@ def _write_maps(root, want, have):
                 m.delete(k)
 
 
-def pinned_prog_id(root):
-    path = os.path.join(root, PROG_PIN)
-    if not os.path.exists(path):
-        return None
-    fd = _bpf.obj_get(path)
-    try:
-        return _bpf.prog_info(fd)["id"]
-    finally:
-        os.close(fd)
-
-
 def counters(root):
     """{name: packets} summed over CPUs, or None when nothing is pinned."""
     path = os.path.join(root, "counters")
@@ -163,7 +151,7 @@ class DecapPlan(object):
     def __init__(self, cfg, text):
         self.cfg, self.text, self.root = cfg, text, cfg["bpffs"]
         self.build = build_id(text, self.root)
-        prog_id = pinned_prog_id(self.root)
+        prog_id = _loader.pinned_prog_id(self.root)
         have_build = None
         if prog_id and os.path.exists(_build_file(self.root)):
             with open(_build_file(self.root)) as f:
@@ -187,7 +175,7 @@ class DecapPlan(object):
             self.load_program()
         elif self.want != self.have:
             _write_maps(self.root, self.want, self.have)
-        fd = _bpf.obj_get(os.path.join(self.root, PROG_PIN))
+        fd = _bpf.obj_get(os.path.join(self.root, _loader.PROG_PIN))
         try:
             for name in (self.cfg["interfaces"] if self.load else self.attach):
                 mode = self.cfg["mode"] if self.cfg["mode"] != "auto" else self.attached.get(name, "auto")
@@ -214,12 +202,7 @@ class DecapPlan(object):
             raise XvsError("compiling or loading the decapsulating program failed: %s" % e)
         try:
             _write_maps(self.root, self.want, {})
-            pin = os.path.join(self.root, PROG_PIN)
-            tmp = pin + "_new"
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            _bpf.obj_pin(fn.fd, tmp)
-            os.rename(tmp, pin)
+            _loader.pin_program(fn.fd, self.root)
             _state.replace_file(_build_file(self.root), self.build.encode())
         finally:
             b.cleanup()
@@ -232,13 +215,13 @@ class DecapPlan(object):
 def remove(root, config_file=None):
     """Detach the pinned program wherever it runs and unpin everything;
     True when anything was there."""
-    prog_id = pinned_prog_id(root)
+    prog_id = _loader.pinned_prog_id(root)
     changed = False
     if prog_id:
         for name in _netinfo.xdp_interfaces(prog_id):
             _loader.detach(name)
         changed = True
-    for name in MAPS + (PROG_PIN,):
+    for name in MAPS + (_loader.PROG_PIN,):
         path = os.path.join(root, name)
         if os.path.exists(path):
             os.unlink(path)

@@ -24,7 +24,7 @@ import json
 import os
 
 from ansible_collections.xvs.lb.plugins.module_utils import _state
-from ansible_collections.xvs.lb.plugins.module_utils._spec import XvsError
+from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
 
 HEALTH_DIR = "/run/xvs"
 FORMAT = 1

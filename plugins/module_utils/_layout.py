@@ -18,8 +18,12 @@ import ipaddress
 import socket
 import sys
 
+from ansible_collections.xvs.lb.plugins.module_utils import _bpf
+from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
+
 ABI_VERSION = 3
 MAGLEV_CHUNK = 16          # Maglev slots per array element
+MAGLEV_HALVES = 2          # each service's live and idle table (design.md §2.10)
 SRC_PREFIX_LEN = 20        # source prefix counters count per /20
 PREFIX_SLOTS = 1 << SRC_PREFIX_LEN
 SRC_PREFIX6_LEN = 48       # and IPv6 clients per /48, in slots of
@@ -36,10 +40,37 @@ SVC_STICKY = 1
 DEST_VALID = 1
 DEST_V6 = 2                # the destination's address is addr6
 DEST_FAILING = 4           # masked by health: no packet follows a flow to it (weight 0 too)
-# Forwarding methods: a service's, copied into each of its destinations.
-FORWARDING = {"l2": 0, "ipip": 1, "gue": 2}
-# Bytes a tunnel adds in front of the client's packet, by IP version.
-TUNNEL_OVERHEAD = {4: {"l2": 0, "ipip": 20, "gue": 28}, 6: {"l2": 0, "ipip": 40, "gue": 48}}
+# Header sizes, as the kernel's structs have them (struct iphdr without
+# options, struct ipv6hdr, struct udphdr); tests/unit/test_layout.py
+# compiles them against those structs.
+IPV4_HEADER, IPV6_HEADER, UDP_HEADER = 20, 40, 8
+
+
+class Method(object):
+    """A forwarding method (docs/design.md section 2.13): its name, its
+    number in struct svc_val and struct dest (FWD_* in xdp_lb.c), the bytes
+    it puts in front of a client's packet per IP version, and its
+    parameters as {option: (default, kind)}, which a service carries with
+    the method and copies, as the method, into each destination slot.
+    Adding a method is a row here and its encapsulation in xdp_lb.c."""
+
+    def __init__(self, name, number, overhead, params=None):
+        self.name, self.number, self.overhead = name, number, overhead
+        self.params = params or {}
+        self.tunnel = overhead[4] > 0
+
+
+METHODS = (
+    Method("l2", 0, {4: 0, 6: 0}),
+    Method("ipip", 1, {4: IPV4_HEADER, 6: IPV6_HEADER}),
+    # GUE variant 1; the port is the one the Linux fou/gue documentation uses
+    Method("gue", 2, {4: IPV4_HEADER + UDP_HEADER, 6: IPV6_HEADER + UDP_HEADER},
+           {"gue_port": (6080, "port")}),
+)
+FORWARDING = dict((m.name, m) for m in METHODS)
+FORWARDING_BY_NUMBER = dict((m.number, m) for m in METHODS)
+# every method's parameter options, for the argument specs
+FORWARDING_PARAMS = dict((p, m.name) for m in METHODS for p in m.params)
 IPV6_MIN_MTU = 1280        # the least a Packet Too Big may ask for
 ICMP_QUOTE_LEN = 128       # bytes of a too-big frame its ICMP quotes
 MAX_TUNNEL_MTU = 65535     # struct dest's mtu is a u16
@@ -134,9 +165,9 @@ class Meta(ctypes.Structure):
     # abi_version is the first word in every ABI: _dataplane.pinned_abi reads
     # only that; later fields are appended
     _fields_ = [("abi_version", ctypes.c_uint32), ("max_services", ctypes.c_uint32),
-                ("max_dests", ctypes.c_uint32), ("maglev_size", ctypes.c_uint32),
+                ("max_destinations", ctypes.c_uint32), ("maglev_table_size", ctypes.c_uint32),
                 ("flow_table_size", ctypes.c_uint32), ("tcp_timeout", ctypes.c_uint32),
-                ("udp_timeout", ctypes.c_uint32), ("max_ifaces", ctypes.c_uint32),
+                ("udp_timeout", ctypes.c_uint32), ("max_interfaces", ctypes.c_uint32),
                 ("build_id", ctypes.c_uint32 * 4), ("flow_table_size_v6", ctypes.c_uint32)]
 
 
@@ -159,17 +190,17 @@ U64 = ctypes.c_uint64
 # Sizes fixed at attach time: name -> (default, minimum, maximum, -D macro).
 SIZE_LIMITS = {
     "max_services": (64, 1, 65536, "MAX_SERVICES"),
-    "max_destinations": (256, 1, 65535, "MAX_DESTS"),
-    "maglev_table_size": (65537, 251, 1 << 22, "MAGLEV_SIZE"),
+    "max_destinations": (256, 1, 65535, "MAX_DESTINATIONS"),
+    "maglev_table_size": (65537, 251, 1 << 22, "MAGLEV_TABLE_SIZE"),
     "flow_table_size": (1 << 20, 1024, 1 << 26, "FLOW_TABLE_SIZE"),
     "flow_table_size_v6": (1 << 18, 1024, 1 << 26, "FLOW_TABLE_SIZE_V6"),
     "tcp_timeout": (300, 1, 86400, "TCP_TIMEOUT"),
     "udp_timeout": (60, 1, 86400, "UDP_TIMEOUT"),
-    "max_interfaces": (64, 1, 4096, "MAX_IFACES"),
+    "max_interfaces": (64, 1, 4096, "MAX_INTERFACES"),
 }
 
 
-class SizeError(ValueError):
+class SizeError(XvsError, ValueError):
     pass
 
 
@@ -221,7 +252,7 @@ def map_entries(s):
     return {
         "meta": 1, "vips": s["max_services"], "services": s["max_services"],
         "dests": per_dest,
-        "maglev": s["max_services"] * 2 * maglev_chunks(s["maglev_table_size"]),
+        "maglev": s["max_services"] * MAGLEV_HALVES * maglev_chunks(s["maglev_table_size"]),
         "flows": s["flow_table_size"], "counters": 1, "vip_filter": VIP_FILTER_WORDS,
         "svc_stats": s["max_services"], "dest_stats": per_dest,
         "prefix_stats": PREFIX_SLOTS, "prefix_stats6": PREFIX6_SLOTS, "tx_ports": s["max_interfaces"],
@@ -233,24 +264,24 @@ def map_entries(s):
 
 # Pinned maps: name -> (bpf map type, key struct, value struct).
 MAPS = {
-    "meta": (2, U32, Meta),
-    "vip_filter": (2, U32, U64),
-    "vips": (1, U32, VipVal),
-    "services": (1, SvcKey, SvcVal),
-    "dests": (2, U32, Dest),
-    "maglev": (2, U32, MaglevChunk),
-    "flows": (9, FlowKey, FlowVal),
-    "counters": (6, U32, Counters),
-    "svc_stats": (6, U32, Stats),
-    "dest_stats": (6, U32, Stats),
-    "prefix_stats": (6, U32, U64),
-    "prefix_stats6": (6, U32, Prefix6Count),
-    "tx_ports": (14, U32, U32),
-    "vlans": (2, U32, VlanNet),
-    "tunnel_src": (2, U32, TunnelSrc),
-    "vips6": (1, Addr6, VipVal),
-    "services6": (1, SvcKey6, SvcVal),
-    "flows6": (9, FlowKey6, FlowVal6),
+    "meta": (_bpf.MAP_ARRAY, U32, Meta),
+    "vip_filter": (_bpf.MAP_ARRAY, U32, U64),
+    "vips": (_bpf.MAP_HASH, U32, VipVal),
+    "services": (_bpf.MAP_HASH, SvcKey, SvcVal),
+    "dests": (_bpf.MAP_ARRAY, U32, Dest),
+    "maglev": (_bpf.MAP_ARRAY, U32, MaglevChunk),
+    "flows": (_bpf.MAP_LRU_HASH, FlowKey, FlowVal),
+    "counters": (_bpf.MAP_PERCPU_ARRAY, U32, Counters),
+    "svc_stats": (_bpf.MAP_PERCPU_ARRAY, U32, Stats),
+    "dest_stats": (_bpf.MAP_PERCPU_ARRAY, U32, Stats),
+    "prefix_stats": (_bpf.MAP_PERCPU_ARRAY, U32, U64),
+    "prefix_stats6": (_bpf.MAP_PERCPU_ARRAY, U32, Prefix6Count),
+    "tx_ports": (_bpf.MAP_DEVMAP, U32, U32),
+    "vlans": (_bpf.MAP_ARRAY, U32, VlanNet),
+    "tunnel_src": (_bpf.MAP_ARRAY, U32, TunnelSrc),
+    "vips6": (_bpf.MAP_HASH, Addr6, VipVal),
+    "services6": (_bpf.MAP_HASH, SvcKey6, SvcVal),
+    "flows6": (_bpf.MAP_LRU_HASH, FlowKey6, FlowVal6),
 }
 
 

@@ -17,11 +17,11 @@ __metaclass__ = type
 import ctypes
 import errno
 import hashlib
-import ipaddress
 import os
 
-from ansible_collections.xvs.lb.plugins.module_utils import _bpf, _layout as L, _netinfo
+from ansible_collections.xvs.lb.plugins.module_utils import _bpf, _layout as L, _netinfo, _spec
 from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane, abi_refusal, check_map, pinned_abi
+from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
 
 BPF_FS_MAGIC = 0xCAFE4A11
 PROG_PIN = "prog"
@@ -31,14 +31,15 @@ XDP_FLAGS = {"generic": 1 << 1, "native": 1 << 2}
 MODES = ("auto", "native", "generic")
 
 
-class LoaderError(Exception):
+class LoaderError(XvsError):
     pass
 
 
-def default_source():
-    """files/xdp_lb.c of this collection (in a checkout or on the controller)."""
+def default_source(name="xdp_lb.c"):
+    """files/<name> of this collection (in a checkout or on the
+    controller): the balancer's program, or the realservers' (xdp_decap.c)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    return os.path.normpath(os.path.join(here, "..", "..", "files", "xdp_lb.c"))
+    return os.path.normpath(os.path.join(here, "..", "..", "files", name))
 
 
 def read_source(source=None):
@@ -54,21 +55,14 @@ def read_source_bytes(source=None):
         raise LoaderError("source=%s: %s" % (source, e.strerror))
 
 
-def check_root(root):
-    """The pin root goes into a C string literal: keep it plain."""
-    if not isinstance(root, str) or not root.startswith("/") or '"' in root or "\\" in root \
-            or "\n" in root:
-        raise LoaderError("bpffs=%s: must be an absolute path without quotes or backslashes" % root)
-    return root.rstrip("/") or "/"
-
-
-def check_bpffs(root):
-    """root must be a directory on a bpf filesystem (created if missing)."""
+def check_bpffs(root, create=True):
+    """root must be a directory on a bpf filesystem (made if missing and
+    create)."""
     parent = root if os.path.isdir(root) else os.path.dirname(root.rstrip("/"))
     if not _is_bpffs(parent):
         raise LoaderError("bpffs=%s: %s is not on a mounted bpf filesystem (mount -t bpf bpf %s)"
                           % (root, parent, parent))
-    if not os.path.isdir(root):
+    if create and not os.path.isdir(root):
         os.mkdir(root, 0o700)
 
 
@@ -134,11 +128,7 @@ def pinned_sizes(root):
     """The sizes the pinned maps were made with, from their meta map."""
     with DataPlane(root) as dp:
         meta = dp.meta
-    return {"max_services": meta.max_services, "max_destinations": meta.max_dests,
-            "maglev_table_size": meta.maglev_size, "flow_table_size": meta.flow_table_size,
-            "flow_table_size_v6": meta.flow_table_size_v6,
-            "tcp_timeout": meta.tcp_timeout, "udp_timeout": meta.udp_timeout,
-            "max_interfaces": meta.max_ifaces}
+    return dict((name, getattr(meta, name)) for name in L.SIZE_LIMITS)
 
 
 def _snapshot(root, sizes):
@@ -147,8 +137,8 @@ def _snapshot(root, sizes):
     with DataPlane(root) as dp:
         services = dp.services()
         ports = dp.maps["tx_ports"].items()
-        vlans = read_vlans(dp)
-        tunnel_source = read_tunnel_source(dp)
+        vlans = dp.read_vlans()
+        tunnel_source = dp.read_tunnel_source()
     if len(services) > sizes["max_services"]:
         raise LoaderError("max_services=%d: %d services are configured"
                           % (sizes["max_services"], len(services)))
@@ -173,7 +163,7 @@ def load(root, sizes=None, source=None, allow_flow_reset=False, text=None):
     pinned, nothing attached yet.
     """
     sizes = L.sizes(**(sizes or {}))
-    root = check_root(root)
+    root = _spec.bpffs(root)
     text = text if text is not None else read_source(source)
     check_bpffs(root)
     resized = check_pins(root, sizes)
@@ -192,34 +182,38 @@ def load(root, sizes=None, source=None, allow_flow_reset=False, text=None):
         fn = b.load_func(ENTRY.encode(), BPF.XDP)
     except Exception as e:
         raise LoaderError("compiling or loading %s failed: %s" % (source or "the program", e))
-    meta = L.Meta(abi_version=L.ABI_VERSION, max_services=sizes["max_services"],
-                  max_dests=sizes["max_destinations"], maglev_size=sizes["maglev_table_size"],
-                  flow_table_size=sizes["flow_table_size"], tcp_timeout=sizes["tcp_timeout"],
-                  flow_table_size_v6=sizes["flow_table_size_v6"],
-                  udp_timeout=sizes["udp_timeout"], max_ifaces=sizes["max_interfaces"])
+    meta = L.Meta(abi_version=L.ABI_VERSION, **sizes)
     meta.build_id[:] = [int(build_id(text, root, sizes)[i:i + 8], 16) for i in range(0, 32, 8)]
     with _bpf.Map(os.path.join(root, "meta")) as m:
         m.update(bytes(L.U32(0)), bytes(meta))
     if snapshot:
-        _restore(root, *snapshot)
+        _carry_over(root, *snapshot)
+    pin_program(fn.fd, root)
+    return Program(root, fn.fd, b)
+
+
+def pin_program(fd, root):
+    """Pin the program fd at root/prog, replacing the one pinned there
+    atomically (a new pin renamed over the old one)."""
     pin = os.path.join(root, PROG_PIN)
     tmp = pin + "_new"  # bpffs reserves names with dots
     if os.path.exists(tmp):
         os.unlink(tmp)
-    _bpf.obj_pin(fn.fd, tmp)
-    os.rename(tmp, pin)      # the pinned program is replaced atomically
-    return Program(root, fn.fd, b)
+    _bpf.obj_pin(fd, tmp)
+    os.rename(tmp, pin)
 
 
-def _restore(root, services, ports, vlans, tunnel_source):
+def _carry_over(root, services, ports, vlans, tunnel_source):
+    """Write into maps made with new sizes the configuration _snapshot()
+    read from the old ones."""
     with DataPlane(root) as dp:
         for k, v in ports:
             dp.maps["tx_ports"].update(k, v)
-        write_vlans(dp, vlans)
-        write_tunnel_source(dp, tunnel_source)
+        dp.write_vlans(vlans)
+        dp.write_tunnel_source(tunnel_source)
         for s in services:
             dp.set_service(s["address"], s["port"], s["protocol"], s["sticky"], s["destinations"],
-                           s["forwarding"], s["gue_port"])
+                           s["forwarding"])
 
 
 class Program(object):
@@ -254,6 +248,7 @@ def open_pinned(root):
 
 
 def pinned_prog_id(root):
+    """The kernel's id of the program pinned at root/prog, or None."""
     if not os.path.exists(os.path.join(root, PROG_PIN)):
         return None
     with open_pinned(root) as p:
@@ -350,95 +345,6 @@ def reload(root, interfaces, sizes=None, source=None, allow_flow_reset=False):
     return prog, modes
 
 
-def read_vlans(dp):
-    """{vlan id: 'net/len'} from the pinned vlans map."""
-    out = {}
-    for k, v in dp.maps["vlans"].lookup_batch():
-        val = L.VlanNet.from_buffer_copy(v)
-        if val.prefixlen:
-            out[int.from_bytes(k, "little")] = "%s/%d" % (L.ip_str(val.net), val.prefixlen)
-    return out
-
-
-def write_vlans(dp, vlans):
-    """Make the vlans map hold exactly vlans ({id: prefix}); True if changed."""
-    want = normalise_vlans(vlans)
-    have = read_vlans(dp)
-    if want == have:
-        return False
-    for vid in set(have) | set(want):
-        val = L.VlanNet()
-        if vid in want:
-            net = ipaddress.IPv4Network(want[vid])
-            val = L.VlanNet(net=L.be32(str(net.network_address)), prefixlen=net.prefixlen)
-        dp.maps["vlans"].update(bytes(L.U32(vid)), bytes(val))
-    return True
-
-
-def normalise_vlans(vlans):
-    """Validate {vlan id: prefix}: ids 1-4094, IPv4 prefixes; the balancer's
-    own address in the prefix is allowed (192.0.2.2/24 means 192.0.2.0/24)."""
-    out = {}
-    for vid, prefix in (vlans or {}).items():
-        try:
-            n = int(vid)
-        except (TypeError, ValueError):
-            n = -1
-        if not 1 <= n <= 4094:
-            raise LoaderError("vlans: %r is not a VLAN id (1-4094)" % (vid,))
-        try:
-            net = ipaddress.IPv4Network(str(prefix), strict=False)
-        except ValueError:
-            raise LoaderError("vlans: %s: %r is not an IPv4 prefix" % (vid, prefix))
-        if net.prefixlen == 0:
-            raise LoaderError("vlans: %s: %s is not an on-link prefix" % (vid, prefix))
-        out[n] = str(net)
-    return out
-
-
-def read_tunnel_source(dp):
-    """{'ipv4': address, 'ipv6': address} as pinned (families not set left out)."""
-    val = L.TunnelSrc.from_buffer_copy(dp.maps["tunnel_src"].lookup(bytes(L.U32(0))))
-    out = {"ipv4": L.ip_str(val.ipv4)} if val.ipv4 else {}
-    if any(val.ipv6):
-        out["ipv6"] = str(ipaddress.IPv6Address(bytes(val.ipv6)))
-    return out
-
-
-def write_tunnel_source(dp, tunnel_source):
-    """Make the pinned tunnel source tunnel_source; True if changed."""
-    want = normalise_tunnel_source(tunnel_source)
-    if want == read_tunnel_source(dp):
-        return False
-    val = L.TunnelSrc(ipv4=L.be32(want["ipv4"]) if "ipv4" in want else 0)
-    if "ipv6" in want:
-        val.ipv6[:] = ipaddress.IPv6Address(want["ipv6"]).packed
-    dp.maps["tunnel_src"].update(bytes(L.U32(0)), bytes(val))
-    return True
-
-
-def normalise_tunnel_source(tunnel_source):
-    """Validate {family: address}: a unicast IPv4 address for ipv4, a
-    global unicast IPv6 one for ipv6."""
-    out = {}
-    for family, address in (tunnel_source or {}).items():
-        if address is None:
-            continue
-        kind = {"ipv4": ipaddress.IPv4Address, "ipv6": ipaddress.IPv6Address}.get(family)
-        if kind is None:
-            raise LoaderError("tunnel_source: %s: must be ipv4 or ipv6" % family)
-        try:
-            a = kind(str(address))
-        except ValueError:
-            a = None
-        if a is None or a.is_unspecified or a.is_multicast or a.is_loopback or a.is_link_local \
-                or str(a) == "255.255.255.255":
-            raise LoaderError("tunnel_source: %s=%s: not a unicast %s address"
-                              % (family, address, "IPv4" if family == "ipv4" else "IPv6"))
-        out[family] = str(a)
-    return out
-
-
 def status(root):
     """The pinned program and its attachment, or None when nothing is pinned.
     Reads only: no compiler involved."""
@@ -447,8 +353,8 @@ def status(root):
         return None
     with DataPlane(root) as dp:
         meta = dp.meta
-        vlans = read_vlans(dp)
-        tunnel_source = read_tunnel_source(dp)
+        vlans = dp.read_vlans()
+        tunnel_source = dp.read_tunnel_source()
     with open_pinned(root) as p:
         info = p.info
     sizes = pinned_sizes(root)

@@ -43,7 +43,6 @@ def build_indexes(destinations, size):
     if len(set(names)) != len(names):
         raise ValueError("duplicate destination in Maglev input")
     weights = [e[1] for e in eligible]
-    top = max(weights)
     perms = [_permutation(a, size) for a in names]
     pos = [p[0] for p in perms]      # each destination's next candidate
     skips = [p[1] for p in perms]

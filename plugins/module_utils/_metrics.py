@@ -24,10 +24,8 @@ DESTINATION_LABELS = SERVICE_LABELS + ["destination"]
 DESTINATION_STATES = ("up", "drained", "failing", "unresolved")
 # the global counters (see _layout.COUNTERS) as Prometheus families:
 # counter name -> (metric name, label name, label value)
-FRAME_ENDS = dict([(n, ("xvs_packets", "action", n))
-                   for n in ("pass", "tx", "redirect", "icmp_echo_reply", "icmp_too_big")]
-                  + [(n, ("xvs_dropped_packets", "reason", n[len("drop_"):]))
-                     for n in L.COUNTERS if n.startswith("drop_")])
+FRAME_ENDS = dict((n, ("xvs_dropped_packets", "reason", n[len("drop_"):]) if n.startswith("drop_")
+                   else ("xvs_packets", "action", n)) for n in L.VERDICT_COUNTERS)
 HELP = {
     "xvs_received_packets": "Frames the XDP program saw.",
     "xvs_received_bytes": "Bytes of the frames the XDP program saw.",

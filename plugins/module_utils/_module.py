@@ -12,14 +12,15 @@ __metaclass__ = type
 from ansible.module_utils.basic import missing_required_lib
 
 from ansible_collections.xvs.lb.plugins.module_utils import _netinfo, _planner, _state
-from ansible_collections.xvs.lb.plugins.module_utils._balancer import EXPECTED_ERRORS, Balancer
+from ansible_collections.xvs.lb.plugins.module_utils._balancer import Balancer
+from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
 
 
 def check(module, fn):
     """fn() with an expected error as the module's one-line failure."""
     try:
         return fn()
-    except EXPECTED_ERRORS as e:
+    except XvsError as e:
         module.fail_json(msg=str(e))
 
 
@@ -66,9 +67,7 @@ def service_view(r, bal, key):
     svc = r.plan.after.get(key)
     if svc is None:
         return None
-    return bal.view({"address": key[0], "port": key[1], "protocol": key[2], "sticky": svc["sticky"],
-                     "forwarding": svc["forwarding"], "gue_port": svc["gue_port"],
-                     "destinations": sorted(r.plan.effective.get(key, []), key=lambda d: d["address"])})
+    return bal.view(dict(svc, destinations=sorted(r.plan.effective.get(key, []), key=lambda d: d["address"])))
 
 
 def exit_with(module, r, key=None, **result):

@@ -14,6 +14,8 @@ import ipaddress
 import socket
 import time
 
+from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
+
 try:
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
@@ -29,7 +31,7 @@ XDP_MODES = {1: "native", 2: "generic", 3: "offload",
 _NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE NOARP PERMANENT
 
 
-class NetInfoError(ValueError):
+class NetInfoError(XvsError, ValueError):
     pass
 
 

@@ -9,10 +9,10 @@ Every entry point that changes services goes through here: xvs_services
 (overridden with the state of record).
 
 A desired state is {(address, port, protocol): service}, each service
-{address, port, protocol, sticky, check, min_healthy, forwarding, gue_port,
-destinations: {address: {address, weight, mac}}} with mac None unless
-given, check None for a service xvs-agent does not check and gue_port None
-unless forwarding is gue.  The states below turn the
+{address, port, protocol, destinations: {address: {address, weight, mac}}}
+with mac None unless given, and a value for each of _spec.SERVICE_FIELDS
+(sticky, check: None for a service xvs-agent does not check, min_healthy,
+forwarding: {"method": name} and the method's parameters).  The states below turn the
 desired state before a run and the run's entries (checked by _spec) into
 the desired state after it; Plan compares that with the maps, read once,
 and writes only the services that differ: a Maglev table is built only for
@@ -26,20 +26,17 @@ __metaclass__ = type
 import functools
 import ipaddress
 
-from ansible_collections.xvs.lb.plugins.module_utils import _health, _spec, _state
-from ansible_collections.xvs.lb.plugins.module_utils._attach import section_from_status
-from ansible_collections.xvs.lb.plugins.module_utils._balancer import EXPECTED_ERRORS
-from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane, dest_dict, svc_key
-from ansible_collections.xvs.lb.plugins.module_utils._spec import XvsError
+from ansible_collections.xvs.lb.plugins.module_utils import _health, _layout as L, _spec, _state
+from ansible_collections.xvs.lb.plugins.module_utils._dataplane import dest_dict, svc_key
+from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
 
 STATES = ("merged", "replaced", "overridden", "deleted")
 
 
-def _service(address, port, protocol, sticky, dests, check=None,
-             min_healthy=_spec.DEFAULT_MIN_HEALTHY, tunnel=(_spec.DEFAULT_FORWARDING, None)):
-    return {"address": address, "port": port, "protocol": protocol, "sticky": sticky,
-            "check": check, "min_healthy": min_healthy, "forwarding": tunnel[0],
-            "gue_port": tunnel[1], "destinations": dict((d["address"], d) for d in dests)}
+def _service(key, fields, dests):
+    """A desired service: its key, its field values, its destinations."""
+    return dict(fields, address=key[0], port=key[1], protocol=key[2],
+                destinations=dict((d["address"], d) for d in dests))
 
 
 def _dest(address, weight, mac=None):
@@ -49,12 +46,9 @@ def _dest(address, weight, mac=None):
 def _exact(entry):
     """A listed service as replaced and overridden make it: left-out
     options take their defaults."""
-    sticky = _spec.DEFAULT_STICKY if entry["sticky"] is None else entry["sticky"]
-    least = _spec.DEFAULT_MIN_HEALTHY if entry["min_healthy"] is None else entry["min_healthy"]
-    return _service(entry["address"], entry["port"], entry["protocol"], sticky, [
+    return _service(_spec.service_key(entry), dict((f.name, f.value(entry)) for f in _spec.SERVICE_FIELDS), [
         _dest(d["address"], _spec.DEFAULT_WEIGHT if d["weight"] is None else d["weight"], d["mac"])
-        for d in entry["destinations"] or []], entry["check"], least,
-        _spec.forwarding(entry["label"], entry["forwarding"], entry["gue_port"]))
+        for d in entry["destinations"] or []])
 
 
 def merged(before, entries):
@@ -73,12 +67,8 @@ def merged(before, entries):
             dests[d["address"]] = _dest(d["address"],
                                         have["weight"] if d["weight"] is None else d["weight"],
                                         have["mac"] if d["mac"] is None else d["mac"])
-        after[key] = _service(e["address"], e["port"], e["protocol"],
-                              cur["sticky"] if e["sticky"] is None else e["sticky"], dests.values(),
-                              cur["check"] if e["check"] is None else e["check"],
-                              cur["min_healthy"] if e["min_healthy"] is None else e["min_healthy"],
-                              _spec.forwarding(e["label"], e["forwarding"], e["gue_port"],
-                                               (cur["forwarding"], cur["gue_port"])))
+        after[key] = _service(key, dict((f.name, f.value(e, cur[f.name])) for f in _spec.SERVICE_FIELDS),
+                              dests.values())
     return after
 
 
@@ -111,12 +101,13 @@ def from_config(config, label="config"):
 
 def from_maps(dp_services):
     """The desired state the maps imply, for a balancer that has no state
-    of record yet: weights as written, no MAC overrides."""
+    of record yet: weights as written, no MAC overrides, the other fields
+    at their defaults."""
+    defaults = dict((f.name, f.default) for f in _spec.SERVICE_FIELDS)
     return dict(((s["address"], s["port"], s["protocol"]),
-                 _service(s["address"], s["port"], s["protocol"], s["sticky"],
-                          [_dest(d["address"], d["weight"]) for d in s["destinations"]],
-                          tunnel=(s["forwarding"],
-                                  s["gue_port"] if s["forwarding"] == "gue" else None)))
+                 _service((s["address"], s["port"], s["protocol"]),
+                          dict(defaults, sticky=s["sticky"], forwarding=s["forwarding"]),
+                          [_dest(d["address"], d["weight"]) for d in s["destinations"]]))
                 for s in dp_services)
 
 
@@ -134,9 +125,9 @@ def _sort_key(key):
 
 def to_config(desired):
     """A desired state in the config shape: services by address, port and
-    protocol; destinations by address; mac only where it was given; check
-    only where there is one (without its unset options), min_healthy and
-    forwarding only where they are not the default, gue_port with gue."""
+    protocol; destinations by address; mac only where it was given; each
+    field's options as _spec.Field.config gives them (left out at their
+    default, but sticky)."""
     out = []
     for key in sorted(desired, key=_sort_key):
         s = desired[key]
@@ -145,16 +136,9 @@ def to_config(desired):
             d = s["destinations"][a]
             dests.append(dict({"address": a, "weight": d["weight"]},
                               **({"mac": d["mac"]} if d["mac"] else {})))
-        entry = {"address": s["address"], "port": s["port"], "protocol": s["protocol"],
-                 "sticky": s["sticky"], "destinations": dests}
-        if s["check"] is not None:
-            entry["check"] = dict((k, v) for k, v in s["check"].items() if v is not None)
-        if s["min_healthy"] != _spec.DEFAULT_MIN_HEALTHY:
-            entry["min_healthy"] = s["min_healthy"]
-        if s["forwarding"] != _spec.DEFAULT_FORWARDING:
-            entry["forwarding"] = s["forwarding"]
-        if s["gue_port"] is not None:
-            entry["gue_port"] = s["gue_port"]
+        entry = {"address": s["address"], "port": s["port"], "protocol": s["protocol"], "destinations": dests}
+        for f in _spec.SERVICE_FIELDS:
+            entry.update(f.config(s[f.name]))
         out.append(entry)
     return out
 
@@ -222,54 +206,55 @@ class Plan(object):
     def __init__(self, bal, before, after, option_labels=None, strict=True, current=None,
                  down=None):
         self.bal, self.before, self.after = bal, before, after
-        down = down or {}
-        self.unresolved = []   # (key, address, reason), in service order
         dp = bal.dp
         current = dp.read_services() if current is None else current
-        live = {}
-        for k, (v, slots) in current.items():
-            dicts = [dest_dict(d, slot) for slot, d in slots.items()]
-            live[k] = dict((d["address"], d) for d in dicts)
         wanted_keys = set(svc_key(*key) for key in after)
         self.removes = [k for k in current if k not in wanted_keys]
         taken = set(v.index for k, (v, dummy) in current.items() if k in wanted_keys)
+        self.unresolved = []   # (key, address, reason), in service order
+        self.effective = self._resolve(current, option_labels, strict, down or {})
         self.writes = []
-        self.effective = {}    # key -> the resolved destinations written
-        work = []              # (key, address, desired, live to reuse or None, tunnel)
         for key in sorted(after, key=_sort_key):
-            svc, have = after[key], live.get(svc_key(*key), {})
-            tunnel = svc["forwarding"] != "l2"
-            for addr in sorted(svc["destinations"]):
-                d = svc["destinations"][addr]
-                try:
-                    cur = have.get(addr) if _reusable(bal, have.get(addr), d, tunnel, option_labels, key) else None
-                except EXPECTED_ERRORS:
-                    cur = None         # resolved again below, which says why it fails
-                work.append((key, addr, d, cur, tunnel))
-        bal.prepare([(_option(option_labels, key, addr), addr, d["mac"], tunnel)
-                     for key, addr, d, cur, tunnel in work if cur is None])
-        resolved = {}
-        for key, addr, d, cur, tunnel in work:
-            try:
-                fwd = cur or bal.resolve(_option(option_labels, key, addr), addr, d["mac"], tunnel)
-            except EXPECTED_ERRORS as e:
-                if strict and addr not in before.get(key, {}).get("destinations", {}):
-                    raise
-                self.unresolved.append((key, addr, str(e)))
-                continue
-            failing = addr in down.get(key, ())
-            resolved.setdefault(key, []).append(dict(fwd, weight=0 if failing else d["weight"],
-                                                     failing=failing, state=state_of(d["weight"], failing)))
-        for key in sorted(after, key=_sort_key):
-            svc = after[key]
-            dests = self.effective[key] = resolved.get(key, [])
-            sw = dp.plan_write(key[0], key[1], key[2], svc["sticky"], dests, current, taken,
-                               svc["forwarding"], svc["gue_port"] or 0)
+            sw = dp.plan_write(key, after[key], self.effective[key], current, taken)
             if sw is not None:
                 self.writes.append(sw)
         self._current = current
         self.maps_changed = bool(self.writes or self.removes)
         self.changed = self.maps_changed or before != after
+
+    def _resolve(self, current, option_labels, strict, down):
+        """{key: the destinations to write}, each resolved (or reused from
+        the maps), weighted and masked by health; every one that needs it
+        probed at once (§3.2 step 4)."""
+        bal, live = self.bal, {}
+        for k, (v, slots) in current.items():
+            live[k] = dict((d["address"], d) for d in (dest_dict(d, slot) for slot, d in slots.items()))
+        work = []              # (key, address, desired, live to reuse or None, tunnel)
+        for key in sorted(self.after, key=_sort_key):
+            svc, have = self.after[key], live.get(svc_key(*key), {})
+            tunnel = L.FORWARDING[svc["forwarding"]["method"]].tunnel
+            for addr in sorted(svc["destinations"]):
+                d = svc["destinations"][addr]
+                try:
+                    cur = have.get(addr) if _reusable(bal, have.get(addr), d, tunnel, option_labels, key) else None
+                except XvsError:
+                    cur = None         # resolved again below, which says why it fails
+                work.append((key, addr, d, cur, tunnel))
+        bal.prepare([(_option(option_labels, key, addr), addr, d["mac"], tunnel)
+                     for key, addr, d, cur, tunnel in work if cur is None])
+        out = dict((key, []) for key in self.after)
+        for key, addr, d, cur, tunnel in work:
+            try:
+                fwd = cur or bal.resolve(_option(option_labels, key, addr), addr, d["mac"], tunnel)
+            except XvsError as e:
+                if strict and addr not in self.before.get(key, {}).get("destinations", {}):
+                    raise
+                self.unresolved.append((key, addr, str(e)))
+                continue
+            failing = addr in down.get(key, ())
+            out[key].append(dict(fwd, weight=0 if failing else d["weight"], failing=failing,
+                                 state=state_of(d["weight"], failing)))
+        return out
 
     def apply(self):
         """Write the maps: removed services first (their indexes may be
@@ -334,7 +319,7 @@ class Run(object):
         self.bal, self.state_file = bal, state_file
         current = bal.dp.read_services()
         self.record, before = recorded(bal, state_file, record_required, current)
-        attach = self.record["attach"] if self.record else section_from_status(bal.status)
+        attach = self.record["attach"] if self.record else _state.attach_section_from_status(bal.status)
         self.plan = Plan(bal, before, transform(before), option_labels, strict, current,
                          _health.load(state_file))
         self.new_record = _state.make(bal.root, attach, to_config(self.plan.after))
@@ -355,31 +340,3 @@ def transform(state, entries):
     if state not in TRANSFORMS:
         raise XvsError("state=%s: must be one of %s" % (state, ", ".join(STATES)))
     return lambda before: TRANSFORMS[state](before, entries)
-
-
-class AttachRun(object):
-    """xvs_attach's run: its AttachPlan, and the state of record with the
-    attachment it leaves (the services as recorded, or for a balancer that
-    has no record yet as its maps hold them; none once it is unpinned)."""
-
-    def __init__(self, attach_plan, state_file):
-        self.plan, self.state_file = attach_plan, state_file
-        self.record = _state.load(state_file, attach_plan.root)
-        section = attach_plan.record()
-        if section is None:
-            services = []
-        elif self.record is not None:
-            services = self.record["services"]
-        elif attach_plan.status:
-            with DataPlane(attach_plan.root) as dp:
-                services = to_config(from_maps(dp.services()))
-        else:
-            services = []
-        self.new_record = _state.make(attach_plan.root, section, services)
-        self.record_changed = self.record != self.new_record
-        self.changed = attach_plan.changed or self.record_changed
-
-    def apply(self):
-        self.plan.apply()
-        if self.record_changed:
-            _state.save(self.state_file, self.new_record)

@@ -20,8 +20,8 @@ import zipfile
 
 from ansible_collections.xvs.lb.plugins.module_utils import _journal, _loader, _planner, _spec, _state
 from ansible_collections.xvs.lb.plugins.module_utils._attach import AttachPlan
-from ansible_collections.xvs.lb.plugins.module_utils._balancer import EXPECTED_ERRORS, Balancer
-from ansible_collections.xvs.lb.plugins.module_utils._spec import XvsError
+from ansible_collections.xvs.lb.plugins.module_utils._balancer import Balancer
+from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
 
 # Where the program lies in the restore's library (a zip or a directory
 # holding ansible_collections/xvs/lb/...), beside the control-plane code.
@@ -60,7 +60,7 @@ def main(library, argv):
     state_file = argv[0] if argv else _spec.DEFAULT_STATE_FILE
     try:
         restore(state_file, _journal.Log(), text=program(library))
-    except EXPECTED_ERRORS as e:
+    except XvsError as e:
         _journal.Log(sys.stderr)("xvs-restore: %s" % e, _journal.ERR)
         return 1
     return 0

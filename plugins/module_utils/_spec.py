@@ -17,7 +17,8 @@ import functools
 import ipaddress
 import re
 
-from ansible_collections.xvs.lb.plugins.module_utils import _layout as L, _loader
+from ansible_collections.xvs.lb.plugins.module_utils import _layout as L
+from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
 
 DEFAULT_BPFFS = "/sys/fs/bpf/xvs"
 DEFAULT_STATE_FILE = "/etc/xvs/state.json"
@@ -29,11 +30,11 @@ DEFAULT_PROTOCOL = "tcp"
 DEFAULT_STICKY = False
 DEFAULT_WEIGHT = 1
 # How a service reaches its destinations (docs/design.md §2.13): on the
-# balancer's segment (l2) or through a tunnel; GUE's port is the one the
-# Linux fou/gue documentation uses.
+# balancer's segment (l2) or through a tunnel; the methods, their
+# parameters and defaults are _layout.METHODS.
 FORWARDING = tuple(L.FORWARDING)
 DEFAULT_FORWARDING = "l2"
-DEFAULT_GUE_PORT = 6080
+DEFAULT_GUE_PORT = L.FORWARDING["gue"].params["gue_port"][0]
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 # Health checks (run by xvs-agent): HAProxy's defaults for interval, rise
 # and fall; a check that has not answered in a second has failed.
@@ -76,16 +77,13 @@ SERVICE_OPTIONS = dict(
     check=dict(type="dict", options=CHECK_OPTIONS),
     min_healthy=dict(type="int"),
     forwarding=dict(type="str", choices=list(FORWARDING)),
-    gue_port=dict(type="int"),
+    # each method's parameters (gue_port), checked by their kind below
+    **dict((param, dict(type="int")) for param in L.FORWARDING_PARAMS)
 )
 COMMON_OPTIONS = dict(
     bpffs=dict(type="path", default=DEFAULT_BPFFS),
     state_file=dict(type="path", default=DEFAULT_STATE_FILE),
 )
-
-
-class XvsError(Exception):
-    """A problem the user fixes: reported as one line, nothing changed."""
 
 
 @functools.lru_cache(maxsize=8192)
@@ -226,29 +224,160 @@ def check(label, item):
     return out
 
 
-def forwarding(label, value, gue_port, current=None):
-    """(forwarding, gue_port) of a service: value and gue_port as given
-    (None: left out), current the service's (forwarding, gue_port) that
-    left-out options keep, or None for the defaults.  gue_port is None
-    unless forwarding is gue."""
+# the kinds of a forwarding method's parameters (_layout.Method.params)
+PARAM_KINDS = {"port": port}
+
+
+def forwarding(label, given, current=None):
+    """A service's forwarding: {"method": name} and the method's
+    parameters.  given is {"method": name, parameter: value} as given (None
+    or missing: left out), current the service's forwarding whose values
+    left-out ones keep, or None for the defaults.  A parameter of another
+    method is an error."""
     prefix = label + "." if label else ""
-    cur_fwd, cur_port = current or (DEFAULT_FORWARDING, None)
-    fwd = cur_fwd if value is None else value
-    if fwd not in FORWARDING:
-        raise XvsError("%sforwarding=%s: must be one of %s" % (prefix, fwd, ", ".join(FORWARDING)))
-    if fwd != "gue":
-        if gue_port is not None:
-            raise XvsError("%sgue_port: only for forwarding gue, not %s" % (prefix, fwd))
-        return fwd, None
-    return fwd, port(prefix + "gue_port", gue_port if gue_port is not None
-                     else cur_port if cur_port is not None else DEFAULT_GUE_PORT)
+    given, current = given or {}, current or {"method": DEFAULT_FORWARDING}
+    name = current["method"] if given.get("method") is None else given["method"]
+    if name not in L.FORWARDING:
+        raise XvsError("%sforwarding=%s: must be one of %s" % (prefix, name, ", ".join(FORWARDING)))
+    method = L.FORWARDING[name]
+    out = {"method": name}
+    for param, owner in sorted(L.FORWARDING_PARAMS.items()):
+        value = given.get(param)
+        if param not in method.params:
+            if value is not None:
+                raise XvsError("%s%s: only for forwarding %s, not %s" % (prefix, param, owner, name))
+            continue
+        default, kind = method.params[param]
+        out[param] = PARAM_KINDS[kind](prefix + param, current.get(param, default) if value is None else value)
+    return out
+
+
+def forwarding_config(value):
+    """A service's forwarding in the config shape: forwarding and the
+    method's parameters as options of their own."""
+    out = {"forwarding": value["method"]}
+    out.update((k, v) for k, v in value.items() if k != "method")
+    return out
+
+
+class Field(object):
+    """A service option besides its key and destinations, as data: its
+    default; how an entry gives it (read: the check of the value given,
+    None when left out); how a given value combines with the current one
+    (state merged; None current: a new service, or replaced and
+    overridden); and its options in the config shape (the state of record,
+    gathered, the diff), where it is left out at its default unless shown.
+    service() and the planner loop over SERVICE_FIELDS: adding a service
+    option is a row here, its argument spec above, and its documentation."""
+
+    def __init__(self, name, default, check, shown=False, combine=None, config=None, read=None):
+        self.name, self.default, self.shown = name, default, shown
+        self._check = check          # (option label, value) -> the value, checked
+        self._read = read            # (label, entry) -> the value given, checked
+        self._combine = combine      # (label, given, current) -> value
+        self._config = config or (lambda value: {name: value})
+
+    def read(self, label, entry):
+        """The value entry gives, checked; None when left out."""
+        if self._read:
+            return self._read(label, entry)
+        value = entry.get(self.name)
+        return None if value is None else self._check((label + "." if label else "") + self.name, value)
+
+    def value(self, entry, current=None):
+        """The option's value after a run: given in entry, else current,
+        else the default."""
+        given = entry.get(self.name)
+        if self._combine:
+            return self._combine(entry.get("label", ""), given, current)
+        if given is not None:
+            return given
+        return self.default if current is None else current
+
+    def config(self, value):
+        if value == self.default and not self.shown:
+            return {}
+        return self._config(value)
+
+
+def _given_forwarding(label, entry):
+    """A service entry's forwarding options as given: {"method": the
+    method or None, each method parameter: its value or None}, checked."""
+    prefix = label + "." if label else ""
+    given = dict((param, entry.get(param)) for param in L.FORWARDING_PARAMS)
+    given["method"] = entry.get("forwarding")
+    if given["method"] is not None:
+        forwarding(label, given)      # checked here; planned with the current one
+    for param, owner in L.FORWARDING_PARAMS.items():
+        if given[param] is not None:
+            PARAM_KINDS[L.FORWARDING[owner].params[param][1]](prefix + param, given[param])
+    return given
+
+
+SERVICE_FIELDS = (
+    Field("sticky", DEFAULT_STICKY, boolean, shown=True),
+    # a check given replaces the current one whole; its unset options are not shown
+    Field("check", None, check,
+          config=lambda c: {"check": dict((k, v) for k, v in c.items() if v is not None)}),
+    Field("min_healthy", DEFAULT_MIN_HEALTHY,
+          lambda option, v: _number(option, v, 0, L.SIZE_LIMITS["max_destinations"][2])),
+    Field("forwarding", {"method": DEFAULT_FORWARDING}, None, read=_given_forwarding, combine=forwarding,
+          config=forwarding_config),
+)
+FIELDS = dict((f.name, f) for f in SERVICE_FIELDS)
 
 
 def bpffs(value):
-    try:
-        return _loader.check_root(value)
-    except _loader.LoaderError as e:
-        raise XvsError(str(e))
+    """The pin root, normalised: it goes into a C string literal (the
+    program's pin paths), so it must be a plain absolute path."""
+    if not isinstance(value, str) or not value.startswith("/") or '"' in value or "\\" in value \
+            or "\n" in value:
+        raise XvsError("bpffs=%s: must be an absolute path without quotes or backslashes" % value)
+    return value.rstrip("/") or "/"
+
+
+def vlans(value):
+    """An 802.1Q trunk's {vlan id: prefix}, checked: ids 1-4094, IPv4
+    prefixes; the balancer's own address in the prefix is allowed
+    (192.0.2.2/24 means 192.0.2.0/24)."""
+    out = {}
+    for vid, prefix in (value or {}).items():
+        try:
+            n = int(vid)
+        except (TypeError, ValueError):
+            n = -1
+        if not 1 <= n <= 4094:
+            raise XvsError("vlans: %r is not a VLAN id (1-4094)" % (vid,))
+        try:
+            net = ipaddress.IPv4Network(str(prefix), strict=False)
+        except ValueError:
+            raise XvsError("vlans: %s: %r is not an IPv4 prefix" % (vid, prefix))
+        if net.prefixlen == 0:
+            raise XvsError("vlans: %s: %s is not an on-link prefix" % (vid, prefix))
+        out[n] = str(net)
+    return out
+
+
+def tunnel_source(value):
+    """The tunnels' outer source per family, {family: address}, checked:
+    a unicast IPv4 address for ipv4, a global unicast IPv6 one for ipv6."""
+    out = {}
+    for fam, address in (value or {}).items():
+        if address is None:
+            continue
+        kind = {"ipv4": ipaddress.IPv4Address, "ipv6": ipaddress.IPv6Address}.get(fam)
+        if kind is None:
+            raise XvsError("tunnel_source: %s: must be ipv4 or ipv6" % fam)
+        try:
+            a = kind(str(address))
+        except ValueError:
+            a = None
+        if a is None or a.is_unspecified or a.is_multicast or a.is_loopback or a.is_link_local \
+                or str(a) == "255.255.255.255":
+            raise XvsError("tunnel_source: %s=%s: not a unicast %s address"
+                           % (fam, address, "IPv4" if fam == "ipv4" else "IPv6"))
+        out[fam] = str(a)
+    return out
 
 
 def _unknown(label, entry, allowed):
@@ -287,22 +416,11 @@ def service(label, entry):
     for name in ("address", "port"):
         if entry.get(name) is None:
             raise XvsError("%s%s: required" % (prefix, name))
-    out_address = ip(prefix + "address", entry["address"])
-    sticky, chk, least = entry.get("sticky"), entry.get("check"), entry.get("min_healthy")
-    fwd, gue_port = entry.get("forwarding"), entry.get("gue_port")
-    if fwd is not None:
-        forwarding(label, fwd, gue_port)   # checked here; planned with the current one
-    elif gue_port is not None:
-        port(prefix + "gue_port", gue_port)
-    out = {"address": out_address,
+    out = {"address": ip(prefix + "address", entry["address"]),
            "port": port(prefix + "port", entry["port"]),
            "protocol": protocol(prefix + "protocol", entry.get("protocol") or DEFAULT_PROTOCOL),
-           "sticky": None if sticky is None else boolean(prefix + "sticky", sticky),
-           "check": None if chk is None else check(prefix + "check", chk),
-           "min_healthy": None if least is None else _number(
-               prefix + "min_healthy", least, 0, L.SIZE_LIMITS["max_destinations"][2]),
-           "forwarding": fwd, "gue_port": gue_port, "label": label,
-           "destinations": None}
+           "label": label, "destinations": None}
+    out.update((f.name, f.read(label, entry)) for f in SERVICE_FIELDS)
     if entry.get("destinations") is not None:
         if not isinstance(entry["destinations"], list):
             raise XvsError("%sdestinations=%s: must be a list" % (prefix, entry["destinations"]))
@@ -321,6 +439,14 @@ def service(label, entry):
             seen.add(d["address"])
             dests.append(d)
         out["destinations"] = dests
+    return out
+
+
+def left_out(key, destinations=None):
+    """A service entry that gives nothing but its key (and destinations):
+    with state merged, every option keeps its current value."""
+    out = dict((f.name, None) for f in SERVICE_FIELDS)
+    out.update(address=key[0], port=key[1], protocol=key[2], label="", destinations=destinations)
     return out
 
 

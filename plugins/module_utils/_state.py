@@ -12,8 +12,10 @@ record, never half of one):
     {"format": 1, "bpffs": "/sys/fs/bpf/xvs",
      "attach": {"interfaces": [...], "mode": ..., "sizes": {...}, "vlans": {...},
                 "tunnel_source": {...}} or null,
-     "services": [{"address", "port", "protocol", "sticky",
-                   "destinations": [{"address", "weight"[, "mac"]}]}]}
+     "services": [the services in the config shape of xvs_services: address,
+                  port, protocol, sticky, destinations [{address, weight[,
+                  mac]}], and where not at their default check, min_healthy,
+                  forwarding and its parameters (_spec.SERVICE_FIELDS)]}
 
 One record belongs to one pin root: it names its bpffs, and a run with
 another bpffs is refused, so two balancers on one host (two pin roots)
@@ -32,7 +34,7 @@ import os
 import tempfile
 import time
 
-from ansible_collections.xvs.lb.plugins.module_utils._spec import XvsError
+from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
 
 LOCK_FILE = "/run/lock/xvs-lb.lock"
 LOCK_TIMEOUT = 300
@@ -101,6 +103,22 @@ def load(path, bpffs=None, required=False):
         raise XvsError("state_file=%s records the balancer pinned at bpffs=%s, not %s: give each "
                        "pin root its own state_file" % (path, record["bpffs"], bpffs))
     return record
+
+
+def attach_section(interfaces, mode, sizes, vlans, tunnel_source):
+    """The attachment as the state of record keeps it (JSON: VLAN ids as
+    strings, interfaces sorted)."""
+    return {"interfaces": sorted(interfaces), "mode": mode, "sizes": dict(sizes),
+            "vlans": dict((str(k), v) for k, v in sorted((vlans or {}).items())),
+            "tunnel_source": dict(tunnel_source or {})}
+
+
+def attach_section_from_status(st):
+    """The record's attachment for a balancer attached before it had a
+    record: what is attached now, in one mode where all agree."""
+    modes = set(st["interfaces"].values())
+    return attach_section(st["interfaces"], modes.pop() if len(modes) == 1 else "auto",
+                          st["sizes"], st["vlans"], st["tunnel_source"])
 
 
 def make(bpffs, attach, services):

@@ -226,8 +226,8 @@ tunnel_source:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.xvs.lb.plugins.module_utils import _layout as L, _loader, _module, _planner, _spec, _state
-from ansible_collections.xvs.lb.plugins.module_utils._attach import AttachPlan
+from ansible_collections.xvs.lb.plugins.module_utils import _layout as L, _loader, _module, _spec, _state
+from ansible_collections.xvs.lb.plugins.module_utils._attach import AttachPlan, AttachRun
 
 # defaults and limits live in _layout.SIZE_LIMITS
 SIZE_OPTIONS = dict((name, dict(type="int", default=limits[0]))
@@ -257,7 +257,7 @@ def main():
 
     def work():
         text = _loader.read_source(params["source"]) if params["state"] == "present" else ""
-        r = _planner.AttachRun(AttachPlan(params, text), params["state_file"])
+        r = AttachRun(AttachPlan(params, text), params["state_file"])
         plan = r.plan
         library, stale = None, False
         if params["library"] and params["state"] == "present":

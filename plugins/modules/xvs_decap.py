@@ -167,7 +167,7 @@ def main():
 
     def absent():
         root = _spec.bpffs(p["bpffs"])
-        changed = bool(_decap.pinned_prog_id(root)) or os.path.exists(p["config_file"])
+        changed = bool(_loader.pinned_prog_id(root)) or os.path.exists(p["config_file"])
         if not module.check_mode:
             changed = _decap.remove(root, p["config_file"]) or changed
         return {"changed": changed, "interfaces": {}, "counters": None}

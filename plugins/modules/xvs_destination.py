@@ -185,9 +185,7 @@ def main():
         if p["state"] == "absent":
             return _planner.remove_destination(key, dest["address"])(before)
         # one destination merged: every other option of the service left out
-        entry = dict(dict.fromkeys(_spec.SERVICE_OPTIONS), address=key[0], port=key[1],
-                     protocol=key[2], destinations=[dest], label="")
-        return _planner.merged(before, {key: entry})
+        return _planner.merged(before, {key: _spec.left_out(key, [dest])})
 
     def view(r, bal):
         svc = _module.service_view(r, bal, key)

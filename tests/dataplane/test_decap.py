@@ -23,7 +23,7 @@ class Decap(object):
                                 "sources": list(sources), "gue_port": gue_port, "bpffs": root})
         self.root = root
         _decap.DecapPlan(cfg, _loader.read_source(_decap.default_source())).load_program()
-        self.fd = _bpf.obj_get(os.path.join(root, _decap.PROG_PIN))
+        self.fd = _bpf.obj_get(os.path.join(root, _loader.PROG_PIN))
 
     def run(self, frame):
         ret, out = _bpf.prog_test_run(self.fd, bytes(frame))[:2]

@@ -23,13 +23,17 @@ def h(pin_root):
         yield hh
 
 
+# the control plane's overheads (_layout.METHODS), which the program's frames must bear out
+TUNNELS4 = [(m.name, m.overhead[4]) for m in L.METHODS if m.tunnel]
+
+
 def tunnel_dest(h, address, mtu=MTU, vlan=0):
     return dict(h.dest(address, vlan=vlan), mac=NEXT_HOP_MAC, tun_src=TUN_SRC, mtu=mtu)
 
 
 def tunnel_service(h, forwarding, dests=ROUTED[:1], mtu=MTU, vlan=0, gue_port=6080, sticky=False):
     h.dp.set_service(VIP, 80, "tcp", sticky, [tunnel_dest(h, a, mtu, vlan) for a in dests],
-                     forwarding, gue_port)
+                     {"method": forwarding, "gue_port": gue_port})
 
 
 def client_ip(sport=40000, size=0, flags="S", tos=0x28):
@@ -113,7 +117,7 @@ def test_tunnel_on_a_vlan_keeps_priority_and_sets_the_id(h):
     assert_checksums(out, l2=18)
 
 
-@pytest.mark.parametrize("forwarding,overhead", [("ipip", 20), ("gue", 28)])
+@pytest.mark.parametrize("forwarding,overhead", TUNNELS4)
 def test_frame_that_fits_exactly_is_tunnelled(h, forwarding, overhead):
     tunnel_service(h, forwarding)
     inner = client_ip(size=MTU - overhead)
@@ -122,7 +126,7 @@ def test_frame_that_fits_exactly_is_tunnelled(h, forwarding, overhead):
     assert len(out) == 14 + MTU and out[14 + overhead:] == inner
 
 
-@pytest.mark.parametrize("forwarding,overhead", [("ipip", 20), ("gue", 28)])
+@pytest.mark.parametrize("forwarding,overhead", TUNNELS4)
 @pytest.mark.parametrize("vlan", [None, 20])
 def test_too_big_frame_is_answered_with_frag_needed(h, forwarding, overhead, vlan):
     tunnel_service(h, forwarding, vlan=vlan or 0)
@@ -160,13 +164,13 @@ def test_changing_the_forwarding_method_moves_established_flows_with_it(h):
     assert h.run(frame(inner)) == ("tx", bytes(Ether(src=BALANCER_MAC, dst=mac_for(ROUTED[0]), type=0x800)) + inner)
     tunnel_service(h, "gue")
     svc = h.dp.service(VIP, 80, "tcp")
-    assert (svc["forwarding"], svc["gue_port"]) == ("gue", 6080)
+    assert svc["forwarding"] == {"method": "gue", "gue_port": 6080}
     assert svc["destinations"][0]["tun_src"] == TUN_SRC and svc["destinations"][0]["mtu"] == MTU
     verdict, out = h.run(frame(client_ip(flags="A")))
     assert verdict == "tx" and IP(out[14:]).proto == 17 and IP(out[14:])[UDP].dport == 6080
     tunnel_service(h, "ipip")
     assert IP(h.run(frame(client_ip(flags="A")))[1][14:]).proto == 4
-    assert h.dp.set_service(VIP, 80, "tcp", False, [tunnel_dest(h, ROUTED[0])], "ipip", 0) is False
+    assert h.dp.set_service(VIP, 80, "tcp", False, [tunnel_dest(h, ROUTED[0])], {"method": "ipip"}) is False
 
 
 # ---- IPv6-in-IPv6 (contract 13 for IPv6 services) ------------------------------
@@ -177,7 +181,8 @@ TUN_SRC6 = "2001:db8:1::2"
 
 def tunnel_service6(h, mtu=MTU, vlan=0, forwarding="ipip", gue_port=6080):
     h.dp.set_service(VIP6, 80, "tcp", False, [dict(h.dest(ROUTED6, vlan=vlan), mac=NEXT_HOP_MAC,
-                                                   tun_src=TUN_SRC6, mtu=mtu)], forwarding, gue_port)
+                                                   tun_src=TUN_SRC6, mtu=mtu)],
+                     {"method": forwarding, "gue_port": gue_port})
 
 
 def client_ip6(sport=40000, size=0, flags="S", tc=0x28, payload=b""):
@@ -205,7 +210,7 @@ def test_ip6ip6_puts_an_outer_ipv6_header_in_front(h, vlan):
         assert (verdict, out) == ("tx", bytes(l2 / outer) + inner)
     assert h.counters()["encap_ipip"] == 2
     svc = h.dp.service(VIP6, 80, "tcp")
-    assert svc["destinations"][0]["tun_src"] == TUN_SRC6 and svc["forwarding"] == "ipip"
+    assert svc["destinations"][0]["tun_src"] == TUN_SRC6 and svc["forwarding"] == {"method": "ipip"}
 
 
 def test_ipv6_frame_too_big_for_the_tunnel_gets_packet_too_big(h):

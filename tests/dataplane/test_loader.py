@@ -7,7 +7,7 @@ import pytest
 
 from ansible_collections.xvs.lb.plugins.module_utils import _dataplane, _layout as L, _loader, _netinfo
 from xvstest.lab import Lab, inside
-from xvstest.packets import (CLIENT, TEST_SIZES, VIP, Harness, dest_of, dump_maps, expected_dest,
+from xvstest.packets import (CLIENT, TEST_SIZES, VIP, Harness, dest_of, dump_maps, expected_dest, flows,
                              harness)
 from test_contract import B1, B2, SIZE, tcp
 from test_contract_ipv6 import B1 as B1_6, B2 as B2_6, VIP as VIP6, owner, tcp as tcp6
@@ -89,12 +89,13 @@ def test_resize_when_allowed_keeps_configuration(pin_root, change):
         h.dp.set_service(VIP, 53, "udp", True, [h.dest(B2, 1)])
         h.dp.set_service(VIP6, 80, "tcp", False, [h.dest(B1_6)])
         h.dp.set_service(VIP, 82, "tcp", False, [dict(h.dest("198.51.100.21"), mac="02:00:00:00:00:fe",
-                                                      tun_src="192.0.2.2", mtu=1500)], "gue", 7000)
+                                                      tun_src="192.0.2.2", mtu=1500)],
+                         {"method": "gue", "gue_port": 7000})
         h.run(tcp())
         services = h.dp.services()
-        assert {(s["port"], s["forwarding"]) for s in services} == {(80, "l2"), (53, "l2"), (82, "gue")}
+        assert {(s["port"], s["forwarding"]["method"]) for s in services} == {(80, "l2"), (53, "l2"), (82, "gue")}
     with harness(pin_root, sizes=dict(change), allow_flow_reset=True) as h:
-        assert h.dp.flows() == []
+        assert flows(h.dp) == []
         assert h.dp.services() == services
         assert h.dp.maps["flows"].max_entries == change.get("flow_table_size", 4096)
         verdict, out = h.run(tcp(sport=50505))

@@ -17,7 +17,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ansible_collections.xvs.lb.plugins.module_utils import _agent, _health, _loader, _spec
+from ansible_collections.xvs.lb.plugins.module_utils import _health, _loader, _probes, _spec
 from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane
 from xvstest.lab import Lab, VIP, curl, dsr_lab, http_server, inside, stop_http_server, wait_for
 from xvstest.modules import BIN, Modules, ansible_env
@@ -306,7 +306,7 @@ def servers(tmp_path):
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_check_types_against_real_servers(servers, spec, healthy, reason):
     with inside(servers):
-        ok, why = _agent.run_check(spec, SERVER, (VIP, 80, "tcp"))
+        ok, why = _probes.run_check(spec, SERVER, (VIP, 80, "tcp"))
     assert ok == healthy and reason in why, why
 
 
@@ -334,5 +334,5 @@ def test_http_check_of_an_ipv6_destination_sends_a_valid_host(tmp_path):
         wait_for(lambda: lab.sh(ns, "curl -sf -o /dev/null http://[%s]:8080/" % SERVER6, check=False).returncode == 0,
                  what="the IPv6 server")
         with inside(ns):
-            assert _agent.run_check(check("http", port=8080), SERVER6, ("2001:db8::10", 80, "tcp")) == \
+            assert _probes.run_check(check("http", port=8080), SERVER6, ("2001:db8::10", 80, "tcp")) == \
                 (True, "HTTP status 200")

@@ -29,6 +29,7 @@ from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane
 from xvstest.lab import (BGP_BALANCERS as BALANCERS, CLIENT_NET_CLIENT as CLIENT, ECHO_PORT, FRONT6, ROUTER, VIP,
                          VIP6, Lab, build_bgp_lab, echo_server, http_server, inside, next_hops, v6, wait_for)
 from xvstest.modules import BIN, ansible_env
+from xvstest.packets import flows
 
 BACKENDS = {"b1": "192.0.2.21", "b2": "192.0.2.22", "b3": "192.0.2.23"}
 INTERVAL, FALL, RISE = 0.5, 2, 2
@@ -127,13 +128,13 @@ class Balancer(object):
         out = {}
         with DataPlane(self.root) as dp:
             for key, v in dp._services_raw().items():
-                raw = b"".join(dp.maps["maglev"].lookup_range((v.index * 2 + v.gen) * dp.chunks, dp.chunks))
+                raw = b"".join(dp.maps["maglev"].lookup_range(dp.first_chunk(v.index, v.gen), dp.chunks))
                 out[key] = (raw, dict((s, dest_address(d)) for s, d in dp._dest_slots(v.index).items()))
         return out
 
     def flows(self):
         with DataPlane(self.root) as dp:
-            return dp.flows()
+            return flows(dp)
 
     def close(self):
         if self.agent is not None:

@@ -23,7 +23,7 @@ import pytest
 
 from ansible_collections.xvs.lb.plugins.module_utils import _health, _loader
 from xvstest.lab import BIG, VIP, dsr_lab, inside, stop_http_server, wait_for
-from xvstest.modules import Modules, collections_path, restore_command
+from xvstest.modules import Modules, agent_command, restore_command
 
 BACKENDS = {"b1": "192.0.2.21", "b2": "192.0.2.22", "b3": "192.0.2.23"}
 INTERVAL, FALL = 0.5, 2
@@ -144,12 +144,9 @@ class Balancer(object):
 
     def start_agent(self):
         """xvs-agent as its unit runs it (python3 from the library path)."""
-        code = ("import sys; sys.path.insert(0, %r); from ansible_collections.xvs.lb.plugins.module_utils "
-                "import _agent; sys.exit(_agent.main(sys.argv[1:]))" % collections_path())
         out = open(self.log, "a")
-        self.agent = subprocess.Popen(["ip", "netns", "exec", self.ns, "/usr/bin/python3", "-c", code,
-                                       self.mods.state_file], stdout=out, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
+        self.agent = subprocess.Popen(["ip", "netns", "exec", self.ns] + agent_command(self.mods.state_file),
+                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         out.close()
         wait_for(lambda: "checked destination(s)" in self.logged(), what="the agent's start")
 

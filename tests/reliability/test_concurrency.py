@@ -15,6 +15,7 @@ import pytest
 from ansible_collections.xvs.lb.plugins.module_utils import _dataplane, _layout as L, _loader, _maglev
 from xvstest.lab import Lab
 from xvstest.modules import BIN, Modules, balancer_ns
+from xvstest.packets import live_table
 
 VIP = "203.0.113.10"
 SIZES = {"maglev_table_size": 251, "max_destinations": 32, "max_services": 16, "flow_table_size": 4096}
@@ -69,9 +70,9 @@ def assert_tables_whole(root):
         for v in dp._services_raw().values():
             live = dp._dest_slots(v.index)
             plan = {L.ip_str(d.addr): slot for slot, d in live.items()}
-            table = _maglev.build([(a, live[s].weight) for a, s in plan.items()], dp.maglev_size)
-            want = [plan[a] for a in table] if table else [0] * dp.maglev_size
-            assert dp.live_table(v.index, v.gen) == want, \
+            table = _maglev.build([(a, live[s].weight) for a, s in plan.items()], dp.maglev_table_size)
+            want = [plan[a] for a in table] if table else [0] * dp.maglev_table_size
+            assert live_table(dp, v.index, v.gen) == want, \
                 "service %d half-written" % v.index
 
 

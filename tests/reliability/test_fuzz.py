@@ -85,9 +85,11 @@ class Checker(object):
         h.dp.set_service(VIP6, 53, "udp", True, [h.dest(a) for a in POOL6])
         for (port, proto), forwarding in TUNNELS.items():
             h.dp.set_service(VIP, port, proto, False, [dict(h.dest(a), mac=NEXT_HOP_MAC, tun_src=TUN_SRC,
-                                                            mtu=TUN_MTU) for a in ROUTED], forwarding, GUE_PORT)
+                                                            mtu=TUN_MTU) for a in ROUTED],
+                             {"method": forwarding, "gue_port": GUE_PORT})
             h.dp.set_service(VIP6, port, proto, False, [dict(h.dest(a), mac=NEXT_HOP_MAC, tun_src=TUN_SRC6,
-                                                             mtu=TUN_MTU6) for a in ROUTED6], forwarding, GUE_PORT)
+                                                             mtu=TUN_MTU6) for a in ROUTED6],
+                             {"method": forwarding, "gue_port": GUE_PORT})
         self.tagged_macs = {L.mac_bytes(mac_for(a)) for a in TAGGED + POOL6}
 
     def configure(self, n):

@@ -84,7 +84,7 @@ EXEC_CHECK = "subprocess.run(shlex.split(check[\"command\"]), env=env"
 def test_no_shell_anywhere_in_the_plugins():
     """The modules talk netlink and bpf(2) directly; nothing they run goes
     through a shell, so no option can be interpreted by one.  The agent's
-    exec check is the one subprocess, started without a shell."""
+    exec check (a probe) is the one subprocess, started without a shell."""
     bad = re.compile(r"shell\s*=\s*True|os\.system|os\.popen|subprocess\.\w+\(|run_command|use_unsafe_shell")
     hits = []
     for d, _dirs, files in os.walk(os.path.join(ROOT, "plugins")):
@@ -92,6 +92,6 @@ def test_no_shell_anywhere_in_the_plugins():
             if f.endswith(".py"):
                 text = open(os.path.join(d, f)).read()
                 hits += ["%s: %s" % (f, m.group(0)) for m in bad.finditer(text)]
-    assert hits == ["_agent.py: subprocess.run("]
-    with open(os.path.join(ROOT, "plugins", "module_utils", "_agent.py")) as f:
+    assert hits == ["_probes.py: subprocess.run("]
+    with open(os.path.join(ROOT, "plugins", "module_utils", "_probes.py")) as f:
         assert EXEC_CHECK in f.read()

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from ansible_collections.xvs.lb.plugins.module_utils import _agent, _announce, _health, _journal, _metrics, _spec, _state
+from ansible_collections.xvs.lb.plugins.module_utils import (_agent, _agent_cli, _announce, _health, _journal, _metrics,
+                                                             _spec, _state)
 
 VIP = "203.0.113.10"
 KEY = (VIP, 80, "tcp")
@@ -201,7 +202,7 @@ def test_systemd_notify(tmp_path, monkeypatch):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     s.bind(path)
     monkeypatch.setenv("NOTIFY_SOCKET", path)
-    _agent._notify("WATCHDOG=1")
+    _agent_cli._notify("WATCHDOG=1")
     assert s.recv(64) == b"WATCHDOG=1"
     s.close()
 

@@ -42,3 +42,36 @@ def test_sizes_fill_defaults_and_map_entries():
     e = L.map_entries(s)
     assert e["maglev"] == s["max_services"] * 2 * ((65537 + 15) // 16)
     assert ctypes.sizeof(L.Dest) == 76 and ctypes.sizeof(L.FlowKey) == 16
+
+
+# facts xdp_lb.c and _layout both state: each #define must equal its twin
+SHARED = ("ABI_VERSION", "MAGLEV_CHUNK", "MAGLEV_HALVES", "VLAN_IDS", "SRC_PREFIX_LEN", "SRC_PREFIX6_LEN",
+          "PREFIX6_ORDER", "PREFIX6_MULT", "VIP_FILTER_ORDER", "VIP_FILTER_MULT", "SVC_STICKY", "DEST_VALID",
+          "DEST_V6", "DEST_FAILING", "ICMP_QUOTE_LEN", "IPV6_MIN_MTU")
+
+
+def c_defines():
+    """{name: int} of xdp_lb.c's #defines whose value is an integer literal."""
+    return dict((name, int(value, 0)) for name, value in
+                re.findall(r"^#define (\w+) +(0x[0-9a-fA-F]+|\d+)[UL]*\b", C, re.M))
+
+
+def test_every_shared_define_equals_layout():
+    defines = c_defines()
+    want = dict((name, getattr(L, name)) for name in SHARED)
+    want.update(("FWD_" + m.name.upper(), m.number) for m in L.METHODS)
+    assert dict((name, defines.get(name)) for name in want) == want
+    # and no other #define names a _layout constant without being compared
+    twins = [n for n in defines if isinstance(getattr(L, n, None), int) and not isinstance(getattr(L, n), bool)]
+    assert sorted(set(twins) - set(want)) == []
+
+
+def test_header_sizes_are_the_kernels():
+    """The tunnels' overheads (_layout.METHODS) are sums of these; the
+    compiler checks them against the structs xdp_lb.c takes sizeof of."""
+    from bcc import BPF
+    text = "\n".join(["#include <uapi/linux/ip.h>", "#include <uapi/linux/ipv6.h>", "#include <uapi/linux/udp.h>"] + [
+        '_Static_assert(sizeof(struct %s) == %d, "%s");' % (struct, size, name)
+        for struct, size, name in (("iphdr", L.IPV4_HEADER, "IPV4_HEADER"), ("ipv6hdr", L.IPV6_HEADER, "IPV6_HEADER"),
+                                   ("udphdr", L.UDP_HEADER, "UDP_HEADER"))])
+    BPF(text=text.encode()).cleanup()      # compiling is the test

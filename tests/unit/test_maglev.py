@@ -91,7 +91,7 @@ def test_identical_across_independent_builds():
 
 
 def reference_build(destinations, size):
-    """The table builder as balancers of round 1 run it, kept verbatim as
+    """The table builder as balancers of release 0.1.0 run it, kept verbatim as
     the reference: every faster build must give byte-identical tables, or
     balancers of two versions behind ECMP would disagree on new flows."""
     eligible = sorted((a, w) for a, w in destinations if w > 0)

@@ -9,7 +9,7 @@ import stat
 import pytest
 import yaml
 
-from ansible_collections.xvs.lb.plugins.module_utils import _loader, _planner as P, _spec as S, _state
+from ansible_collections.xvs.lb.plugins.module_utils import _planner as P, _spec as S, _state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VIP = "203.0.113.10"
@@ -54,8 +54,8 @@ def test_bpffs_must_be_plain_absolute(root):
                                        ({10: "192.0.2.300/24"}, "not an IPv4 prefix"),
                                        ({10: "0.0.0.0/0"}, "not an on-link prefix")])
 def test_bad_vlans(vlans, msg):
-    with pytest.raises(_loader.LoaderError, match=msg):
-        _loader.normalise_vlans(vlans)
+    with pytest.raises(S.XvsError, match=msg):
+        S.vlans(vlans)
 
 
 def svc(port=80, dests=(("192.0.2.21", 1),), **kw):
@@ -176,18 +176,18 @@ def test_forwarding_kept_by_merge_reset_by_replace():
     before = desired(svc(80, forwarding="gue", gue_port=7000), svc(81, forwarding="ipip"), svc(82))
     key = (VIP, 80, "tcp")
     kept = P.merged(before, S.services([svc(80, [("192.0.2.22", None)])]))[key]
-    assert (kept["forwarding"], kept["gue_port"]) == ("gue", 7000)
+    assert kept["forwarding"] == {"method": "gue", "gue_port": 7000}
     moved = P.merged(before, S.services([svc(80, gue_port=7001)]))[key]
-    assert (moved["forwarding"], moved["gue_port"]) == ("gue", 7001)   # port alone: still gue
+    assert moved["forwarding"] == {"method": "gue", "gue_port": 7001}   # port alone: still gue
     l2 = P.merged(before, S.services([svc(80, forwarding="l2")]))[key]
-    assert (l2["forwarding"], l2["gue_port"]) == ("l2", None)           # the port goes with gue
+    assert l2["forwarding"] == {"method": "l2"}           # the port goes with gue
     gue = P.merged(before, S.services([svc(81, forwarding="gue")]))[(VIP, 81, "tcp")]
-    assert (gue["forwarding"], gue["gue_port"]) == ("gue", S.DEFAULT_GUE_PORT)
+    assert gue["forwarding"] == {"method": "gue", "gue_port": S.DEFAULT_GUE_PORT}
     with pytest.raises(S.XvsError, match=r"config\[0\].gue_port: only for forwarding gue, not ipip"):
         P.merged(before, S.services([svc(81, gue_port=7000)]))
     for transform in (P.replaced, P.overridden):
         svc80 = transform(before, S.services([svc(80)]))[key]
-        assert (svc80["forwarding"], svc80["gue_port"]) == ("l2", None)
+        assert svc80["forwarding"] == {"method": "l2"}
     config = P.to_config(before)
     assert [(c.get("forwarding"), c.get("gue_port")) for c in config] == \
         [("gue", 7000), ("ipip", None), (None, None)]

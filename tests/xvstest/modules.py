@@ -99,6 +99,14 @@ def changed(procs):
     return out
 
 
+def agent_command(*args):
+    """xvs-agent as its unit runs it: the system Python, the collection's
+    module_utils (here from this checkout), the arguments given."""
+    code = ("import sys; sys.path.insert(0, %r); from ansible_collections.xvs.lb.plugins.module_utils "
+            "import _agent_cli; sys.exit(_agent_cli.main(sys.argv[1:]))" % collections_path())
+    return ["/usr/bin/python3", "-c", code] + list(args)
+
+
 def restore_command(work):
     """The role's restore script, rendered as the role renders it, run
     with the library xvs_attach installs for it (built from the working

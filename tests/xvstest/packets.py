@@ -124,8 +124,31 @@ def dump_maps(root):
         if name in ("counters",):
             continue
         with _bpf.Map(os.path.join(root, name)) as m:
-            if m.type in (2, 6):        # array, percpu array
+            if m.type in _bpf.ARRAY_MAP_TYPES:
                 out[name] = hashlib.sha256(b"".join(m.lookup_range(0, m.max_entries))).hexdigest()
             else:
-                out[name] = sorted(m.lookup_batch()) if m.type != 14 else sorted(m.items())
+                out[name] = sorted(m.lookup_batch()) if m.type != _bpf.MAP_DEVMAP else sorted(m.items())
     return out
+
+
+def flows(dp):
+    """Every flow record of both tables, as dicts."""
+    out = []
+    for name, (kt, vt, text) in (("flows", (L.FlowKey, L.FlowVal, L.ip_str)),
+                                 ("flows6", (L.FlowKey6, L.FlowVal6, L.ip6_str))):
+        for k, v in dp.maps[name].items():
+            key, val = kt.from_buffer_copy(k), vt.from_buffer_copy(v)
+            out.append({"client": text(key.saddr), "client_port": L.be16(key.sport),
+                        "vip": text(key.daddr), "port": L.be16(key.dport),
+                        "proto": key.proto, "service_index": val.svc_index,
+                        "slot": val.dest_slot, "destination": text(val.dest_addr),
+                        "last_seen_ns": val.last_seen})
+    return out
+
+
+def live_table(dp, index, gen):
+    """The slots of one half of a service's Maglev table, as written."""
+    got = []
+    for blob in dp.maps["maglev"].lookup_range(dp.first_chunk(index, gen), dp.chunks):
+        got.extend(L.MaglevChunk.from_buffer_copy(blob).slot)
+    return got[:dp.maglev_table_size]
