@@ -30,7 +30,13 @@ from xvstest.lab import (BGP_BALANCERS, FRONT6, ROUTER, VIP, Lab, build_bgp_lab,
 from xvstest.nspawn import Container
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-COLLECTIONS = "/xvs"                    # inside: the checkout is bound at /xvs/ansible_collections/xvs/lb
+# Inside, the checkout is bound at a path of its own: wherever it is on the
+# host (/tmp, say, which the container's systemd mounts a tmpfs over), and
+# its virtual environment is run from there by its python (the scripts'
+# #! lines name the host's path).
+COLLECTIONS = "/xvs"
+INSIDE = COLLECTIONS + "/ansible_collections/xvs/lb"
+PYTHON = INSIDE + "/.venv/bin/python"
 BACKENDS = {"b1": "192.0.2.21", "b2": "192.0.2.22"}
 VIP2 = "203.0.113.11"                   # the service whose destinations are dead at boot
 DEAD = ["192.0.2.%d" % i for i in range(100, 120)]
@@ -55,8 +61,7 @@ class Balancer(object):
 
     def __init__(self, lab, tmp_path):
         self.lab, self.ns = lab, lab.name("bal1")
-        self.c = Container(lab.tag + "c", self.ns,
-                           binds=["%s:%s/ansible_collections/xvs/lb" % (ROOT, COLLECTIONS)])
+        self.c = Container(lab.tag + "c", self.ns, binds=["%s:%s" % (ROOT, INSIDE)])
         self.n = 0
 
     def env(self):
@@ -76,8 +81,8 @@ class Balancer(object):
         self.put("/root/role.yml", json.dumps([{"hosts": "localhost", "gather_facts": False,
                                                 "tasks": [{"ansible.builtin.include_role": {"name": "xvs.lb.xvs"}}]}]))
         self.put("/root/vars.json", json.dumps(variables or role_vars()))
-        r = self.c.sh("%s/.venv/bin/ansible-playbook -i localhost, -c local -e @/root/vars.json /root/role.yml"
-                      % ROOT, env=self.env(), check=False, timeout=600)
+        r = self.c.sh("%s -m ansible playbook -i localhost, -c local -e @/root/vars.json /root/role.yml"
+                      % PYTHON, env=self.env(), check=False, timeout=600)
         if not ok:
             assert r.returncode != 0, r.stdout[-3000:]
             return r.stdout + r.stderr
@@ -89,8 +94,8 @@ class Balancer(object):
         arguments file), its JSON result."""
         self.n += 1
         self.put("/root/args-%d.json" % self.n, json.dumps({"ANSIBLE_MODULE_ARGS": dict({"bpffs": BPFFS}, **args)}))
-        r = self.c.sh("%s/.venv/bin/python -m ansible_collections.xvs.lb.plugins.modules.%s /root/args-%d.json"
-                      % (ROOT, name, self.n), env=self.env(), check=False)
+        r = self.c.sh("%s -m ansible_collections.xvs.lb.plugins.modules.%s /root/args-%d.json"
+                      % (PYTHON, name, self.n), env=self.env(), check=False)
         assert "{" in r.stdout, r.stdout + r.stderr
         result = json.loads(r.stdout[r.stdout.index("{"):])
         assert r.returncode == 0, result
