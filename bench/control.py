@@ -145,7 +145,7 @@ def check_rate_row(targets, seconds, interval=1.0):
                     if time.monotonic() > wait_for_listener:
                         raise RuntimeError("the listener did not start")
                     time.sleep(0.1)
-                agent = _agent.Agent(state_file, lambda line: None)
+                agent = _agent.Agent(state_file, lambda line, priority=None: None)
                 done = []
                 counted = agent.result
 
