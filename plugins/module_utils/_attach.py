@@ -19,10 +19,14 @@ from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
 class AttachPlan(object):
     """Load, (re)attach and detach the program: what xvs_attach does."""
 
-    def __init__(self, params, text):
+    def __init__(self, params, text, check_mode=False):
+        """check_mode: a bpf filesystem not mounted yet is no error (a
+        first rollout checked before the run that mounts it), but a
+        warning in warnings."""
         self.root = _spec.bpffs(params["bpffs"])
         self.text = text
         self.params = params
+        self.check_mode, self.warnings = check_mode, []
         self.allow_reset = params.get("allow_flow_table_reset", False)
         self.status = _loader.status(self.root) if os.path.isdir(self.root) else None
         current = dict(self.status["interfaces"]) if self.status else {}
@@ -53,7 +57,12 @@ class AttachPlan(object):
                 _netinfo.interface(name)
             except _netinfo.NetInfoError:
                 raise XvsError("interfaces: %s does not exist on this host" % name)
-        _loader.check_bpffs(self.root, create=False)
+        try:
+            _loader.check_bpffs(self.root, create=False)
+        except _loader.LoaderError as e:
+            if not self.check_mode:
+                raise
+            self.warnings.append("%s: check mode plans it as mounted, as the run must find it" % e)
         given = dict((k, v) for k, v in (p.get("sizes") or {}).items() if v is not None)
         try:
             self.sizes = L.sizes(**given)

@@ -257,7 +257,9 @@ def main():
 
     def work():
         text = _loader.read_source(params["source"]) if params["state"] == "present" else ""
-        r = AttachRun(AttachPlan(params, text), params["state_file"])
+        r = AttachRun(AttachPlan(params, text, module.check_mode), params["state_file"])
+        for line in r.plan.warnings:
+            module.warn(line)
         plan = r.plan
         library, stale = None, False
         if params["library"] and params["state"] == "present":

@@ -49,12 +49,14 @@ def run(tmp_path):
         (stubs / name).write_text(text)
         (stubs / name).chmod(0o755)
 
-    def script(*args):
-        """The script's output lines and the commands it ran."""
+    def script(*args, check=False):
+        """The script's output lines and the commands it ran (check: as
+        the role runs it in check mode)."""
         (state / "calls").write_text("")
         r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
                             'mount --bind "$0" /sys/module && exec sh "$@"', str(modules), SCRIPT] + list(args),
-                           env=dict(os.environ, PATH="%s:%s" % (stubs, os.environ["PATH"]), XVS_STATE=str(state)),
+                           env=dict(os.environ, PATH="%s:%s" % (stubs, os.environ["PATH"]), XVS_STATE=str(state),
+                                    XVS_CHECK="1" if check else ""),
                            capture_output=True, text=True, timeout=30, check=False)
         assert r.returncode == 0, r.stderr
         return r.stdout.splitlines(), (state / "calls").read_text().splitlines()
@@ -82,3 +84,16 @@ def test_ipip_for_ipv4_vips_opens_no_gue_port_and_loads_no_ipv6_tunnel(run):
     # a GUE port for IPv4 only, on another port: the IPv6 one is not taken for it
     out, calls = run("gue", "7000", "present")
     assert out == ["loaded fou", "fou port 7000 gue"]
+
+
+def test_check_mode_reports_the_changes_and_makes_none(run):
+    """What the role's check mode sees: the lines of a real run, and only
+    reads (show, sysctl -n) done."""
+    out, calls = run("gue", "6080", "present", "6", check=True)
+    assert out == ["loaded ipip", "loaded fou", "loaded ip6_tunnel", "tunl0 up", "tunl0 rp_filter 0",
+                   "ip6tnl0 up", "fou port 6080 gue", "fou port 6080 gue -6"]
+    assert [c for c in calls if " show" not in c and not c.startswith("sysctl -n")] == []
+    assert run("gue", "6080", "present", "6")[0] == out       # the real run then makes those
+    assert run("gue", "6080", "absent", "6", check=True)[0] == [
+        "fou port 6080 removed", "fou port 6080 -6 removed", "tunl0 down", "ip6tnl0 down"]
+    assert run("gue", "6080", "present", "6", check=True)[0] == []   # nothing was removed
