@@ -265,6 +265,47 @@ def dead_destinations_rows(bpffs, dead=100, watch=12.0):
     return rows
 
 
+def census_rows(bpffs, repeat=3):
+    """One count of the live flows per destination (DataPlane.flow_census:
+    what xvs_info, `xvs status`, wait_drained and every scrape read) over a
+    full default IPv4 flow table (1,048,576 records, 100 services x 10
+    destinations), its time and the Python memory it peaks at; against the
+    read the metrics made before it existed (every record as a (key,
+    value) pair, to count them), in the same run."""
+    import struct
+    import tracemalloc
+    root = os.path.join(bpffs, "census")
+    rows = []
+    with _loader.load(root, {"max_services": 128}):
+        try:
+            with _dataplane.DataPlane(root) as dp:
+                m = dp.maps["flows"]
+                now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+                for start in range(0, m.max_entries, 65536):
+                    keys = b"".join(struct.pack("=IIHHB3x", 0x0a000000 + i, 0x0a000001, i & 0xffff, 80, 6)
+                                    for i in range(start, start + 65536))
+                    values = b"".join(struct.pack("=QHHI", now, i % 100, i % 10, 0x0a000000 + i % 10)
+                                      for i in range(start, start + 65536))
+                    m.update_batch(keys, values)
+                for label, fn in (("pairs of every record (the read before)", lambda: len(m.lookup_batch())),
+                                  ("flow_census(): live flows per destination", dp.flow_census)):
+                    times = []
+                    for dummy in range(repeat):
+                        start = time.perf_counter()
+                        fn()
+                        times.append(time.perf_counter() - start)
+                    tracemalloc.start()      # once more, for the memory (tracing slows it)
+                    fn()
+                    peak = tracemalloc.get_traced_memory()[1]
+                    tracemalloc.stop()
+                    rows.append(["flow table of %d records: %s" % (m.max_entries, label),
+                                 "%.2f s" % summary(times)["median"], "%.2f-%.2f s" % (min(times), max(times)),
+                                 "Python memory peak %.1f MiB" % (peak / 1048576.0)])
+        finally:
+            _loader.unpin_all(root)
+    return rows
+
+
 def maglev_rows(repeat=5):
     rows = []
     size = L.SIZE_LIMITS["maglev_table_size"][0]
@@ -333,7 +374,7 @@ def run(bpffs, coll, smoke=False, repeat=3):
         steps += [
             ("role xvs: 1000 services x 10 destinations (%d distinct pools)" % POOLS, "role", dict(
                 on_role, xvs_interfaces=["eth0"], xvs_install_packages=False, xvs_restore_at_boot=False,
-                xvs_agent=False, xvs_sizes={"max_services": 1024}, xvs_services=services(1000, 10), xvs_bpffs=role_root,
+                xvs_agent=False, xvs_cli=False, xvs_sizes={"max_services": 1024}, xvs_services=services(1000, 10), xvs_bpffs=role_root,
                 xvs_state_dir=os.path.dirname(on_role["state_file"])), fresh(role_root), 1),
             ("xvs_destination: one weight changed among those 1000 services", "destination",
              dict(on_role, destination=services(1, 10)[0]["destinations"][0]["address"], vip=VIP_NET % 1,
@@ -374,5 +415,5 @@ def run(bpffs, coll, smoke=False, repeat=3):
             fresh(root)()
             fresh(role_root)()
             shutil.rmtree(work, ignore_errors=True)
-    rows += maglev_rows() + memory_rows(bpffs)
+    rows += maglev_rows() + census_rows(bpffs, 1 if smoke else 3) + memory_rows(bpffs)
     return rows, table(rows, ["step", "median", "range", "against the baseline"])

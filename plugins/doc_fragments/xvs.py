@@ -55,6 +55,32 @@ options:
     default: tcp
 '''
 
+    # xvs_services' and xvs_destination's wait for a drain to complete
+    WAIT_DRAINED = r'''
+options:
+  wait_drained:
+    description:
+      - After the run, wait until every drained destination (desired weight 0) of the services the
+        run was given holds at most O(wait_drained.max_flows) live flows, counted every second,
+        or fail at O(wait_drained.timeout) naming each destination and its count (the run's change
+        stays applied). Returned as RV(drained). Check mode does not wait.
+      - A live flow is a flow record not idle for longer than its protocol's timeout (the
+        O(xvs.lb.xvs_attach#module:sizes.tcp_timeout) or C(udp_timeout)); the balancer sees only
+        the client's packets, so a connection that has ended counts until then. A destination
+        removed from a service is not waited for (its flows select another destination at their
+        next packet).
+    type: dict
+    suboptions:
+      timeout:
+        description: Seconds to wait at most.
+        type: float
+        default: 300
+      max_flows:
+        description: Live flows a drained destination may keep (0 waits for all to end).
+        type: int
+        default: 0
+'''
+
     ATTRIBUTES = r'''
 attributes:
   check_mode:

@@ -9,8 +9,8 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-from ansible_collections.xvs.lb.plugins.module_utils import _layout as L, _loader, _netinfo
-from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane
+from ansible_collections.xvs.lb.plugins.module_utils import _layout as L, _loader, _maglev, _netinfo
+from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane, flow_owner
 from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
 from ansible_collections.xvs.lb.plugins.module_utils._spec import bpffs, forwarding_config
 
@@ -171,10 +171,7 @@ class Balancer(object):
 
     def view(self, svc):
         """A service as the maps hold it, with where each destination is."""
-        out = {"address": svc["address"], "port": svc["port"], "protocol": svc["protocol"],
-               "sticky": svc["sticky"], "destinations": [self.dest_view(d) for d in svc["destinations"]]}
-        out.update(forwarding_config(svc["forwarding"]))
-        return out
+        return view(svc, [self.dest_view(d) for d in svc["destinations"]])
 
     def dest_view(self, d):
         """mac is the destination's, or for a tunnel its next hop's."""
@@ -185,19 +182,30 @@ class Balancer(object):
         return out
 
 
+def view(svc, destinations):
+    """A service as the modules return it, with the destinations' views."""
+    out = {"address": svc["address"], "port": svc["port"], "protocol": svc["protocol"],
+           "sticky": svc["sticky"], "destinations": destinations}
+    out.update(forwarding_config(svc["forwarding"]))
+    return out
+
+
 def info(bal, source_prefixes=0):
     """What xvs_info returns of the maps: attachment, services, counters,
     and the source_prefixes busiest client /20s."""
     services = []
+    census = bal.dp.flow_census()
     for s in bal.dp.services():
         v = bal.view(s)
         v["counters"] = bal.dp.service_stats(s["index"])
+        v["digest"] = _maglev.digest(bal.dp.positions(s))
         for dv, d in zip(v["destinations"], s["destinations"]):
             dv["counters"] = bal.dp.dest_stats(s["index"], d["slot"])
+            dv["active_flows"] = census["active"][flow_owner(s["index"], d)]
         services.append(v)
     return {"attachment": {"bpffs": bal.root, "interfaces": bal.status["interfaces"],
                            "program": bal.status["program"], "sizes": bal.status["sizes"],
                            "vlans": bal.status["vlans"], "tunnel_source": bal.status["tunnel_source"]},
             "services": services, "counters": bal.dp.counters(),
-            "flow_table": bal.dp.flow_table(),
+            "flow_table": bal.dp.flow_table(census),
             "source_prefixes": bal.dp.busiest_prefixes(source_prefixes)}

@@ -301,10 +301,12 @@ class Map(object):
         raw = vb.raw            # .raw copies the whole buffer: once, not per element
         return [raw[i * self.buf_size:(i + 1) * self.buf_size] for i in range(count)]
 
-    def lookup_batch(self, chunk=4096):
-        """Every (key, value) pair, chunk elements per system call with
-        BPF_MAP_LOOKUP_BATCH; a key walk where the map type lacks it."""
-        result = []
+    def batches(self, chunk=4096):
+        """(keys, values, n) per BPF_MAP_LOOKUP_BATCH call: n elements,
+        their keys and values packed back to back (values of buf_size), so
+        a reader of a million flows can slice columns out of them in C
+        (bytes slicing, struct.iter_unpack) instead of building a million
+        pairs; None where the map type has no batch operations."""
         kb = ctypes.create_string_buffer(self.key_size * chunk)
         vb = ctypes.create_string_buffer(self.buf_size * chunk)
         token_in = None
@@ -316,18 +318,28 @@ class Map(object):
             res = _libc.syscall(_nr(), MAP_LOOKUP_BATCH, attr, _ATTR_SIZE)
             err = ctypes.get_errno() if res < 0 else 0
             if err in _NO_BATCH and token_in is None:
-                return self.items()
+                yield None
+                return
             if err not in (0, errno.ENOENT):
                 raise BpfError(err, self._what("batch read"))
             # On ENOENT (the end) the kernel still reports the last count.
             n = struct.unpack_from("=I", attr, 32)[0]
-            keys, values = kb.raw, vb.raw     # each .raw is a copy of the whole buffer
-            for i in range(n):
-                result.append((keys[i * self.key_size:(i + 1) * self.key_size],
-                               values[i * self.buf_size:(i + 1) * self.buf_size]))
+            yield kb.raw[:n * self.key_size], vb.raw[:n * self.buf_size], n
             if err == errno.ENOENT:
-                return result
+                return
             token_in = ctypes.create_string_buffer(token_out.raw, len(token_out.raw))
+
+    def lookup_batch(self, chunk=4096):
+        """Every (key, value) pair, chunk elements per system call with
+        BPF_MAP_LOOKUP_BATCH; a key walk where the map type lacks it."""
+        result = []
+        for batch in self.batches(chunk):
+            if batch is None:
+                return self.items()
+            keys, values, n = batch
+            result.extend((keys[i * self.key_size:(i + 1) * self.key_size],
+                           values[i * self.buf_size:(i + 1) * self.buf_size]) for i in range(n))
+        return result
 
     def per_cpu(self, value):
         """Split a per-CPU value into one bytes object per CPU."""

@@ -28,7 +28,9 @@ import itertools
 import ipaddress
 import operator
 import os
+import struct
 import sys
+import time
 
 from ansible_collections.xvs.lb.plugins.module_utils import _bpf, _layout as L, _maglev
 from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
@@ -103,6 +105,26 @@ def _key_fields(key):
     return (L.ip6_str(k.vip) if _is6(key) else L.ip_str(k.vip)), L.be16(k.port), k.proto
 
 
+def _batches(m):
+    """m's (keys, values, n) batches, or its key walk as one batch where
+    the kernel has no batch operations for it."""
+    for batch in m.batches():
+        if batch is None:
+            pairs = m.items()
+            yield b"".join(k for k, v in pairs), b"".join(v for k, v in pairs), len(pairs)
+            return
+        yield batch
+
+
+def flow_owner(index, d):
+    """What a flow record names of its destination, for flow_census()'s
+    counts: the service slot, the destination slot and the address bytes
+    (a record whose slot now holds another address is followed by no
+    packet).  d: a dest_dict()."""
+    raw = bytes(L.addr6(d["address"])) if ":" in d["address"] else struct.pack("=I", L.be32(d["address"]))
+    return index, d["slot"], raw
+
+
 def dest_address(d):
     return L.ip6_str(d.addr6) if d.flags & L.DEST_V6 else L.ip_str(d.addr)
 
@@ -165,8 +187,8 @@ class DataPlane(object):
                        key=lambda d: ipaddress.ip_address(d["address"]))
         return {"address": address, "port": port,
                 "protocol": _PROTOCOL_NAMES.get(proto, str(proto)),
-                "sticky": bool(v.flags & L.SVC_STICKY), "index": v.index,
-                "forwarding": forwarding_value(v), "destinations": dests}
+                "sticky": bool(v.flags & L.SVC_STICKY), "index": v.index, "gen": v.gen,
+                "eligible": v.ndest, "forwarding": forwarding_value(v), "destinations": dests}
 
     def services(self):
         """Every service with its destinations, as plain dicts."""
@@ -256,7 +278,47 @@ class DataPlane(object):
             busy.append(("%s/%d" % (net, L.SRC_PREFIX6_LEN), packets))
         return [{"prefix": p, "packets": c} for p, c in heapq.nlargest(n, busy, key=lambda b: b[1])]
 
-    def flow_table(self):
+    def flow_census(self, now=None):
+        """One read of both flow tables: {"entries": {4: records, 6:
+        records}, "active": {flow_owner(): unexpired records}}, a record
+        being unexpired while its protocol's idle timeout has not passed
+        since it was last refreshed (the program refreshes it once a second
+        at most, on the CLOCK_MONOTONIC now compares with).  The tables are
+        read in batches and their columns sliced in C: a full default table
+        (1,048,576 IPv4 records) costs what bench/run control reports."""
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if now is None else now
+        tcp, udp = self.meta.tcp_timeout * 10 ** 9, self.meta.udp_timeout * 10 ** 9
+        entries, active = {}, collections.Counter()
+        for family, name, key, value_format in ((4, "flows", L.FlowKey, "=QHH4s"),
+                                                (6, "flows6", L.FlowKey6, "=QHH4x16s")):
+            m = self.maps[name]
+            entries[family] = 0
+            for keys, values, n in _batches(m):
+                entries[family] += n
+                protos = keys[key.proto.offset::m.key_size]
+                active.update((index, slot, addr) for proto, (last, index, slot, addr)
+                              in zip(protos, struct.iter_unpack(value_format, values))
+                              if now - last <= (tcp if proto == L.PROTOCOLS["tcp"] else udp))
+        return {"entries": entries, "active": active}
+
+    def flow_records(self, service=None, limit=100):
+        """Up to limit live flow records (of service, an (address, port,
+        protocol), or all), as {client, client_port, vip, port, protocol,
+        destination, idle_s}, most recently refreshed first."""
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        out = []
+        for name, (kt, vt, text) in (("flows", (L.FlowKey, L.FlowVal, L.ip_str)),
+                                     ("flows6", (L.FlowKey6, L.FlowVal6, L.ip6_str))):
+            for k, v in self.maps[name].lookup_batch():
+                key, val = kt.from_buffer_copy(k), vt.from_buffer_copy(v)
+                rec = {"client": text(key.saddr), "client_port": L.be16(key.sport), "vip": text(key.daddr),
+                       "port": L.be16(key.dport), "protocol": _PROTOCOL_NAMES.get(key.proto, str(key.proto)),
+                       "destination": text(val.dest_addr), "idle_s": max(0, (now - val.last_seen) // 10 ** 9)}
+                if service is None or (rec["vip"], rec["port"], rec["protocol"]) == tuple(service):
+                    out.append(rec)
+        return sorted(out, key=lambda r: r["idle_s"])[:limit]
+
+    def flow_table(self, census=None):
         """Capacity, live records and evictions of the flow table.
 
         The kernel evicts from the LRU without telling the program, so
@@ -265,10 +327,10 @@ class DataPlane(object):
         replaced) is either still there or was evicted.  Nothing else
         deletes flow records; a resize starts flows and counters afresh.
         """
-        v4, v6 = self.maps["flows"], self.maps["flows6"]
-        entries = len(v4.lookup_batch()) + len(v6.lookup_batch())
+        census = census or self.flow_census()
+        entries = sum(census["entries"].values())
         c = self.counters()
-        return {"capacity": v4.max_entries + v6.max_entries, "entries": entries,
+        return {"capacity": self.maps["flows"].max_entries + self.maps["flows6"].max_entries, "entries": entries,
                 "evicted": max(0, c["new_flows"] - c["flow_reselect"] - entries)}
 
     def tx_port(self, ifindex):
@@ -382,7 +444,8 @@ class DataPlane(object):
                 and all(getattr(old, f) == v for f, v in fwd.items())
                 and all(bytes(live[plan[a]]) == bytes(d) for a, d in wanted.items())):
             return None
-        return ServiceWrite(key, index, gen, old is None, flags, wanted, plan, new_slots, removed, fwd)
+        return ServiceWrite(tuple(service), key, index, gen, old is None, flags, wanted, plan, new_slots,
+                            removed, fwd)
 
     def write(self, sw, tables=None):
         """Write one planned service in the order that keeps every packet on
@@ -402,10 +465,7 @@ class DataPlane(object):
         if sw.new:
             self.maps["svc_stats"].update(_u32(sw.index), self.maps["svc_stats"].pack_all_cpus(
                 bytes(L.Stats())))
-        weights = tuple(sorted((a, d.weight) for a, d in sw.wanted.items() if d.weight > 0))
-        if weights not in tables:
-            tables[weights] = _maglev.build_indexes(weights, self.maglev_table_size)
-        names, table = tables[weights]
+        weights, (names, table) = self.table_for(sw, tables)
         new_gen = sw.gen ^ 1
         self._write_table(sw.index, new_gen, names, table, sw.plan)
         val = L.SvcVal(index=sw.index, flags=sw.flags, gen=new_gen, ndest=len(weights) if names else 0,
@@ -413,6 +473,26 @@ class DataPlane(object):
         self.maps[_services_map(sw.key)].update(sw.key, _raw(val))
         for slot in sw.removed:
             dests.update(_u32(base + slot), _raw(L.Dest()))
+
+    def table_for(self, sw, tables):
+        """(eligible (address, weight) pairs, (names, table)) of a planned
+        service's new Maglev table, built once per distinct eligible set in
+        tables (a dict a run shares)."""
+        weights = tuple(sorted((a, d.weight) for a, d in sw.wanted.items() if d.weight > 0))
+        if weights not in tables:
+            tables[weights] = _maglev.build_indexes(weights, self.maglev_table_size)
+        return weights, tables[weights]
+
+    def moved(self, sw, current, tables):
+        """The share of a planned service's table whose destination the
+        write changes (_maglev.moved): 1.0 for a new service."""
+        names, table = self.table_for(sw, tables)[1]
+        new = None if names is None else [names[i] for i in table]
+        if sw.new:
+            return 1.0
+        old, live = current[sw.key]
+        owner = dict((slot, dest_address(d)) for slot, d in live.items())
+        return _maglev.moved(self._positions(old.index, old.gen, old.ndest, owner), new)
 
     def remove(self, key, current):
         """Delete one service (key bytes) read by read_services()."""
@@ -469,6 +549,19 @@ class DataPlane(object):
         out[0:2 * len(table):2] = lo
         out[1:2 * len(table):2] = hi
         return bytes(out)
+
+    def positions(self, svc):
+        """A service's live Maglev table (svc: a services() dict) as the
+        address each position sends a new flow to, or None when it has no
+        eligible destination (the program drops its new flows)."""
+        return self._positions(svc["index"], svc["gen"], svc["eligible"],
+                               dict((d["slot"], d["address"]) for d in svc["destinations"]))
+
+    def _positions(self, index, gen, eligible, owner):
+        if not eligible:
+            return None
+        raw = b"".join(self.maps["maglev"].lookup_range(self.first_chunk(index, gen), self.chunks))
+        return [owner.get(slot) for slot in array.array("H", raw)[:self.maglev_table_size]]
 
     def first_chunk(self, index, gen):
         """The maglev map's index of the first chunk of a service's half."""
@@ -527,12 +620,13 @@ class DataPlane(object):
 
 
 class ServiceWrite(object):
-    """One service's planned write: its key, index and current table half,
-    the destinations by address with the slot each goes to, the slots that
-    are new and those to clear after the switch."""
+    """One service's planned write: its (address, port, protocol) and key
+    bytes, index and current table half, the destinations by address with
+    the slot each goes to, the slots that are new and those to clear after
+    the switch."""
 
-    def __init__(self, key, index, gen, new, flags, wanted, plan, new_slots, removed, forwarding):
-        self.key, self.index, self.gen, self.new, self.flags = key, index, gen, new, flags
+    def __init__(self, service, key, index, gen, new, flags, wanted, plan, new_slots, removed, forwarding):
+        self.service, self.key, self.index, self.gen, self.new, self.flags = service, key, index, gen, new, flags
         self.wanted, self.plan, self.new_slots, self.removed = wanted, plan, new_slots, removed
         self.forwarding = forwarding     # forwarding_fields()
 

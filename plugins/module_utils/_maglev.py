@@ -17,8 +17,20 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import array
+import functools
 import hashlib
+import ipaddress
 import itertools
+import sys
+
+
+@functools.lru_cache(maxsize=8192)
+def sort_key(address):
+    """Addresses (checked already) sorted as numbers, IPv4 before IPv6
+    (the two do not compare), each parsed once."""
+    a = ipaddress.ip_address(address)
+    return a.version, a
 
 
 def _permutation(name, size):
@@ -92,3 +104,30 @@ def build(destinations, size):
     (see build_indexes)."""
     names, table = build_indexes(destinations, size)
     return None if names is None else [names[i] for i in table]
+
+
+def digest(positions):
+    """A digest of a table given as positions (build()'s list, or None
+    for a service with no eligible destination): the destinations'
+    addresses and, per position, the rank of its owner among them.  It
+    names addresses, not the slots a balancer happened to write them in,
+    so balancers behind ECMP with the same destinations and weights show
+    the same digest, whatever order they were given in."""
+    if positions is None:
+        return hashlib.sha256(b"no eligible destination").hexdigest()
+    names = sorted(set(positions), key=sort_key)
+    rank = dict((n, i) for i, n in enumerate(names))
+    ranks = array.array("I", (rank[p] for p in positions))
+    if sys.byteorder == "big":
+        ranks.byteswap()
+    return hashlib.sha256((",".join(names) + ";").encode() + ranks.tobytes()).hexdigest()
+
+
+def moved(old, new):
+    """The share of positions whose destination differs between two
+    tables (positions as build() gives them; None: no table)."""
+    if old is None and new is None:
+        return 0.0
+    if old is None or new is None:
+        return 1.0
+    return sum(1 for a, b in zip(old, new) if a != b) / float(len(new))

@@ -15,8 +15,8 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-from ansible_collections.xvs.lb.plugins.module_utils import _announce, _layout as L
-from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane
+from ansible_collections.xvs.lb.plugins.module_utils import _announce, _layout as L, _maglev
+from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane, flow_owner
 
 SERVICE_LABELS = ["vip", "port", "protocol"]
 DESTINATION_LABELS = SERVICE_LABELS + ["destination"]
@@ -157,7 +157,8 @@ class Collector(object):
                 families[metric] = Counter(metric, HELP[metric], value=value)
         for metric in sorted(families):
             yield families[metric]
-        table = dp.flow_table()
+        census = dp.flow_census()       # both flow tables, read once a scrape
+        table = dp.flow_table(census)
         yield Gauge("xvs_flow_table_capacity", "Flow records the tables hold (IPv4 and IPv6).",
                     value=table["capacity"])
         yield Gauge("xvs_flow_table_entries", "Live flow records.", value=table["entries"])
@@ -167,17 +168,25 @@ class Collector(object):
         dest = _stats_family(Counter, "destination", DESTINATION_LABELS)
         weight = Gauge("xvs_destination_weight", "The weight written to the maps (0 while drained by health).",
                        labels=DESTINATION_LABELS)
+        active = Gauge("xvs_destination_active_flows",
+                       "Unexpired flow records naming the destination: its connections (a drain is complete at 0).",
+                       labels=DESTINATION_LABELS)
+        digest = Gauge("xvs_service_table_info",
+                       "1, with the digest of the service's live Maglev table (equal on balancers that agree).",
+                       labels=SERVICE_LABELS + ["digest"])
         svc_stats = dp.services_stats([s["index"] for s in services])
         for s in services:
             labels = [s["address"], str(s["port"]), s["protocol"]]
             for f, family in svc.items():
                 family.add_metric(labels, svc_stats[s["index"]][f])
+            digest.add_metric(labels + [_maglev.digest(dp.positions(s))], 1)
             slots = dp.dests_stats(s["index"], [d["slot"] for d in s["destinations"]])
             for d in s["destinations"]:
                 weight.add_metric(labels + [d["address"]], d["weight"])
+                active.add_metric(labels + [d["address"]], census["active"][flow_owner(s["index"], d)])
                 for f, family in dest.items():
                     family.add_metric(labels + [d["address"]], slots[d["slot"]][f])
-        yield from list(svc.values()) + list(dest.values()) + [weight]
+        yield from list(svc.values()) + list(dest.values()) + [weight, active, digest]
 
 
 def listen_address(text):

@@ -23,10 +23,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-import functools
-import ipaddress
-
-from ansible_collections.xvs.lb.plugins.module_utils import _health, _layout as L, _spec, _state
+from ansible_collections.xvs.lb.plugins.module_utils import _health, _layout as L, _maglev, _spec, _state
 from ansible_collections.xvs.lb.plugins.module_utils._dataplane import dest_dict, svc_key
 from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
 
@@ -111,16 +108,8 @@ def from_maps(dp_services):
                 for s in dp_services)
 
 
-@functools.lru_cache(maxsize=8192)
-def _address(text):
-    """Addresses are checked already: sort them as numbers, IPv4 before
-    IPv6 (the two do not compare), parsing each once."""
-    a = ipaddress.ip_address(text)
-    return a.version, a
-
-
-def _sort_key(key):
-    return (_address(key[0]), key[1], key[2])
+def sort_key(key):
+    return (_maglev.sort_key(key[0]), key[1], key[2])
 
 
 def to_config(desired):
@@ -129,10 +118,10 @@ def to_config(desired):
     field's options as _spec.Field.config gives them (left out at their
     default, but sticky)."""
     out = []
-    for key in sorted(desired, key=_sort_key):
+    for key in sorted(desired, key=sort_key):
         s = desired[key]
         dests = []
-        for a in sorted(s["destinations"], key=_address):
+        for a in sorted(s["destinations"], key=_maglev.sort_key):
             d = s["destinations"][a]
             dests.append(dict({"address": a, "weight": d["weight"]},
                               **({"mac": d["mac"]} if d["mac"] else {})))
@@ -214,13 +203,28 @@ class Plan(object):
         self.unresolved = []   # (key, address, reason), in service order
         self.effective = self._resolve(current, option_labels, strict, down or {})
         self.writes = []
-        for key in sorted(after, key=_sort_key):
+        for key in sorted(after, key=sort_key):
             sw = dp.plan_write(key, after[key], self.effective[key], current, taken)
             if sw is not None:
                 self.writes.append(sw)
         self._current = current
+        self._tables = {}      # the Maglev tables built, shared with apply()
+        self._moved = None
         self.maps_changed = bool(self.writes or self.removes)
         self.changed = self.maps_changed or before != after
+
+    def moved(self):
+        """{service key: the share of its Maglev table whose destination
+        this run changes} for each service it writes (1.0 for a new one):
+        where new flows go differently, and where existing flows go
+        differently once their records are gone (evicted, or at another
+        balancer after a failover).  Computed from the maps as they were
+        planned against: call it before apply()."""
+        if self._moved is None:
+            dp = self.bal.dp
+            self._moved = dict((sw.service, round(dp.moved(sw, self._current, self._tables), 6))
+                               for sw in self.writes)
+        return self._moved
 
     def _resolve(self, current, option_labels, strict, down):
         """{key: the destinations to write}, each resolved (or reused from
@@ -230,7 +234,7 @@ class Plan(object):
         for k, (v, slots) in current.items():
             live[k] = dict((d["address"], d) for d in (dest_dict(d, slot) for slot, d in slots.items()))
         work = []              # (key, address, desired, live to reuse or None, tunnel)
-        for key in sorted(self.after, key=_sort_key):
+        for key in sorted(self.after, key=sort_key):
             svc, have = self.after[key], live.get(svc_key(*key), {})
             tunnel = L.FORWARDING[svc["forwarding"]["method"]].tunnel
             for addr in sorted(svc["destinations"]):
@@ -265,9 +269,8 @@ class Plan(object):
         dp = self.bal.dp
         for k in self.removes:
             dp.remove(k, self._current)
-        tables = {}
         for sw in self.writes:
-            dp.write(sw, tables)
+            dp.write(sw, self._tables)
             if self.bal.alive:
                 self.bal.alive()     # a thousand services take seconds: the watchdog hears of them
         dp.sync_vips()
@@ -278,14 +281,38 @@ class Plan(object):
                  "reason": reason} for key, addr, reason in self.unresolved]
 
     def diff(self, key=None):
-        """The desired state before and after in the config shape; with key,
-        that one service's."""
-        if key is None:   # Ansible renders a diff of dicts, not of lists
-            return {"before": {"config": to_config(self.before)},
-                    "after": {"config": to_config(self.after)}}
-        pick = [to_config(dict((k, v) for k, v in d.items() if k == key))
-                for d in (self.before, self.after)]
-        return {"before": pick[0][0] if pick[0] else {}, "after": pick[1][0] if pick[1] else {}}
+        return diff(self.before, self.after, key)
+
+
+def diff(before, after, key=None):
+    """A desired state before and after in the config shape; with key,
+    that one service's."""
+    if key is None:   # Ansible renders a diff of dicts, not of lists
+        return {"before": {"config": to_config(before)}, "after": {"config": to_config(after)}}
+    pick = [to_config(dict((k, v) for k, v in d.items() if k == key)) for d in (before, after)]
+    return {"before": pick[0][0] if pick[0] else {}, "after": pick[1][0] if pick[1] else {}}
+
+
+class UnattachedPlan(object):
+    """The Plan of a check-mode run against a balancer that has no program
+    attached yet (a first rollout checked before the run that attaches
+    it): the maps will be empty, so every desired service is written
+    (moved 1.0); its destinations cannot be resolved before there is an
+    interface to resolve them on, so none are reported unresolved."""
+
+    def __init__(self, before, after):
+        self.before, self.after = before, after
+        self.effective, self.unresolved, self.writes = {}, [], sorted(after, key=sort_key)
+        self.changed = bool(after) or before != after
+
+    def diff(self, key=None):
+        return diff(self.before, self.after, key)
+
+    def moved(self):
+        return dict((key, 1.0) for key in self.writes)
+
+    def unresolved_report(self):
+        return []
 
 
 def unresolved(desired, services):
@@ -293,7 +320,7 @@ def unresolved(desired, services):
     hold (services: DataPlane.services()): not resolved yet, see Plan."""
     held = dict(((s["address"], s["port"], s["protocol"]), set(d["address"] for d in s["destinations"]))
                 for s in services)
-    return [(key, a) for key in sorted(desired, key=_sort_key) for a in sorted(desired[key]["destinations"])
+    return [(key, a) for key in sorted(desired, key=sort_key) for a in sorted(desired[key]["destinations"])
             if a not in held.get(key, ())]
 
 
@@ -305,6 +332,18 @@ def recorded(bal, state_file, required=False, current=None):
         return record, from_config(record["services"], "%s: services" % state_file)
     current = bal.dp.read_services() if current is None else current
     return None, from_maps(bal.dp.service_dicts(current))
+
+
+class UnattachedRun(object):
+    """Run for check mode where nothing is attached at bpffs yet: the
+    desired state before is the record's (or nothing), the plan an
+    UnattachedPlan.  Nothing is ever applied."""
+
+    def __init__(self, bpffs, state_file, transform):
+        self.record = _state.load(state_file, bpffs)
+        before = from_config(self.record["services"], "%s: services" % state_file) if self.record else {}
+        self.plan = UnattachedPlan(before, transform(before))
+        self.changed = self.plan.changed
 
 
 class Run(object):

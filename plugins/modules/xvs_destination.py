@@ -23,6 +23,7 @@ description:
 extends_documentation_fragment:
   - xvs.lb.xvs
   - xvs.lb.xvs.state_file
+  - xvs.lb.xvs.wait_drained
   - xvs.lb.xvs.protocol
   - xvs.lb.xvs.attributes
 attributes:
@@ -94,6 +95,18 @@ EXAMPLES = r'''
 '''
 
 RETURN = r'''
+moved:
+  description: The share of each written service's Maglev table that moves, as RV(xvs.lb.xvs_services#module:moved).
+  returned: always
+  type: list
+  elements: dict
+  sample: []
+drained:
+  description: The destination's live flows when O(wait_drained) ended, as RV(xvs.lb.xvs_services#module:drained).
+  returned: when O(wait_drained) is given, not in check mode
+  type: list
+  elements: dict
+  sample: []
 unresolved:
   description:
     - Desired destinations, of any service, left out of the maps because they did not answer (each
@@ -161,6 +174,7 @@ def main():
             weight=dict(_spec.DESTINATION_OPTIONS["weight"], default=_spec.DEFAULT_WEIGHT),
             mac=_spec.DESTINATION_OPTIONS["mac"],
             state=dict(type="str", default="present", choices=["present", "absent"]),
+            wait_drained=dict(type="dict", options=_module.WAIT_DRAINED_OPTIONS),
             **_spec.COMMON_OPTIONS
         ),
         supports_check_mode=True,
@@ -191,9 +205,12 @@ def main():
         svc = _module.service_view(r, bal, key)
         found = [d for d in svc["destinations"] if d["address"] == dest["address"]]
         return svc, found[0] if found else None
+    _module.check_wait_drained(module)
     r, (service, destination) = _module.converge(module, transform,
                                                  {(key, dest["address"]): "address"}, view)
-    _module.exit_with(module, r, key, service=service, destination=destination)
+    drained = _module.wait_drained(module, r, {key: dest["address"]})
+    _module.exit_with(module, r, key, service=service, destination=destination,
+                      **({"drained": drained} if drained is not None else {}))
 
 
 if __name__ == "__main__":

@@ -115,6 +115,12 @@ services:
       established ones continue; or C(failing), where its health check failed, weight 0, and every
       packet of its flows selects another destination. Desired destinations the maps do not hold are
       in RV(unresolved).
+    - C(active_flows) counts a destination's live flow records, those not idle past their
+      protocol's timeout; they are its connections, and what a drain waits for (see
+      O(xvs.lb.xvs_destination#module:wait_drained)).
+    - C(digest) is a SHA-256 of the service's live Maglev table as addresses, not as the slots a
+      balancer holds them in. Balancers behind ECMP with the same destinations and weights show the
+      same digest, so a flow that moves between them keeps its destination.
   returned: success
   type: list
   elements: dict
@@ -125,10 +131,12 @@ services:
       sticky: false
       forwarding: l2
       counters: {"packets": 10, "bytes": 1200, "new_flows": 2}
+      digest: 5d4f0c1e3a9b2c7d8e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d
       destinations:
         - address: 192.0.2.21
           weight: 1
           state: up
+          active_flows: 2
           mac: "02:00:c0:00:02:15"
           interface: eth0
           vlan: 0

@@ -202,6 +202,12 @@ EXAMPLES = r'''
 '''
 
 RETURN = r'''
+moved:
+  description: The share of each written service's Maglev table that moves, as RV(xvs.lb.xvs_services#module:moved).
+  returned: always
+  type: list
+  elements: dict
+  sample: []
 unresolved:
   description:
     - Desired destinations, of any service, left out of the maps because they did not answer (each

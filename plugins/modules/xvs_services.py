@@ -26,6 +26,7 @@ description:
 extends_documentation_fragment:
   - xvs.lb.xvs
   - xvs.lb.xvs.state_file
+  - xvs.lb.xvs.wait_drained
   - xvs.lb.xvs.attributes
 attributes:
   check_mode:
@@ -252,6 +253,32 @@ EXAMPLES = r'''
 '''
 
 RETURN = r'''
+moved:
+  description:
+    - For each service the run writes (check mode too), the share of its Maglev table whose
+      destination changes (0 to 1; 1 for a new service). It is the share of new flows that go
+      somewhere else than they would have, and of existing flows that would go elsewhere once their
+      flow record is gone (evicted, or at another balancer after an ECMP failover). C(--diff) shows
+      it too.
+  returned: when O(state) is not V(gathered)
+  type: list
+  elements: dict
+  sample:
+    - address: 203.0.113.10
+      port: 80
+      protocol: tcp
+      moved: 0.249
+drained:
+  description: The live flows of each drained destination when O(wait_drained) ended.
+  returned: when O(wait_drained) is given, not in check mode
+  type: list
+  elements: dict
+  sample:
+    - address: 203.0.113.10
+      port: 80
+      protocol: tcp
+      destination: 192.0.2.22
+      active_flows: 0
 unresolved:
   description:
     - Destinations of the desired state that the maps do not hold because their MAC (or their
@@ -321,6 +348,7 @@ def main():
         argument_spec=dict(
             config=dict(type="list", elements="dict", options=_spec.SERVICE_OPTIONS),
             state=dict(type="str", default="merged", choices=list(_planner.STATES) + ["gathered"]),
+            wait_drained=dict(type="dict", options=_module.WAIT_DRAINED_OPTIONS),
             **_spec.COMMON_OPTIONS
         ),
         required_if=[("state", "merged", ["config"]), ("state", "replaced", ["config"])],
@@ -330,13 +358,17 @@ def main():
     entries = _module.check(module, lambda: _spec.services(p["config"] or []))
     if p["state"] == "gathered":
         module.exit_json(changed=False, gathered=_planner.to_config(_module.gather(module)))
+    _module.check_wait_drained(module)
     r, dummy = _module.converge(module, _planner.transform(p["state"], entries),
                                 _planner.labels(entries))
     diff = r.plan.diff()
     # after only with a change, as the network collections' resource modules
     # do: a no-change run over a thousand services returns half the data
-    after = {"after": diff["after"]["config"]} if r.changed else {}
-    _module.exit_with(module, r, before=diff["before"]["config"], **after)
+    result = {"after": diff["after"]["config"]} if r.changed else {}
+    drained = _module.wait_drained(module, r, dict((key, None) for key in entries))
+    if drained is not None:
+        result["drained"] = drained
+    _module.exit_with(module, r, before=diff["before"]["config"], **result)
 
 
 if __name__ == "__main__":

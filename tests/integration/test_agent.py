@@ -47,6 +47,7 @@ class Balancer(object):
                               "destinations": [{"address": a} for a in sorted(BACKENDS.values())]}],
             "xvs_state_dir": str(self.etc / "xvs"), "xvs_lib_dir": str(tmp_path / "lib"),
             "xvs_restore_bin": str(tmp_path / "xvs-restore"), "xvs_agent_bin": str(tmp_path / "xvs-agent"),
+            "xvs_cli_bin": str(tmp_path / "xvs"),
             "xvs_systemd_dir": str(self.etc), "xvs_metrics_listen": METRICS,
             "xvs_metrics_textfile": self.textfile}
         self.playbook = str(tmp_path / "role.yml")

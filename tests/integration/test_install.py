@@ -82,7 +82,7 @@ def inventory(lab, work):
                 "xvs_state_dir": os.path.join(work, "etc"),
                 "xvs_install_packages": False,      # setup-host installed them on this machine
                 "xvs_restore_at_boot": False,
-                "xvs_agent": False}}}}}}
+                "xvs_agent": False, "xvs_cli": False}}}}}}
 
 
 @pytest.mark.parametrize("core,python", VERSIONS, ids=[v[0] for v in VERSIONS])

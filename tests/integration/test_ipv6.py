@@ -37,7 +37,7 @@ def test_ipv6_service_through_the_roles(bpffs, tmp_path):
         lab.sh(lab.name("cli"), "ip -6 route add %s/128 via %s" % (VIP, addr6("bal")))
         bal_vars = {
             "xvs_interfaces": ["eth0"], "xvs_bpffs": root, "xvs_install_packages": False,
-            "xvs_restore_at_boot": False, "xvs_agent": False, "xvs_purge_services": True,
+            "xvs_restore_at_boot": False, "xvs_agent": False, "xvs_cli": False, "xvs_purge_services": True,
             "xvs_sizes": {"flow_table_size": 65536, "flow_table_size_v6": 65536, "max_services": 8},
             "xvs_state_dir": str(tmp_path / "etc"), "xvs_lib_dir": str(tmp_path / "lib"),
             "xvs_services": [{"address": VIP, "port": 80,

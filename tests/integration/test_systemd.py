@@ -239,8 +239,20 @@ def test_the_units_under_a_real_systemd(balancer):
     assert (restore["Result"], restore["NRestarts"]) == ("success", "0")
     warned = b.c.sh("journalctl --no-pager -b -t xvs-restore -p warning", direct=True).stdout
     assert all("cannot resolve the MAC address of %s " % a in warned for a in DEAD), warned
+    # each line reached the journal when it was written: the program's line before the
+    # one shared wait for the dead destinations, their warnings after it
+    journal = re.findall(r"^\[\s*([\d.]+)\] \S+ xvs-restore\[\d+\]: (.*)$", b.c.sh(
+        "journalctl --no-pager -b -o short-monotonic -t xvs-restore", direct=True).stdout, re.M)
+    stamps = dict((what, [float(t) for t, line in journal if what in line])
+                  for what in ("xvs: program loaded", "cannot resolve the MAC address"))
+    assert len(stamps["xvs: program loaded"]) == 1 and len(stamps["cannot resolve the MAC address"]) == len(DEAD)
+    assert stamps["xvs: program loaded"][0] < min(stamps["cannot resolve the MAC address"])
     info = b.module("xvs_info", {})
     assert sorted(u["destination"] for u in info["unresolved"]) == DEAD
+    # the operator's command the role installed shows the same
+    status = b.c.sh("/usr/local/sbin/xvs status").stdout
+    assert re.search(r"^  -> %s +1 +1 up +\d+$" % re.escape(BACKENDS["b1"]), status, re.M), status
+    assert all(re.search(r"^  -> %s +- +1 unresolved +0$" % re.escape(a), status, re.M) for a in DEAD), status
     assert [(s["address"], s["destinations"]) for s in info["services"] if s["address"] == VIP2] == [(VIP2, [])]
     text = b.metrics()
     for a in DEAD[:3]:

@@ -32,7 +32,7 @@ class Fleet(object):
         dests = [{"address": self.address(s)} for s in sorted(BACKENDS)]
         self.bal_vars = {
             "xvs_interfaces": ["eth0"], "xvs_bpffs": self.root, "xvs_install_packages": False,
-            "xvs_restore_at_boot": False, "xvs_agent": False, "xvs_purge_services": True,
+            "xvs_restore_at_boot": False, "xvs_agent": False, "xvs_cli": False, "xvs_purge_services": True,
             "xvs_sizes": {"flow_table_size": 65536, "flow_table_size_v6": 65536, "max_services": 8},
             "xvs_state_dir": str(work / "bal"), "xvs_lib_dir": str(work / "bal" / "lib"),
             "xvs_services": [{"address": self.vip, "port": port, "forwarding": forwarding, "destinations": dests}

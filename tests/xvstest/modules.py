@@ -107,21 +107,33 @@ def agent_command(*args):
     return ["/usr/bin/python3", "-c", code] + list(args)
 
 
-def restore_command(work):
-    """The role's restore script, rendered as the role renders it, run
-    with the library xvs_attach installs for it (built from the working
-    tree, as the action plugin builds it), in directory work: the command
-    before its state file argument."""
+def role_script(work, template, interpreter="/usr/bin/python3", **variables):
+    """The role's script template (roles/xvs/templates/<template>), rendered
+    as the role renders it with variables, run by interpreter with
+    the library xvs_attach installs for it (built from the working tree, as
+    the action plugin builds it), in directory work: the command."""
     import jinja2
     from ansible_collections.xvs.lb.plugins.action import xvs_attach as xvs_attach_action
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     work = str(work)
-    with open(os.path.join(work, "xvs-lb.zip"), "wb") as f:
-        f.write(xvs_attach_action.library(root))
-    with open(os.path.join(root, "roles", "xvs", "templates", "xvs-restore.j2")) as f:
-        text = jinja2.Template(f.read()).render(ansible_managed="test", xvs_lib_dir=work,
-                                                xvs_state_dir="/nonexistent")
-    path = os.path.join(work, "xvs-restore")
+    library = os.path.join(work, "xvs-lb.zip")
+    if not os.path.exists(library):
+        with open(library, "wb") as f:
+            f.write(xvs_attach_action.library(root))
+    with open(os.path.join(root, "roles", "xvs", "templates", template)) as f:
+        text = jinja2.Template(f.read()).render(ansible_managed="test", xvs_lib_dir=work, **variables)
+    path = os.path.join(work, template[:-len(".j2")])
     with open(path, "w") as f:
         f.write(text)
-    return ["/usr/bin/python3", path]
+    return [interpreter, path]
+
+
+def restore_command(work):
+    """The boot restore's command, before its state file argument."""
+    return role_script(work, "xvs-restore.j2", xvs_state_dir="/nonexistent")
+
+
+def cli_command(work, bpffs, state_file):
+    """`xvs`, as the role installs it for the pin root bpffs and the state
+    of record state_file."""
+    return role_script(work, "xvs.j2", interpreter="/bin/sh", xvs_bpffs=bpffs, xvs_state_dir=os.path.dirname(state_file))
