@@ -9,7 +9,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-from ansible_collections.xvs.lb.plugins.module_utils import _layout as L, _loader, _maglev, _netinfo
+from ansible_collections.xvs.lb.plugins.module_utils import _layout as L, _loader, _netinfo
 from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane, flow_owner
 from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
 from ansible_collections.xvs.lb.plugins.module_utils._spec import bpffs, forwarding_config
@@ -198,7 +198,7 @@ def info(bal, source_prefixes=0):
     for s in bal.dp.services():
         v = bal.view(s)
         v["counters"] = bal.dp.service_stats(s["index"])
-        v["digest"] = _maglev.digest(bal.dp.positions(s))
+        v["digest"] = bal.dp.digest(s)
         for dv, d in zip(v["destinations"], s["destinations"]):
             dv["counters"] = bal.dp.dest_stats(s["index"], d["slot"])
             dv["active_flows"] = census["active"][flow_owner(s["index"], d)]

@@ -62,7 +62,7 @@ def status(bpffs, state_file, stats=False):
             wanted = want["destinations"] if want else {}
             svc = {"address": key[0], "port": key[1], "protocol": key[2],
                    "sticky": (s or want)["sticky"], "in_maps": s is not None,
-                   "digest": _maglev.digest(dp.positions(s)) if s else None, "destinations": []}
+                   "digest": dp.digest(s) if s else None, "destinations": []}
             svc.update(_spec.forwarding_config((s or want)["forwarding"]))
             if stats and s:
                 svc["counters"] = dp.service_stats(s["index"])

@@ -125,6 +125,11 @@ def flow_owner(index, d):
     return index, d["slot"], raw
 
 
+def _owners(svc):
+    """{slot: address} of a services() dict's destinations."""
+    return dict((d["slot"], d["address"]) for d in svc["destinations"])
+
+
 def dest_address(d):
     return L.ip6_str(d.addr6) if d.flags & L.DEST_V6 else L.ip_str(d.addr)
 
@@ -259,7 +264,7 @@ class DataPlane(object):
         if n <= 0:
             return []
         m = self.maps["prefix_stats"]
-        per_cpu = array.array("Q", b"".join(m.lookup_range(0, m.max_entries)))
+        per_cpu = array.array("Q", m.read_range(0, m.max_entries))
         cpus = len(per_cpu) // m.max_entries
         totals = per_cpu[0::cpus]
         for cpu in range(1, cpus):
@@ -267,7 +272,7 @@ class DataPlane(object):
         busy = [("%s/%d" % (ipaddress.IPv4Address(i << (32 - L.SRC_PREFIX_LEN)), L.SRC_PREFIX_LEN), totals[i])
                 for i in heapq.nlargest(n, (i for i, c in enumerate(totals) if c), key=totals.__getitem__)]
         m6 = self.maps["prefix_stats6"]
-        words = array.array("Q", b"".join(m6.lookup_range(0, m6.max_entries)))   # (prefix, packets) pairs
+        words = array.array("Q", m6.read_range(0, m6.max_entries))   # (prefix, packets) pairs
         prefixes, counts = words[0::2], words[1::2]
         by_prefix = collections.Counter()
         # the used slots only, picked out in C (compress, filter): most are empty
@@ -554,14 +559,24 @@ class DataPlane(object):
         """A service's live Maglev table (svc: a services() dict) as the
         address each position sends a new flow to, or None when it has no
         eligible destination (the program drops its new flows)."""
-        return self._positions(svc["index"], svc["gen"], svc["eligible"],
-                               dict((d["slot"], d["address"]) for d in svc["destinations"]))
+        return self._positions(svc["index"], svc["gen"], svc["eligible"], _owners(svc))
+
+    def digest(self, svc):
+        """_maglev.digest() of a service's live table (svc: a services()
+        dict), read from the maps without building its positions."""
+        if not svc["eligible"]:
+            return _maglev.digest(None)
+        return _maglev.digest_slots(self._table_raw(svc["index"], svc["gen"]), _owners(svc))
 
     def _positions(self, index, gen, eligible, owner):
         if not eligible:
             return None
-        raw = b"".join(self.maps["maglev"].lookup_range(self.first_chunk(index, gen), self.chunks))
-        return [owner.get(slot) for slot in array.array("H", raw)[:self.maglev_table_size]]
+        return [owner.get(slot) for slot in array.array("H", self._table_raw(index, gen))]
+
+    def _table_raw(self, index, gen):
+        """A table half as the maps hold it: one native 16-bit slot number
+        per position."""
+        return self.maps["maglev"].read_range(self.first_chunk(index, gen), self.chunks)[:2 * self.maglev_table_size]
 
     def first_chunk(self, index, gen):
         """The maglev map's index of the first chunk of a service's half."""

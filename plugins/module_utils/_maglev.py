@@ -109,18 +109,51 @@ def build(destinations, size):
 def digest(positions):
     """A digest of a table given as positions (build()'s list, or None
     for a service with no eligible destination): the destinations'
-    addresses and, per position, the rank of its owner among them.  It
-    names addresses, not the slots a balancer happened to write them in,
-    so balancers behind ECMP with the same destinations and weights show
-    the same digest, whatever order they were given in."""
+    addresses and, per position, the rank of its owner among them (16
+    bits, little-endian).  It names addresses, not the slots a balancer
+    happened to write them in, so balancers behind ECMP with the same
+    destinations and weights show the same digest, whatever order they
+    were given in.  digest_slots() computes the same from the maps."""
     if positions is None:
-        return hashlib.sha256(b"no eligible destination").hexdigest()
+        return _NO_TABLE
     names = sorted(set(positions), key=sort_key)
     rank = dict((n, i) for i, n in enumerate(names))
-    ranks = array.array("I", (rank[p] for p in positions))
+    return _digest(names, _le16(array.array("H", (rank[p] for p in positions))))
+
+
+def digest_slots(raw, owner):
+    """digest() of a live table given as the maps hold it: raw, one
+    native 16-bit slot number per position; owner, {slot: address}.  A
+    scrape digests every service (1,000 x 65,537 positions), so where
+    every slot is below 256, the common case, the ranks are made by
+    bytes.translate in C rather than position by position in Python."""
+    lo, hi = (raw[0::2], raw[1::2]) if sys.byteorder == "little" else (raw[1::2], raw[0::2])
+    if max(owner, default=0) > 255 or hi.count(0) != len(hi):
+        slots = array.array("H")
+        slots.frombytes(raw)
+        return digest([owner[s] for s in slots])
+    present = [s for s in owner if lo.find(bytes((s,))) >= 0]
+    names = sorted((owner[s] for s in present), key=sort_key)
+    rank = dict((n, i) for i, n in enumerate(names))
+    table = bytearray(range(256))
+    for s in present:
+        table[s] = rank[owner[s]]
+    ranks = bytearray(len(raw))          # little-endian 16-bit ranks, all below 256
+    ranks[0::2] = lo.translate(table)
+    return _digest(names, bytes(ranks))
+
+
+_NO_TABLE = hashlib.sha256(b"no eligible destination").hexdigest()
+
+
+def _le16(values):
     if sys.byteorder == "big":
-        ranks.byteswap()
-    return hashlib.sha256((",".join(names) + ";").encode() + ranks.tobytes()).hexdigest()
+        values.byteswap()
+    return values.tobytes()
+
+
+def _digest(names, ranks):
+    return hashlib.sha256((",".join(names) + ";").encode() + ranks).hexdigest()
 
 
 def moved(old, new):

@@ -15,7 +15,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-from ansible_collections.xvs.lb.plugins.module_utils import _announce, _layout as L, _maglev
+from ansible_collections.xvs.lb.plugins.module_utils import _announce, _layout as L
 from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane, flow_owner
 
 SERVICE_LABELS = ["vip", "port", "protocol"]
@@ -179,7 +179,7 @@ class Collector(object):
             labels = [s["address"], str(s["port"]), s["protocol"]]
             for f, family in svc.items():
                 family.add_metric(labels, svc_stats[s["index"]][f])
-            digest.add_metric(labels + [_maglev.digest(dp.positions(s))], 1)
+            digest.add_metric(labels + [dp.digest(s)], 1)
             slots = dp.dests_stats(s["index"], [d["slot"] for d in s["destinations"]])
             for d in s["destinations"]:
                 weight.add_metric(labels + [d["address"]], d["weight"])

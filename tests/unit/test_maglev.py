@@ -149,3 +149,36 @@ def test_table_bytes_are_the_slots_of_the_owners(n):
     want = array.array("H", [plan[names[i]] for i in table] + [0] * (dp.chunks * L.MAGLEV_CHUNK - size))
     assert dp._table_bytes(names, table, plan) == want.tobytes()
     assert dp._table_bytes(None, None, plan) == bytes(len(want.tobytes()))
+
+
+@pytest.mark.parametrize("n,top", [(3, 10), (50, 255), (40, 256), (20, 60000)])
+def test_digest_of_the_maps_is_the_digest_of_the_positions(n, top):
+    """digest_slots (the maps' slot numbers, by translate where every slot
+    is below 256, else position by position) equals digest() of the same
+    table as addresses, whatever slots the destinations sit in; a
+    destination of weight 0 holds a slot but no position and is left out."""
+    size = 4099
+    pool = addrs(n) + ["2001:db8::%x" % i for i in range(1, 4)]
+    rnd = random.Random(n * top)
+    weights = [(a, rnd.choice([0, 1, 2, 5])) for a in pool]
+    weights[0] = (pool[0], 1)
+    positions = _maglev.build(weights, size)
+    slots = rnd.sample(range(top), len(pool))
+    owner = dict(zip(slots, pool))
+    slot_of = dict(zip(pool, slots))
+    raw = array.array("H", [slot_of[a] for a in positions]).tobytes()
+    assert _maglev.digest_slots(raw, owner) == _maglev.digest(positions)
+    other = dict(zip(rnd.sample(range(top), len(pool)), pool))       # another balancer's slots
+    raw2 = array.array("H", [dict((a, s) for s, a in other.items())[a] for a in positions]).tobytes()
+    assert _maglev.digest_slots(raw2, other) == _maglev.digest(positions)
+    changed = _maglev.build([(a, w + 1 if a == pool[0] else w) for a, w in weights], size)
+    assert _maglev.digest(changed) != _maglev.digest(positions)
+    assert _maglev.digest(None) not in (_maglev.digest(positions), _maglev.digest(changed))
+
+
+def test_moved_is_the_share_of_positions_that_change():
+    old = _maglev.build([(a, 1) for a in addrs(10)], 4099)
+    new = _maglev.build([(a, 1) for a in addrs(11)], 4099)
+    assert _maglev.moved(old, new) == sum(a != b for a, b in zip(old, new)) / 4099.0
+    assert 0.05 < _maglev.moved(old, new) < 0.15                # about 1/11 moves to the new one
+    assert (_maglev.moved(old, old), _maglev.moved(None, None), _maglev.moved(None, new)) == (0.0, 0.0, 1.0)
