@@ -52,6 +52,9 @@ class Target(object):
         self.duration = None     # s the last check took
         self.due = 0.0
         self.busy = False
+        self.failures = 0        # failed checks since the agent started
+        self.transitions = 0     # up/down changes since the agent started
+        self.changed_at = None   # wall-clock time of the last change
 
 
 class Agent(object):
@@ -67,8 +70,9 @@ class Agent(object):
     adding each once it answers; every step that can take long tells
     systemd's watchdog the agent is alive (alive())."""
 
-    def __init__(self, state_file, log, clock=time.monotonic, announcer=None, policy="any", alive=None):
-        self.state_file, self.log, self.clock = state_file, log, clock
+    def __init__(self, state_file, log, clock=time.monotonic, announcer=None, policy="any", alive=None,
+                 wall=time.time):
+        self.state_file, self.log, self.clock, self.wall = state_file, log, clock, wall
         self.alive = alive or (lambda: None)   # called each loop, and while waiting for the lock
         self.announcer, self.policy = announcer, policy
         self.announced = {}      # vip -> announced?, as last set
@@ -83,6 +87,8 @@ class Agent(object):
         self.unresolved = {}     # (key, address) -> reason: in the record, not in the maps
         self.resolve_at = 0.0
         self._saved = None       # the health last written
+        self.applied_at = None   # wall-clock time of the last apply that succeeded
+        self.apply_failures = 0  # applies that failed since the agent started
         self._stamp = None
         self._said = set()       # problems already logged once
         self._guard = threading.Lock()
@@ -165,6 +171,7 @@ class Agent(object):
         """Count one check's result; a destination changes state at its
         fall or rise count."""
         t.duration = took
+        t.failures += not ok
         if ok == t.up:
             t.streak, t.reason = 0, reason
             return
@@ -172,6 +179,7 @@ class Agent(object):
         if t.streak < (t.check or _spec.CHECK_DEFAULTS)["rise" if ok else "fall"]:
             return
         t.up, t.streak, t.reason = ok, 0, reason
+        t.transitions, t.changed_at = t.transitions + 1, self.wall()
         self.pending = True
         self.log("xvs-agent: %s destination %s %s: %s (%d %s check(s) in a row)"
                  % (_health.label(t.key), t.address, "up" if ok else "down", reason,
@@ -214,8 +222,9 @@ class Agent(object):
         except XvsError as e:
             self._once("xvs-agent: cannot apply health yet (retrying every %gs): %s" % (RETRY_EVERY, e))
             self.retry_at = self.clock() + RETRY_EVERY
+            self.apply_failures += 1
             return
-        self.pending = False
+        self.pending, self.applied_at = False, self.wall()
         self._unresolved(run.plan.unresolved)
         for key in sorted(self.services):
             up = key not in services_down
@@ -281,12 +290,17 @@ class Agent(object):
 
     def snapshot(self):
         """What the metrics show of the agent, consistent within itself:
-        bpffs, services (desired), targets {(key, address): (up, last
-        duration)}, service_up {key: up}, announced {vip: announced?}
-        (None without an announcer)."""
+        bpffs, services (desired), targets {(key, address): {up, duration
+        (of the last check), timeout, failures, transitions, changed_at}},
+        service_up {key: up}, announced {vip: announced?} (None without an
+        announcer), applied_at and apply_failures."""
         with self._guard:
             return {"bpffs": self.bpffs, "services": self.services,
-                    "targets": dict((k, (t.up, t.duration)) for k, t in self.targets.items()),
+                    "targets": dict((k, {"up": t.up, "duration": t.duration, "failures": t.failures,
+                                         "timeout": (t.check or _spec.CHECK_DEFAULTS)["timeout"],
+                                         "transitions": t.transitions, "changed_at": t.changed_at})
+                                    for k, t in self.targets.items()),
+                    "applied_at": self.applied_at, "apply_failures": self.apply_failures,
                     "service_up": dict((key, key not in self.services_down(self.down()))
                                        for key in self.services),
                     "announced": dict(self.announced) if self.announcer else None}

@@ -68,6 +68,8 @@ def _serve_metrics(agent, args, log):
         raise XvsError("metrics need prometheus_client (Debian: python3-prometheus-client)")
     registry = prometheus_client.CollectorRegistry(auto_describe=False)
     registry.register(_metrics.Collector(agent, args.bird_socket))
+    # process_* (CPU, memory, open files, start time), as every exporter serves
+    prometheus_client.ProcessCollector(registry=registry)
     if args.metrics_listen:
         try:
             address, port = _metrics.listen_address(args.metrics_listen)

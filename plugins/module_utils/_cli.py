@@ -21,7 +21,7 @@ import json
 import sys
 import time
 
-from ansible_collections.xvs.lb.plugins.module_utils import _health, _maglev, _planner, _spec
+from ansible_collections.xvs.lb.plugins.module_utils import _health, _layout as L, _maglev, _planner, _spec
 from ansible_collections.xvs.lb.plugins.module_utils._balancer import Balancer
 from ansible_collections.xvs.lb.plugins.module_utils._dataplane import flow_owner
 from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
@@ -178,6 +178,8 @@ def main(argv, bpffs=_spec.DEFAULT_BPFFS, state_file=_spec.DEFAULT_STATE_FILE, o
     parser.add_argument("--bpffs", default=bpffs, help="the pin root (default %(default)s)")
     parser.add_argument("--state-file", default=state_file, help="the state of record (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--version", action="version",
+                        version="xvs.lb %s (data-plane ABI %d)" % (L.VERSION, L.ABI_VERSION))
     shown = parser.add_mutually_exclusive_group()
     shown.add_argument("--stats", action="store_true", help="status: packets, bytes, new flows")
     shown.add_argument("--rate", type=float, nargs="?", const=1.0, metavar="SECONDS",

@@ -324,7 +324,8 @@ class DataPlane(object):
         return sorted(out, key=lambda r: r["idle_s"])[:limit]
 
     def flow_table(self, census=None):
-        """Capacity, live records and evictions of the flow table.
+        """Capacity, records and evictions of the flow tables, together
+        and per family ("families": {"ipv4": {capacity, entries}, "ipv6": ...}).
 
         The kernel evicts from the LRU without telling the program, so
         evictions are derived: every record the program created
@@ -333,10 +334,12 @@ class DataPlane(object):
         deletes flow records; a resize starts flows and counters afresh.
         """
         census = census or self.flow_census()
+        families = dict(("ipv%d" % f, {"capacity": self.maps[name].max_entries, "entries": census["entries"][f]})
+                        for f, name in ((4, "flows"), (6, "flows6")))
         entries = sum(census["entries"].values())
         c = self.counters()
-        return {"capacity": self.maps["flows"].max_entries + self.maps["flows6"].max_entries, "entries": entries,
-                "evicted": max(0, c["new_flows"] - c["flow_reselect"] - entries)}
+        return {"capacity": sum(t["capacity"] for t in families.values()), "entries": entries,
+                "evicted": max(0, c["new_flows"] - c["flow_reselect"] - entries), "families": families}
 
     def tx_port(self, ifindex):
         """The devmap slot that redirects to ifindex, or None."""

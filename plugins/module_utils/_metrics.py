@@ -15,8 +15,9 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-from ansible_collections.xvs.lb.plugins.module_utils import _announce, _layout as L
+from ansible_collections.xvs.lb.plugins.module_utils import _announce, _layout as L, _loader
 from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane, flow_owner
+from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
 
 SERVICE_LABELS = ["vip", "port", "protocol"]
 DESTINATION_LABELS = SERVICE_LABELS + ["destination"]
@@ -69,6 +70,7 @@ class Collector(object):
         bpffs, desired, targets, service_up = (snap["bpffs"], snap["services"], snap["targets"],
                                                snap["service_up"])
         yield from self._bgp(snap["announced"], GaugeMetricFamily)
+        yield from self._agent(snap, CounterMetricFamily, GaugeMetricFamily)
         up = GaugeMetricFamily("xvs_dataplane_up", "1 when the program's maps could be read.")
         try:
             dp = DataPlane(bpffs) if bpffs else None
@@ -76,32 +78,41 @@ class Collector(object):
             dp = None
         up.add_metric([], 1 if dp else 0)
         yield up
-        healthy = GaugeMetricFamily("xvs_destination_healthy",
-                                    "1 unless the destination's check failed (fall) and has not passed (rise) since.",
-                                    labels=DESTINATION_LABELS)
-        duration = GaugeMetricFamily("xvs_check_duration_seconds", "How long the destination's last check took.",
-                                     labels=DESTINATION_LABELS)
+        yield _build_info(bpffs if dp else None, GaugeMetricFamily)
         svc_up = GaugeMetricFamily("xvs_service_up", "1 while at least min_healthy destinations are healthy.",
                                    labels=SERVICE_LABELS)
         desired_weight = GaugeMetricFamily("xvs_destination_desired_weight",
                                            "The weight in the state of record.", labels=DESTINATION_LABELS)
+        checks = _check_families(CounterMetricFamily, GaugeMetricFamily)
         for key in sorted(desired):
             svc_labels = [key[0], str(key[1]), key[2]]
             svc_up.add_metric(svc_labels, 1 if service_up.get(key, True) else 0)
             for address, d in sorted(desired[key]["destinations"].items()):
                 labels = svc_labels + [address]
                 desired_weight.add_metric(labels, d["weight"])
-                state = targets.get((key, address))
-                healthy.add_metric(labels, 1 if state is None or state[0] else 0)
-                if state is not None and state[1] is not None:
-                    duration.add_metric(labels, state[1])
-        yield from (svc_up, healthy, desired_weight, duration)
+                t = targets.get((key, address))
+                checks["healthy"].add_metric(labels, 1 if t is None or t["up"] else 0)
+                if t is None:
+                    continue            # not checked: no check series
+                for field, family in checks.items():
+                    if field != "healthy" and t[field] is not None:
+                        family.add_metric(labels, t[field])
+        yield from [svc_up, desired_weight] + list(checks.values())
         if dp is None:
             return
         with dp:
             services = dp.services()
             yield from self._maps(dp, services, CounterMetricFamily, GaugeMetricFamily)
         yield self._states(desired, services, GaugeMetricFamily)
+
+    @staticmethod
+    def _agent(snap, Counter, Gauge):
+        """The agent's own applies of health to the maps."""
+        yield Counter("xvs_agent_apply_failures", "Applies of health to the maps that failed (retried every "
+                      "few seconds).", value=snap["apply_failures"])
+        if snap["applied_at"] is not None:
+            yield Gauge("xvs_agent_last_apply_success_timestamp_seconds",
+                        "When the agent last applied health to the maps (Unix time).", value=snap["applied_at"])
 
     @staticmethod
     def _states(desired, services, Gauge):
@@ -159,10 +170,16 @@ class Collector(object):
             yield families[metric]
         census = dp.flow_census()       # both flow tables, read once a scrape
         table = dp.flow_table(census)
-        yield Gauge("xvs_flow_table_capacity", "Flow records the tables hold (IPv4 and IPv6).",
-                    value=table["capacity"])
-        yield Gauge("xvs_flow_table_entries", "Live flow records.", value=table["entries"])
-        yield Counter("xvs_flow_table_evictions", "Flow records the kernel evicted to make room.",
+        capacity = Gauge("xvs_flow_table_capacity", "Flow records the table can hold.", labels=["family"])
+        entries = Gauge("xvs_flow_table_entries", "Flow records in the table.", labels=["family"])
+        for family, t in sorted(table["families"].items()):
+            capacity.add_metric([family], t["capacity"])
+            entries.add_metric([family], t["entries"])
+        yield capacity
+        yield entries
+        # the kernel evicts without telling; the count is derived from
+        # counters that do not tell the families apart (see flow_table)
+        yield Counter("xvs_flow_table_evictions", "Flow records the kernel evicted to make room (both tables).",
                       value=table["evicted"])
         svc = _stats_family(Counter, "service", SERVICE_LABELS)
         dest = _stats_family(Counter, "destination", DESTINATION_LABELS)
@@ -187,6 +204,42 @@ class Collector(object):
                 for f, family in dest.items():
                     family.add_metric(labels + [d["address"]], slots[d["slot"]][f])
         yield from list(svc.values()) + list(dest.values()) + [weight, active, digest]
+
+
+def _check_families(Counter, Gauge):
+    """The families of a checked destination, by its snapshot() field."""
+    return {
+        "healthy": Gauge("xvs_destination_healthy",
+                         "1 unless the destination's check failed (fall) and has not passed (rise) since.",
+                         labels=DESTINATION_LABELS),
+        "duration": Gauge("xvs_check_duration_seconds", "How long the destination's last check took.",
+                          labels=DESTINATION_LABELS),
+        "timeout": Gauge("xvs_check_timeout_seconds", "The check's timeout: a check this slow fails.",
+                         labels=DESTINATION_LABELS),
+        "failures": Counter("xvs_check_failures", "Checks of the destination that failed.",
+                            labels=DESTINATION_LABELS),
+        "transitions": Counter("xvs_destination_transitions", "Times the destination went down or up "
+                               "(at its fall or rise count).", labels=DESTINATION_LABELS),
+        "changed_at": Gauge("xvs_destination_last_transition_timestamp_seconds",
+                            "When the destination last went down or up (Unix time).", labels=DESTINATION_LABELS),
+    }
+
+
+def _build_info(bpffs, Gauge):
+    """xvs_build_info: 1, labelled with the collection's version, the
+    data-plane ABI and the attached program's tag (empty when none is
+    pinned), as Prometheus' own <name>_build_info series are."""
+    tag = ""
+    if bpffs:
+        try:
+            with _loader.open_pinned(bpffs) as p:
+                tag = p.info["tag"]
+        except (OSError, XvsError):
+            pass
+    info = Gauge("xvs_build_info", "1, labelled with the version of xvs.lb, the data-plane ABI and the "
+                 "loaded program's tag.", labels=["version", "abi", "tag"])
+    info.add_metric([L.VERSION, str(L.ABI_VERSION), tag], 1)
+    return info
 
 
 def listen_address(text):

@@ -164,8 +164,12 @@ def check_against_info(metrics, before, after):
     for d in svc_before["destinations"]:
         assert metrics[("xvs_destination_weight", dest_labels(d["address"]))] == d["weight"]
     table = before["flow_table"]
-    assert metrics[("xvs_flow_table_capacity", ())] == table["capacity"]
-    assert metrics[("xvs_flow_table_entries", ())] == table["entries"] == after["flow_table"]["entries"]
+    assert table["families"] == after["flow_table"]["families"] and table["families"]["ipv4"]["capacity"] == 65536
+    for family, t in table["families"].items():
+        assert metrics[("xvs_flow_table_capacity", (("family", family),))] == t["capacity"]
+        assert metrics[("xvs_flow_table_entries", (("family", family),))] == t["entries"]
+    assert table["capacity"] == sum(t["capacity"] for t in table["families"].values())
+    assert table["entries"] == sum(t["entries"] for t in table["families"].values())
     assert metrics[("xvs_flow_table_evictions_total", ())] == table["evicted"]
 
 

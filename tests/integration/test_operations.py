@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from ansible_collections.xvs.lb.plugins.module_utils import _dataplane, _loader, _maglev
+from ansible_collections.xvs.lb.plugins.module_utils import _dataplane, _layout as L, _loader, _maglev
 from xvstest.lab import ECHO_PORT, VIP, dsr_lab, echo_connect, inside
 from xvstest.modules import Modules, cli_command
 
@@ -139,6 +139,8 @@ def test_exit_status_and_help(balancer, tmp_path):
     b = balancer
     rc, out, err = b.cli("--help")
     assert rc == 0 and "xvs status --rate 2" in out and "exit status" in out
+    rc, out, err = b.cli("--version")
+    assert rc == 0 and out == "xvs.lb %s (data-plane ABI %d)\n" % (L.VERSION, L.ABI_VERSION)
     assert b.cli("--stats", "--rate", "1")[0] == 2           # one or the other
     assert b.cli("flows", "--service", "nonsense")[0] == 2
     rc, out, err = b.cli("--bpffs", b.mods.root + "_none")

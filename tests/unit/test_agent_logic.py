@@ -294,3 +294,49 @@ def test_log_lines_carry_their_priority_or_a_timestamp(tmp_path, monkeypatch, jo
         stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d"
         assert re.match(stamp + r" warning xvs-agent: destination down$", text[0]), text
         assert re.match(stamp + r" info xvs-agent: stopped$", text[1]), text
+
+
+def test_check_failures_transitions_and_applies_reach_the_metrics(tmp_path, monkeypatch):
+    """Every failed check counts, a change of state counts once with its
+    time, and an apply that fails counts (the maps are not there) while
+    the last success keeps its time: the series an alert needs, rendered
+    as a scrape renders them."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+    lock = _state.host_lock
+    monkeypatch.setattr(_state, "host_lock", lambda waiting=None: lock(str(tmp_path / "lock"), waiting=waiting))
+    now = [1800000000.0]
+    a, lines = agent(record(tmp_path, [svc(80, "192.0.2.21", "192.0.2.22",
+                                           check={"type": "tcp", "timeout": 0.5, "rise": 1, "fall": 2})]),
+                     wall=lambda: now[0])
+    t = a.targets[(KEY, "192.0.2.21")]
+    a.result(t, False, "refused", 0.01)
+    assert (t.failures, t.transitions, t.changed_at) == (1, 0, None)
+    now[0] += 5
+    a.result(t, False, "refused", 0.01)
+    a.result(t, False, "refused", 0.01)       # already down: a failure, not a transition
+    assert (t.failures, t.transitions, t.changed_at) == (3, 1, 1800000005.0)
+    a.result(t, True, "connected", 0.02)
+    assert (t.failures, t.transitions) == (3, 2)
+    a.apply()                                 # /sys/fs/bpf/xvs holds nothing: it fails, and is retried
+    a.apply()
+    assert a.apply_failures == 2 and a.applied_at is None
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_metrics.Collector(a))
+    got = dict(((s.name, s.labels.get("destination")), s.value)
+               for fam in text_string_to_metric_families(generate_latest(registry).decode()) for s in fam.samples)
+    assert got[("xvs_check_failures_total", "192.0.2.21")] == 3
+    assert got[("xvs_destination_transitions_total", "192.0.2.21")] == 2
+    assert got[("xvs_destination_last_transition_timestamp_seconds", "192.0.2.21")] == 1800000005.0
+    assert got[("xvs_check_timeout_seconds", "192.0.2.21")] == 0.5
+    assert got[("xvs_check_duration_seconds", "192.0.2.21")] == 0.02
+    assert got[("xvs_check_failures_total", "192.0.2.22")] == 0          # never checked: zero, there to rate()
+    assert ("xvs_check_duration_seconds", "192.0.2.22") not in got
+    assert ("xvs_destination_last_transition_timestamp_seconds", "192.0.2.22") not in got
+    assert got[("xvs_agent_apply_failures_total", None)] == 2
+    assert ("xvs_agent_last_apply_success_timestamp_seconds", None) not in got
+    assert got[("xvs_dataplane_up", None)] == 0
+    info = [s for fam in text_string_to_metric_families(generate_latest(registry).decode())
+            for s in fam.samples if s.name == "xvs_build_info"]
+    from ansible_collections.xvs.lb.plugins.module_utils import _layout as L
+    assert [(s.labels, s.value) for s in info] == [({"version": L.VERSION, "abi": str(L.ABI_VERSION), "tag": ""}, 1)]

@@ -16,6 +16,14 @@ def test_counter_names_match_c_enum():
     assert tuple(names[:-1]) == L.COUNTERS
 
 
+def test_version_is_galaxy_ymls():
+    """xvs_build_info and `xvs --version` name the release galaxy.yml builds."""
+    import os
+    import yaml
+    with open(os.path.join(os.path.dirname(_loader.default_source()), "..", "galaxy.yml")) as f:
+        assert L.VERSION == yaml.safe_load(f)["version"]
+
+
 def test_verdict_counters_are_counters():
     assert set(L.VERDICT_COUNTERS) <= set(L.COUNTERS)
 
