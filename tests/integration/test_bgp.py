@@ -29,6 +29,7 @@ from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane
 from xvstest.lab import (BGP_BALANCERS as BALANCERS, CLIENT_NET_CLIENT as CLIENT, ECHO_PORT, FRONT6, ROUTER, VIP,
                          VIP6, Lab, build_bgp_lab, echo_server, http_server, inside, next_hops, v6, wait_for)
 from xvstest.modules import BIN, ansible_env
+from xvstest.monitoring import Prometheus, dashboard_exprs, documented_metrics
 from xvstest.packets import flows
 
 BACKENDS = {"b1": "192.0.2.21", "b2": "192.0.2.22", "b3": "192.0.2.23"}
@@ -256,6 +257,51 @@ def test_two_balancers_behind_ecmp(fleet, tmp_path):
     wait_for(lambda: next_hops(lab) == sorted(BALANCERS.values()), timeout=RISE * INTERVAL + 10,
              what="the VIP announced again")
     assert whoami(lab, 25000).returncode == 0
+
+
+def test_alerts_and_dashboard_against_a_real_prometheus(fleet, tmp_path):
+    """A real Prometheus (Debian's package) scrapes bal1's agent, with its
+    BGP sessions, BIRD and checks, and evaluates the shipped alert rules:
+    the healthy balancer raises none of the alerts that would page; b2
+    dies and XvsDestinationFailing fires for each of its services, then
+    resolves when it returns; every dashboard expression returns data; and
+    the scrape serves exactly the metrics docs/design.md's table lists."""
+    lab, bals = fleet
+    b = bals["bal1"]
+    assert b.role() > 0
+    b.start_bird()
+    b.start_agent()
+    wait_for(lambda: next_hops(lab) == [BALANCERS["bal1"]], timeout=30, what="bal1's VIP at the router")
+    wait_for(lambda: next_hops(lab, VIP6) == [v6(FRONT6, BALANCERS["bal1"])], timeout=30, what="the IPv6 VIP")
+    assert {whoami(lab, 26000 + i).stdout for i in range(20)} == set(BACKENDS)
+    prom = Prometheus(lab, b.ns, tmp_path / "prometheus", ["127.0.0.1:9405"])
+    prom.wait_scraped()
+    time.sleep(3)                   # past every alert's (scaled) for:
+    paging = ("XvsAgentDown", "XvsDataplaneDown", "XvsServiceDown", "XvsBirdDown", "XvsBgpSessionDown",
+              "XvsVipNotAnnounced", "XvsAgentApplyFailing", "XvsDestinationFailing")
+    assert [(a, prom.alerts(a)) for a in paging if prom.alerts(a)] == []
+
+    for p in servers(lab, "b2"):
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        lab.procs.remove(p)
+    b2 = {("80", BACKENDS["b2"]), (str(ECHO_PORT), BACKENDS["b2"]), ("80", v6(FRONT6, BACKENDS["b2"]))}
+    wait_for(lambda: {(a["port"], a["destination"]) for a in prom.alerts("XvsDestinationFailing")} == b2,
+             timeout=FALL * INTERVAL + 15, what="XvsDestinationFailing for b2's three services")
+    assert prom.alerts("XvsServiceDown") == []          # two of three destinations are enough
+
+    # the live scrape, with a transition and an apply behind it, serves
+    # exactly the documented metrics
+    assert set(name for name, labels in b.metrics()) == documented_metrics()
+    for title, expr in dashboard_exprs():
+        assert prom.query(expr), "dashboard panel %r: %s returns no data" % (title, expr)
+
+    http_server(lab, "b2", tmp_path / "www" / "b2")
+    echo_server(lab, "b2")
+    wait_for(lambda: not prom.alerts("XvsDestinationFailing") and not prom.alerts("XvsDestinationFailing", "pending"),
+             timeout=RISE * INTERVAL + 15, what="XvsDestinationFailing resolved")
+    assert prom.query('xvs_destination_transitions_total{destination="%s", port="80"}' % BACKENDS["b2"])[0][
+        "value"][1] == "2"
 
 
 def test_the_announcer_sets_exactly_its_own_routes():
