@@ -345,11 +345,15 @@ def reload(root, interfaces, sizes=None, source=None, allow_flow_reset=False):
     return prog, modes
 
 
+def is_pinned(root):
+    """Whether a program and its maps are pinned at root."""
+    return os.path.exists(os.path.join(root, "meta")) and os.path.exists(os.path.join(root, PROG_PIN))
+
+
 def status(root):
     """The pinned program and its attachment, or None when nothing is pinned.
     Reads only: no compiler involved."""
-    if not os.path.exists(os.path.join(root, "meta")) or \
-            not os.path.exists(os.path.join(root, PROG_PIN)):
+    if not is_pinned(root):
         return None
     with DataPlane(root) as dp:
         meta = dp.meta

@@ -196,6 +196,10 @@ program:
       description: The kernel's program tag (a hash of its instructions).
       type: str
       sample: 298628d272f25179
+    name:
+      description: The program's name in the kernel (its entry function, as bpftool shows it).
+      type: str
+      sample: xdp_lb
 interfaces:
   description: The interfaces the program is attached to, with the XDP mode of each.
   returned: always
@@ -210,8 +214,9 @@ sizes:
   description: The sizes the program was loaded with.
   returned: always
   type: dict
-  sample: {"flow_table_size": 1048576, "max_services": 64, "max_destinations": 256,
-           "maglev_table_size": 65537, "tcp_timeout": 300, "udp_timeout": 60, "max_interfaces": 64}
+  sample: {"flow_table_size": 1048576, "flow_table_size_v6": 262144, "max_services": 64,
+           "max_destinations": 256, "maglev_table_size": 65537, "tcp_timeout": 300, "udp_timeout": 60,
+           "max_interfaces": 64}
 vlans:
   description: VLAN id to prefix, for a trunk.
   returned: always

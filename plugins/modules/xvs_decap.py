@@ -134,6 +134,11 @@ counters:
   returned: always
   type: dict
   sample: {decap_ipip: 0, decap_gue: 1042, not_vip: 0, not_source: 0}
+bpffs:
+  description: The pin root of the decapsulator's program and maps.
+  returned: always
+  type: str
+  sample: /sys/fs/bpf/xvs-decap
 '''
 
 import os

@@ -15,6 +15,8 @@ description:
   - Returns the attachment (interfaces, modes, program, sizes), every service with its
     destinations, and the counters, read from the pinned maps. Changes nothing and needs no
     compiler.
+  - On a host where nothing is attached at O(bpffs) it does not fail; it returns
+    RV(attached=false) and empty results, as other C(_info) modules report absence.
   - Also returns the desired services from O(state_file), the state of record (what
     M(xvs.lb.xvs_services) with O(xvs.lb.xvs_services#module:state=gathered) returns).
 options:
@@ -24,7 +26,7 @@ options:
         RV(source_prefixes), by forwarded packets since the maps were made. IPv6 /48s share 65,536
         slots by a hash; where two sending /48s share one, the busier keeps it and its count is
         lowered by the other's packets.
-      - V(0) reads none. Reading them is one batch read of each whole per-CPU prefix array
+      - V(0) reads none; a negative number is an error. Reading them is one batch read of each whole per-CPU prefix array
         (9 MiB per CPU), so ask only when you want them.
     type: int
     default: 0
@@ -64,6 +66,14 @@ EXAMPLES = r'''
 '''
 
 RETURN = r'''
+attached:
+  description:
+    - Whether a program is pinned at O(bpffs). When it is not, RV(attachment), RV(counters) and
+      RV(flow_table) are null and RV(services), RV(source_prefixes) and RV(unresolved) are empty
+      lists, rather than the module failing; RV(desired) and RV(failing) are still read.
+  returned: always
+  type: bool
+  sample: true
 desired:
   description: The desired services, in the config shape of M(xvs.lb.xvs_services).
   returned: always
@@ -78,7 +88,7 @@ desired:
         - address: 192.0.2.21
           weight: 1
 attachment:
-  description: Where and how the program runs.
+  description: Where and how the program runs; null when RV(attached) is false.
   returned: success
   type: dict
   contains:
@@ -91,9 +101,11 @@ attachment:
       type: dict
       sample: {"id": 42, "tag": "298628d272f25179", "name": "xdp_lb"}
     sizes:
-      description: The sizes the program was loaded with.
+      description: The sizes the program was loaded with (as RV(xvs.lb.xvs_attach#module:sizes)).
       type: dict
-      sample: {"max_services": 64}
+      sample: {"flow_table_size": 1048576, "flow_table_size_v6": 262144, "max_services": 64,
+               "max_destinations": 256, "maglev_table_size": 65537, "tcp_timeout": 300, "udp_timeout": 60,
+               "max_interfaces": 64}
     vlans:
       description: VLAN id to prefix, for a trunk.
       type: dict
@@ -152,7 +164,8 @@ counters:
   sample: {"rx_packets": 12, "rx_bytes": 868, "pass": 9, "tx": 3, "redirect": 0,
            "drop_no_service": 0, "drop_no_dest": 0, "drop_fragment": 0, "drop_icmp": 0,
            "drop_vlan": 0, "icmp_echo_reply": 0, "icmp_ptb_forwarded": 0, "new_flows": 1,
-           "flow_reselect": 0, "encap_ipip": 0, "encap_gue": 0, "icmp_too_big": 0, "drop_encap": 0}
+           "flow_reselect": 0, "encap_ipip": 0, "encap_gue": 0, "icmp_too_big": 0, "drop_encap": 0,
+           "drop_ipv6_ext": 0}
 source_prefixes:
   description:
     - The O(source_prefixes) busiest client source prefixes (IPv4 /20s, IPv6 /48s), busiest first,
@@ -199,14 +212,18 @@ flow_table:
       evicted selects its destination again with its next packet, by the same Maglev table, so it keeps its destination unless the destinations changed.
     - C(flow_reselect) in C(counters) counts records replaced (idle past the timeout, or their
       destination removed); evictions are new flows minus replaced records minus live entries.
+    - C(families) gives C(capacity) and C(entries) per table, C(ipv4) and C(ipv6), so that a full
+      IPv6 table shows beside an empty IPv4 one. Evictions are counted for both tables together.
   returned: success
   type: dict
-  sample: {"capacity": 1310720, "entries": 2, "evicted": 0}
+  sample: {"capacity": 1310720, "entries": 2, "evicted": 0,
+           "families": {"ipv4": {"capacity": 1048576, "entries": 2}, "ipv6": {"capacity": 262144, "entries": 0}}}
 '''
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.xvs.lb.plugins.module_utils import _balancer, _health, _module, _planner, _spec
+from ansible_collections.xvs.lb.plugins.module_utils import _balancer, _health, _loader, _module, _planner, _spec, _state
+from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
 
 
 def main():
@@ -215,18 +232,30 @@ def main():
     p = module.params
 
     def work():
+        if p["source_prefixes"] < 0:
+            raise XvsError("source_prefixes=%d: must be 0 or more" % p["source_prefixes"])
+        down = _health.load(p["state_file"])
+        failing = [{"address": k[0], "port": k[1], "protocol": k[2], "destination": a, "reason": r}
+                   for k in sorted(down) for a, r in sorted(down[k].items())]
+        if not _loader.is_pinned(_spec.bpffs(p["bpffs"])):
+            # as other *_info modules report absence: attached false, nothing read
+            record = _state.load(p["state_file"], p["bpffs"])
+            desired = _planner.from_config(record["services"], p["state_file"]) if record else {}
+            return dict(UNATTACHED, desired=_planner.to_config(desired), failing=failing)
         # under the lock: a consistent read, no run half-way through a change
         with _balancer.Balancer(p["bpffs"]) as bal:
             result = _balancer.info(bal, p["source_prefixes"])
             desired = _planner.recorded(bal, p["state_file"])[1]
-            result["desired"] = _planner.to_config(desired)
-            down = _health.load(p["state_file"])
-            result["failing"] = [{"address": k[0], "port": k[1], "protocol": k[2], "destination": a,
-                                  "reason": r} for k in sorted(down) for a, r in sorted(down[k].items())]
+            result.update(attached=True, desired=_planner.to_config(desired), failing=failing)
             result["unresolved"] = [{"address": k[0], "port": k[1], "protocol": k[2], "destination": a}
                                     for k, a in _planner.unresolved(desired, bal.dp.services())]
             return result
     module.exit_json(changed=False, **_module.run(module, work))
+
+
+# what a host with nothing attached at bpffs returns besides desired and failing
+UNATTACHED = {"attached": False, "attachment": None, "services": [], "counters": None, "flow_table": None,
+              "source_prefixes": [], "unresolved": []}
 
 
 if __name__ == "__main__":

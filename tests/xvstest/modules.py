@@ -12,6 +12,8 @@ import tempfile
 from xvstest.packets import mac_for
 
 BIN = os.path.dirname(sys.executable)
+# the Pythons this kind of machine keeps under pyenv, by version
+PYENV = os.path.expanduser("~/.pyenv/versions/%s/bin/python3")
 
 
 def collections_path():
@@ -24,6 +26,16 @@ def ansible_env():
                 ANSIBLE_PYTHON_INTERPRETER="/usr/bin/python3", ANSIBLE_LOCALHOST_WARNING="false",
                 ANSIBLE_INVENTORY_UNPARSED_WARNING="false", ANSIBLE_NOCOLOR="1",
                 PYTHONPATH=collections_path())
+
+
+def ansible_venv(venv, core, python):
+    """A new virtual environment of python with ansible-core core: its
+    bin directory (from PyPI, which these machines reach)."""
+    subprocess.run([python, "-m", "venv", venv], check=True, timeout=300)
+    r = subprocess.run([os.path.join(venv, "bin", "pip"), "install", "-q", "--disable-pip-version-check",
+                        "ansible-core==%s" % core], capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return os.path.join(venv, "bin")
 
 
 def balancer_ns(lab, neighbours=range(20, 40)):
@@ -48,20 +60,21 @@ class Modules(object):
         self.n = 0
         self.env = ansible_env()
 
-    def start(self, name, args):
-        """Start one module run; bpffs and state_file default to this root's."""
+    def start(self, name, args, defaults=True):
+        """Start one module run; bpffs and state_file default to this
+        root's (unless defaults is False: the realserver's modules)."""
         self.n += 1
         path = os.path.join(self.work, "%s-%d.json" % (name, self.n))
         with open(path, "w") as f:
-            defaults = {"bpffs": self.root, "state_file": self.state_file}
-            json.dump({"ANSIBLE_MODULE_ARGS": dict(defaults, **args)}, f)
+            common = {"bpffs": self.root, "state_file": self.state_file} if defaults else {}
+            json.dump({"ANSIBLE_MODULE_ARGS": dict(common, **args)}, f)
         return subprocess.Popen(["ip", "netns", "exec", self.ns, sys.executable, "-m",
                                  "ansible_collections.xvs.lb.plugins.modules." + name, path],
                                 env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    def call(self, name, args):
+    def call(self, name, args, defaults=True):
         """(exit status, the module's JSON result)."""
-        p = self.start(name, args)
+        p = self.start(name, args, defaults)
         out = p.communicate(timeout=300)[0]
         try:
             return p.returncode, json.loads(out[out.index("{"):])
