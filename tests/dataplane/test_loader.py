@@ -206,3 +206,14 @@ def test_reload_swaps_program_on_attached_interfaces_in_their_mode(pin_root, tmp
                 new.close()
                 _loader.detach("lb0")
                 _loader.detach("lb2")
+
+
+def test_header_sizes_are_the_kernels():
+    """The tunnels' overheads (_layout.METHODS) are sums of these; the
+    compiler checks them against the structs xdp_lb.c takes sizeof of."""
+    from bcc import BPF
+    text = "\n".join(["#include <uapi/linux/ip.h>", "#include <uapi/linux/ipv6.h>", "#include <uapi/linux/udp.h>"] + [
+        '_Static_assert(sizeof(struct %s) == %d, "%s");' % (struct, size, name)
+        for struct, size, name in (("iphdr", L.IPV4_HEADER, "IPV4_HEADER"), ("ipv6hdr", L.IPV6_HEADER, "IPV6_HEADER"),
+                                   ("udphdr", L.UDP_HEADER, "UDP_HEADER"))])
+    BPF(text=text.encode()).cleanup()      # compiling is the test

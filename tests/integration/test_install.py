@@ -1,9 +1,10 @@
 """The collection as a user takes it: the tarball built, installed with
 ansible-galaxy into an empty collections path, and the README's role
 example run from that install (never from the working tree) against
-namespace hosts, with real traffic through the VIP; under the oldest and
-the newest ansible-core that requires_ansible admits on this controller's
-Python, and the newest release on a newer Python."""
+namespace hosts, with real traffic through the VIP, then every module
+(playbooks/modules.yml); under the oldest ansible-core that
+requires_ansible admits, the newest on this controller's Python, and the
+newest release on a newer Python."""
 import json
 import os
 import re
@@ -15,16 +16,16 @@ import pytest
 import yaml
 
 from xvstest.lab import Lab, build_dsr_lab, curl
+from xvstest.modules import PYENV, ansible_venv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
 BACKENDS = {"web1": "192.0.2.21", "web2": "192.0.2.22"}   # the README example's destinations
-PY312 = os.path.expanduser("~/.pyenv/versions/3.12.1/bin/python3")
 
-# (ansible-core, controller Python): 2.19.0 is the oldest requires_ansible
+# (ansible-core, controller Python): 2.14.0 is the oldest requires_ansible
 # admits; 2.19.14 the newest on Python 3.11 (Debian 12); 2.20 and later need
 # Python 3.12 or newer on the controller.
-VERSIONS = [("2.19.0", "/usr/bin/python3"), ("2.19.14", None), ("2.21.5", PY312)]
+VERSIONS = [("2.14.0", "/usr/bin/python3"), ("2.19.14", None), ("2.21.5", PYENV % "3.12.1")]
 
 
 def readme_example():
@@ -51,14 +52,7 @@ def tarball(tmp_path_factory):
 
 def ansible_bin(tmp_path, core, python):
     """The bin directory of an ansible-core: this venv's, or a new venv."""
-    if python is None:
-        return BIN
-    venv = str(tmp_path / "venv")
-    subprocess.run([python, "-m", "venv", venv], check=True, timeout=300)
-    r = subprocess.run([os.path.join(venv, "bin", "pip"), "install", "-q", "--disable-pip-version-check",
-                        "ansible-core==%s" % core], capture_output=True, text=True, timeout=600, check=False)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return os.path.join(venv, "bin")
+    return BIN if python is None else ansible_venv(str(tmp_path / "venv"), core, python)
 
 
 def inventory(lab, work):
@@ -122,6 +116,12 @@ def test_readme_role_example_from_the_installed_tarball(tarball, tmp_path, core,
                 recorded = json.load(f)["services"]
             assert [(d["address"], d["weight"]) for d in recorded[0]["destinations"]] == [
                 ("192.0.2.21", 1), ("192.0.2.22", 2)]
+            # and every module, called as a user calls them, from the same install
+            r = subprocess.run(play[:-1] + [os.path.join(ROOT, "tests", "integration", "playbooks", "modules.yml")],
+                               env=env, capture_output=True, text=True, timeout=600, check=False)
+            assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-3000:]
+            assert re.search(r"lb1\s+: ok=\d+\s+changed=4\s+unreachable=0\s+failed=0\s+skipped=0\s+rescued=0\s+"
+                             r"ignored=2", r.stdout), r.stdout[-3000:]
     finally:
         subprocess.run(["umount", "-l", os.path.join(work, "bpffs")], check=False)
         shutil.rmtree(work, ignore_errors=True)
