@@ -24,7 +24,7 @@ from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
 ABI_VERSION = 3
 # the collection's release, galaxy.yml's version (tests/unit/test_layout.py
 # ties the two): xvs_build_info and `xvs --version` name it
-VERSION = "0.2.0"
+VERSION = "0.3.0"
 MAGLEV_CHUNK = 16          # Maglev slots per array element
 MAGLEV_HALVES = 2          # each service's live and idle table (design.md §2.10)
 SRC_PREFIX_LEN = 20        # source prefix counters count per /20
