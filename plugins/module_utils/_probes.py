@@ -64,7 +64,7 @@ def _exec(check, address, port, key):
     env = dict(os.environ, XVS_DESTINATION=address, XVS_PORT=str(port), XVS_SERVICE_ADDRESS=key[0],
                XVS_SERVICE_PORT=str(key[1]), XVS_SERVICE_PROTOCOL=key[2])
     # xvs-agent runs this, on the system Python outside Ansible: there is
-    # no AnsibleModule whose run_command could run the check
+    # no AnsibleModule to run the check through (pylint's advice)
     r = subprocess.run(shlex.split(check["command"]), env=env, timeout=check["timeout"],  # pylint: disable=ansible-bad-function
                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                        check=False)
