@@ -14,7 +14,8 @@ import subprocess
 import tempfile
 import time
 
-from ansible_collections.xvs.lb.plugins.module_utils import _bpf, _dataplane, _layout as L, _loader, _maglev, _metrics
+from ansible_collections.xvs.lb.plugins.module_utils import (_agent, _bpf, _dataplane, _layout as L, _loader, _maglev,
+                                                             _metrics)
 from common import summary, table
 from xvstest.lab import Lab, inside
 from xvstest.modules import BIN, ansible_env, balancer_ns
@@ -87,14 +88,12 @@ def memlock(path):
         os.close(fd)
 
 
-class _MapsOnly(object):
-    """What the metrics collector asks xvs-agent for, with no checks."""
-
-    def __init__(self, root):
-        self.root = root
-
-    def snapshot(self):
-        return {"bpffs": self.root, "services": {}, "targets": {}, "service_up": {}, "announced": None}
+def _maps_only(root):
+    """An xvs-agent with no state of record and no checks, reading the
+    maps at root: what the metrics collector asks a real one for."""
+    agent = _agent.Agent(os.devnull, lambda *args: None)
+    agent.bpffs = root
+    return agent
 
 
 def scrape_row(root, label, repeat=5):
@@ -102,7 +101,7 @@ def scrape_row(root, label, repeat=5):
     text format), in-process: what a scrape costs besides HTTP."""
     from prometheus_client import CollectorRegistry, generate_latest
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_metrics.Collector(_MapsOnly(root)))
+    registry.register(_metrics.Collector(_maps_only(root)))
     times = []
     for dummy in range(repeat):
         start = time.perf_counter()
@@ -120,7 +119,7 @@ def check_rate_row(targets, seconds, interval=1.0):
     those scheduled, and the CPU the agent's process used."""
     import resource
     import threading
-    from ansible_collections.xvs.lb.plugins.module_utils import _agent, _health, _state
+    from ansible_collections.xvs.lb.plugins.module_utils import _health, _state
     work = tempfile.mkdtemp(prefix="xvs-bench-agent-")
     state_file = os.path.join(work, "state.json")
     per = 10
