@@ -59,13 +59,11 @@ def normalise(p):
     if not isinstance(interfaces, list) or not interfaces \
             or not all(isinstance(n, str) and n for n in interfaces):
         raise XvsError("interfaces=%s: must be a list of interface names" % (interfaces,))
-    decap = p.get("decap")
-    if decap not in METHODS:
-        raise XvsError("decap=%s: must be one of %s" % (decap, ", ".join(METHODS)))
+    decap = decap_methods(p.get("decap"))
     gue_port = p.get("gue_port")
     gue_port = _spec.port("gue_port", _spec.DEFAULT_GUE_PORT if gue_port is None else gue_port)
     out = {"interfaces": sorted(set(interfaces)), "decap": decap,
-           "gue_port": gue_port if decap == "gue" else None, "mode": p.get("mode") or "auto",
+           "gue_port": gue_port if "gue" in decap else None, "mode": p.get("mode") or "auto",
            "bpffs": _spec.bpffs(p.get("bpffs") or DEFAULT_BPFFS)}
     if out["mode"] not in _loader.MODES:
         raise XvsError("mode=%s: must be one of %s" % (out["mode"], ", ".join(_loader.MODES)))
@@ -81,6 +79,16 @@ def normalise(p):
     if not out["vips"]:
         raise XvsError("vips: give the VIPs to decapsulate for (nothing else is)")
     return out
+
+
+def decap_methods(value):
+    """The tunnel types to undo, in METHODS order: one ("gue", as a
+    record kept before a list was allowed says it) or several at once (a
+    backend of an ipip service and a gue service)."""
+    given = [value] if isinstance(value, str) else value
+    if not isinstance(given, list) or not given or not all(m in METHODS for m in given):
+        raise XvsError("decap=%s: must be one of %s, or a list of them" % (value, ", ".join(METHODS)))
+    return [m for m in METHODS if m in given]
 
 
 def build_id(text, root):
@@ -103,7 +111,7 @@ def _u32(n):
 
 
 def _want_maps(cfg):
-    config = Config(ipip=1 if cfg["decap"] == "ipip" else 0, check_sources=1 if cfg["sources"] else 0,
+    config = Config(ipip=1 if "ipip" in cfg["decap"] else 0, check_sources=1 if cfg["sources"] else 0,
                     gue_port=L.be16(cfg["gue_port"]) if cfg["gue_port"] else 0)
     out = {"config": bytes(config)}
     for name in ("vips", "sources"):
@@ -262,7 +270,7 @@ def main(library, argv):
         with _state.host_lock():
             plan = DecapPlan(cfg, program(library))
             plan.apply()
-        sys.stdout.write("xvs-decap: %s on %s\n" % (cfg["decap"], ", ".join(
+        sys.stdout.write("xvs-decap: %s on %s\n" % (" and ".join(cfg["decap"]), ", ".join(
             "%s (%s)" % kv for kv in sorted(plan.result()["interfaces"].items()))))
     except (XvsError, _loader.LoaderError, _bpf.BpfError, _netinfo.NetInfoError) as e:
         sys.stderr.write("xvs-decap: %s\n" % e)

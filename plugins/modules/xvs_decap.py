@@ -9,7 +9,7 @@ __metaclass__ = type
 
 DOCUMENTATION = r'''
 module: xvs_decap
-short_description: Decapsulate an xvs.lb balancer's IPIP or GUE tunnel on a realserver with XDP
+short_description: Decapsulate an xvs.lb balancer's IPIP or GUE tunnels on a realserver with XDP
 version_added: 0.3.0
 description:
   - The realserver's end of a service with O(xvs.lb.xvs_services#module:config[].forwarding=ipip)
@@ -43,11 +43,13 @@ options:
     elements: str
   decap:
     description:
-      - The balancer services' forwarding method to undo, V(ipip) (IPv4 in IPv4, protocol 4, and
-        IPv6 in IPv6, next header 41) or V(gue) (the IP packet directly in UDP to O(gue_port), GUE
-        variant 1, over IPv4 or IPv6; the UDP checksum is not verified, the inner packet's own is).
-        Required with O(state=present).
-    type: str
+      - The balancer services' forwarding methods to undo, V(ipip) (IPv4 in IPv4, protocol 4, and
+        IPv6 in IPv6, next header 41), V(gue) (the IP packet directly in UDP to O(gue_port), GUE
+        variant 1, over IPv4 or IPv6; the UDP checksum is not verified, the inner packet's own is),
+        or both, for a backend of an ipip service and a gue service at once. A single method may
+        be given as a string (the only form before 0.4.0). Required with O(state=present).
+    type: list
+    elements: str
     choices: [ipip, gue]
   gue_port:
     description:
@@ -152,7 +154,7 @@ def main():
     module = AnsibleModule(
         argument_spec=dict(
             interfaces=dict(type="list", elements="str"),
-            decap=dict(type="str", choices=list(_decap.METHODS)),
+            decap=dict(type="list", elements="str", choices=list(_decap.METHODS)),
             gue_port=dict(type="int", default=_spec.DEFAULT_GUE_PORT),
             vips=dict(type="list", elements="str", default=[]),
             sources=dict(type="list", elements="str", default=[]),

@@ -79,6 +79,20 @@ def test_gue_to_a_vip_comes_out_as_the_inner_packet(make):
     assert _decap.counters(d.root)["decap_gue"] == 1
 
 
+@pytest.mark.parametrize("given", [["ipip", "gue"], ["gue", "ipip", "gue"]])
+def test_both_tunnel_types_at_once(make, given):
+    """One backend of an ipip service and a gue service: each kind of
+    frame comes out as its inner packet, IPv4 and IPv6, and is counted as
+    what it was; the list is kept in one order whatever order it came in."""
+    d = make(given, vips=(VIP, VIP6))
+    assert d.run(ipip(inner())) == ("pass", bytes(l2()) + inner())
+    assert d.run(gue(inner())) == ("pass", bytes(l2()) + inner())
+    for frame in (ip6ip6(inner6()), gue6(inner6())):
+        assert d.run(frame) == ("pass", frame[:14] + inner6())      # the Ethernet header kept
+    assert _decap.counters(d.root) == {"decap_ipip": 2, "decap_gue": 2, "not_vip": 0, "not_source": 0}
+    assert _decap.normalise({"interfaces": ["lo"], "decap": given, "vips": [VIP]})["decap"] == ["ipip", "gue"]
+
+
 def test_listed_sources_only(make):
     d = make("ipip", sources=[BAL])
     assert d.run(ipip(inner()))[1] == bytes(l2()) + inner()
@@ -128,7 +142,9 @@ def test_ipip_not_for_a_vip_is_counted(make):
 
 
 @pytest.mark.parametrize("params,msg", [
-    ({"decap": "gre"}, "decap=gre: must be one of ipip, gue"),
+    ({"decap": "gre"}, "decap=gre: must be one of ipip, gue, or a list of them"),
+    ({"decap": ["ipip", "gre"]}, r"decap=\['ipip', 'gre'\]: must be one of ipip, gue"),
+    ({"decap": []}, r"decap=\[\]: must be one of ipip, gue"),
     ({"vips": []}, "vips: give the VIPs"),
     ({"vips": ["fe80::1"]}, r"vips\[0\]=fe80::1: not a unicast IPv6 address"),
     ({"sources": ["x"]}, r"sources\[0\]=x: not an IPv4 or IPv6 address"),

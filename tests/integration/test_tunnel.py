@@ -7,6 +7,7 @@ every backend, replies go
 from the backends to the client without the balancer, path-MTU discovery
 works through the tunnel, drain and remove behave as for layer 2, and the
 decapsulator comes back from its boot restore."""
+import json
 import os
 import socket
 
@@ -35,7 +36,7 @@ class Fleet(object):
             "xvs_restore_at_boot": False, "xvs_agent": False, "xvs_cli": False, "xvs_purge_services": True,
             "xvs_sizes": {"flow_table_size": 65536, "flow_table_size_v6": 65536, "max_services": 8},
             "xvs_state_dir": str(work / "bal"), "xvs_lib_dir": str(work / "bal" / "lib"),
-            "xvs_services": [{"address": self.vip, "port": port, "forwarding": forwarding, "destinations": dests}
+            "xvs_services": [{"address": self.vip, "port": port, "forwarding": self.method(port), "destinations": dests}
                              for port in (80, ECHO_PORT)]}
         self.decap_roots = {}
         self.rs_vars = {}
@@ -43,13 +44,20 @@ class Fleet(object):
             d = work / short
             self.decap_roots[short] = os.path.join(bpffs, "tun-" + short)
             self.rs_vars[short] = {
-                "realserver_vips": [self.vip], "realserver_decap": forwarding, "realserver_decap_method": "xdp",
+                "realserver_vips": [self.vip], "realserver_decap_method": "xdp",
+                "realserver_decap": sorted({self.method(80), self.method(ECHO_PORT)}),
                 "realserver_decap_interfaces": ["eth0"],
                 "realserver_decap_sources": [v6(FRONT6, BALANCER) if family == 6 else BALANCER],
                 "realserver_decap_bpffs": self.decap_roots[short], "realserver_install_packages": False,
                 "realserver_decap_config_file": str(d / "decap.json"), "realserver_lib_dir": str(d / "lib"),
                 "realserver_sysctl_file": str(d / "sysctl.conf"), "realserver_systemd_dir": str(d)}
         self.books = {role: playbook(work, role) for role in ("xvs", "realserver")}
+
+    def method(self, port):
+        """The forwarding of the service on port: the fleet's, or with
+        "mixed" ipip for HTTP and gue for the echo service, so each backend
+        undoes both tunnels at once."""
+        return {80: "ipip", ECHO_PORT: "gue"}[port] if self.forwarding == "mixed" else self.forwarding
 
     def roles(self):
         """Both roles, the backends' at once: their changed counts."""
@@ -181,3 +189,31 @@ def test_routed_backends_through_the_tunnel(fleet):
             assert got == {"web2", "web3"}, got
     finally:
         mods.close()
+
+
+@pytest.mark.parametrize("fleet", [("mixed", 4), ("mixed", 6)], indirect=True, ids=["ipv4", "ipv6"])
+def test_one_backend_serves_an_ipip_and_a_gue_service(fleet):
+    """realserver_decap: [ipip, gue] on every backend: HTTP tunnelled with
+    ipip and the echo service with gue reach all three through one XDP
+    decapsulator each, and its boot restore keeps both."""
+    assert all(n > 0 for n in fleet.roles())
+    assert fleet.roles() == [0, 0, 0, 0]
+    assert sorted(set(fleet.curl("whoami", 26000 + i) for i in range(30))) == sorted(BACKENDS)
+    echoed = set()
+    for i in range(30):
+        s, f, backend = echo_connect(fleet.lab.name("cli"), vip=fleet.vip)
+        try:
+            s.sendall(b"ping\n")
+            assert f.readline() == b"ping\n"
+            echoed.add(backend)
+        finally:
+            f.close()
+            s.close()
+    assert echoed == set(BACKENDS)
+    before = fleet.counters()
+    for short, root in fleet.decap_roots.items():
+        c = _decap.counters(root)
+        assert c["decap_ipip"] > 0 and c["decap_gue"] > 0, (short, c)
+    assert before["encap_ipip"] > 0 and before["encap_gue"] > 0
+    with open(fleet.rs_vars["web1"]["realserver_decap_config_file"]) as f:
+        assert json.load(f)["decap"] == ["ipip", "gue"]
