@@ -4,6 +4,7 @@ the baseline programs and the statistics.
 Every figure is reported next to a baseline measured in the same run,
 because on these shared VMs an absolute time alone means little.
 """
+import atexit
 import contextlib
 import os
 import statistics
@@ -22,6 +23,7 @@ def collection_path():
     sys.path.insert(0, os.path.join(ROOT, "tests"))  # the tests' lab, packet and collection helpers
     from xvstest import collection
     work = collection.link()
+    atexit.register(collection.unlink, work)      # a run leaves no directory behind in /tmp
     sys.path.insert(0, work)
     return work
 

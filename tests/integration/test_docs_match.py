@@ -10,7 +10,7 @@ import os
 import pytest
 import yaml
 
-from ansible_collections.xvs.lb.plugins.module_utils import _loader
+from ansible_collections.xvs.lb.plugins.module_utils import _decap, _loader
 from xvstest.lab import Lab, inside
 from xvstest.modules import Modules, balancer_ns
 
@@ -62,17 +62,19 @@ def hosts(bpffs, tmp_path):
     """A balancer namespace (bal) and a realserver namespace (rs) with
     their module runners."""
     with Lab("xd") as lab:
-        bal = Modules(balancer_ns(lab), os.path.join(bpffs, "docs"))
-        rs_ns = lab.add("rs")
+        bal_ns, rs_ns = balancer_ns(lab), lab.add("rs")
         lab.veth(rs_ns, "eth0", lab.add("rspeer"), "eth0")
+        bal = Modules(bal_ns, os.path.join(bpffs, "docs"))      # the namespaces first: nothing to leak
         rs = Modules(rs_ns, os.path.join(bpffs, "docs-decap"))
         try:
             yield bal, rs
         finally:
-            for m, ifname in ((bal, "eth0"), (rs, "eth0")):
-                with inside(m.ns):
-                    _loader.detach(ifname)
-                _loader.unpin_all(m.root)
+            with inside(bal.ns):
+                _loader.detach("eth0")
+            _loader.unpin_all(bal.root)
+            with inside(rs.ns):
+                _decap.remove(rs.root)      # its build file in /run/xvs too
+            for m in (bal, rs):
                 m.close()
 
 
