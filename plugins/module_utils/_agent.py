@@ -26,8 +26,9 @@ import os
 import threading
 import time
 
-from ansible_collections.xvs.lb.plugins.module_utils import _announce, _health, _planner, _spec, _state
+from ansible_collections.xvs.lb.plugins.module_utils import _announce, _health, _layout as L, _maintenance, _planner, _spec, _state
 from ansible_collections.xvs.lb.plugins.module_utils._balancer import Balancer
+from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane, pinned_abi
 from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
 from ansible_collections.xvs.lb.plugins.module_utils._journal import ERR, NOTICE, WARNING
 from ansible_collections.xvs.lb.plugins.module_utils._probes import run_check
@@ -75,7 +76,12 @@ class Agent(object):
         self.state_file, self.log, self.clock, self.wall = state_file, log, clock, wall
         self.alive = alive or (lambda: None)   # called each loop, and while waiting for the lock
         self.announcer, self.policy = announcer, policy
-        self.announced = {}      # vip -> announced?, as last set
+        self.announced = {}      # vip -> announced?, as last set (draining VIPs are announced)
+        self.draining = set()    # the VIPs announced for a graceful shutdown
+        self.maintenance = None  # the record's maintenance section (see _maintenance)
+        self.phase = None        # None (in service), DRAINING or WITHDRAWN
+        self.drain_from = None   # (clock, new_flows counter) when the drain last sampled
+        self.drain_started = None
         self.announce_due = False
         self.announce_at = 0.0
         self.bpffs = None
@@ -149,6 +155,7 @@ class Agent(object):
         with self._guard:
             gone = [k for k, t in self.targets.items() if k not in targets and not t.up]
             self.bpffs, self.services, self.targets = record["bpffs"], services, targets
+            self.maintenance = _state.maintenance_of(record)
         self._stamp = stamp
         # the first apply writes what a restarted agent knew back unchanged
         # and reports the services; a failing destination dropped from the
@@ -212,9 +219,7 @@ class Agent(object):
         services_down = self.services_down(down)
         try:
             with _state.host_lock(waiting=self.alive):
-                if self._saved != (down, services_down):
-                    _health.save(self.state_file, down, services_down)
-                    self._saved = (down, services_down)
+                self._save_health(down, services_down)
                 with Balancer(self.bpffs, wait=0, alive=self.alive) as bal:
                     run = _planner.Run(bal, self.state_file, lambda before: before, strict=False,
                                        record_required=True)
@@ -223,9 +228,19 @@ class Agent(object):
             self._once("xvs-agent: cannot apply health yet (retrying every %gs): %s" % (RETRY_EVERY, e))
             self.retry_at = self.clock() + RETRY_EVERY
             self.apply_failures += 1
+            if pinned_abi(self.bpffs) not in (None, L.ABI_VERSION):
+                # the maps of an older data plane, as between the role's
+                # install of this agent and xvs_attach's layout upgrade: the
+                # old program still serves, so the VIPs stay announced as
+                # the checks say (health reaches the maps after the upgrade)
+                self._report_services(down, services_down)
             return
         self.pending, self.applied_at = False, self.wall()
         self._unresolved(run.plan.unresolved)
+        self._report_services(down, services_down)
+
+    def _report_services(self, down, services_down):
+        """Log each service that went up or down, and decide the VIPs again."""
         for key in sorted(self.services):
             up = key not in services_down
             if self.service_up.get(key, True) != up:
@@ -236,6 +251,21 @@ class Agent(object):
                             len(svc["destinations"]), svc["min_healthy"]), NOTICE if up else WARNING)
         self.service_up = dict((key, key not in services_down) for key in self.services)
         self.announce_due = self.announcer is not None
+
+    def _save_health(self, down=None, services_down=None):
+        """Write the health file when what it holds changed: the failing
+        destinations, the services down and the announcements."""
+        if down is None:
+            down = self.down()
+            services_down = self.services_down(down)
+        announce = None
+        if self.announcer is not None:
+            announce = {"maintenance": self.phase, "announced": dict(
+                (vip, _announce.DRAINING if vip in self.draining else _announce.ANNOUNCED)
+                for vip, on in self.announced.items() if on)}
+        if self._saved != (down, services_down, announce):
+            _health.save(self.state_file, down, services_down, announce)
+            self._saved = (down, services_down, announce)
 
     def _unresolved(self, found):
         """Log what the last apply left out of the maps, and what it added
@@ -257,33 +287,115 @@ class Agent(object):
         been checked once, so a starting agent announces nothing it has not
         seen, and a VIP whose own destinations answer is announced without
         waiting for the checks of another VIP's dead ones."""
+        if self.maintenance is not None or self.phase is not None:
+            self.announce_due = False        # maintain() decides, and hands back
+            return
         unseen = set(t.key[0] for t in self.targets.values() if t.duration is None)
         want = _announce.wanted(self.service_up, self.policy)
         want.update((vip, self.announced.get(vip, False)) for vip in unseen if vip in want)
         self.announce_due = bool(unseen)     # decide those once their checks are in
         if want == self.announced:
             return
+        changes = self._set_routes([vip for vip, up in want.items() if up])
+        if changes is None:
+            return
+        for vip, (before, after) in sorted(changes.items()):
+            if after:
+                self.log("xvs-agent: VIP %s announced" % vip, NOTICE)
+            else:
+                self.log("xvs-agent: VIP %s withdrawn: %s" % (
+                    vip, "no longer in the state of record" if vip not in want else
+                    "%s of its services down" % ("one" if self.policy == "all" else "all")), WARNING)
+        with self._guard:
+            self.announced = want
+        self._save_health()
+
+    def _set_routes(self, vips, draining=()):
+        """The announcer's set(), its failure logged once and retried; None
+        when it failed."""
         try:
-            added, removed = self.announcer.set(vip for vip, up in want.items() if up)
+            return self.announcer.set(vips, draining)
         except (OSError, XvsError) as e:
             self._once("xvs-agent: cannot announce yet (retrying every %gs): %s" % (RETRY_EVERY, e))
             self.announce_due, self.announce_at = True, self.clock() + RETRY_EVERY
+            return None
+
+    # ---- maintenance (see _maintenance) -------------------------------------------
+    def _new_flows(self):
+        """The data plane's new_flows counter, or None where it cannot be
+        read (the drain then waits for its timeout)."""
+        try:
+            with DataPlane(self.bpffs) as dp:
+                return dp.counters()["new_flows"]
+        except Exception:     # no maps, maps of another ABI: nothing to count with
+            return None
+
+    def maintain(self):
+        """Act on the record's maintenance: drain the announced VIPs, then
+        withdraw them once the new-flow rate has fallen to drain_rate or
+        drain_timeout has passed; hand the VIPs back to announce() when the
+        record is back in service."""
+        now, m = self.clock(), self.maintenance
+        if m is None:
+            self.phase, self.drain_from = None, None
+            self.log("xvs-agent: maintenance ended: the VIPs are announced as their services are up", NOTICE)
+            with self._guard:
+                self.announced = {}       # announce() sets exactly what it wants
+            self.announce_due, self.announce_at = self.announcer is not None, 0.0
+            if self.announcer is None:
+                self._save_health()
             return
-        for vip in added:
-            self.log("xvs-agent: VIP %s announced" % vip, NOTICE)
-        for vip in removed:
-            self.log("xvs-agent: VIP %s withdrawn: %s" % (
-                vip, "no longer in the state of record" if vip not in want else
-                "%s of its services down" % ("one" if self.policy == "all" else "all")), WARNING)
+        if self.phase is None:
+            vips = sorted(vip for vip, on in self.announced.items() if on)
+            if self.announcer is not None and vips:
+                if self._set_routes((), vips) is None:
+                    return
+                self.phase, self.drain_started = _maintenance.DRAINING, now
+                self.drain_from = (now, self._new_flows())
+                with self._guard:
+                    self.draining = set(vips)
+                self.log("xvs-agent: maintenance: VIP(s) %s announced with GRACEFUL_SHUTDOWN until the new-flow "
+                         "rate is at most %g/s (at most %gs)" % (", ".join(vips), m["drain_rate"], m["drain_timeout"]),
+                         NOTICE)
+            else:
+                # a restarted agent may find routes a killed one left
+                if self.announcer is not None and self._set_routes(()) is None:
+                    return
+                self._withdrawn("nothing was announced")
+            self._save_health()
+            return
+        if self.phase != _maintenance.DRAINING or now - self.drain_from[0] < _maintenance.DRAIN_SAMPLE:
+            return
+        count = self._new_flows()
+        rate = None
+        if count is not None and self.drain_from[1] is not None:
+            rate = (count - self.drain_from[1]) / (now - self.drain_from[0])
+        self.drain_from = (now, count)
+        if rate is not None and rate <= m["drain_rate"]:
+            why = "the new-flow rate fell to %.1f/s after %.1fs" % (rate, now - self.drain_started)
+        elif now - self.drain_started >= m["drain_timeout"]:
+            why = "drain_timeout %gs passed (new-flow rate %s)" % (
+                m["drain_timeout"], "unknown" if rate is None else "%.1f/s" % rate)
+        else:
+            return
+        if self._set_routes(()) is None:
+            return
+        self._withdrawn(why)
+        self._save_health()
+
+    def _withdrawn(self, why):
+        self.phase = _maintenance.WITHDRAWN
         with self._guard:
-            self.announced = want
+            self.announced = dict((vip, False) for vip in self.announced)
+            self.draining = set()
+        self.log("xvs-agent: maintenance: every VIP withdrawn: %s" % why, NOTICE)
 
     def withdraw(self):
         """Withdraw every VIP (the agent is stopping)."""
         if self.announcer is None:
             return
         try:
-            for vip in self.announcer.set(())[1]:
+            for vip in self.announcer.set(()):
                 self.log("xvs-agent: VIP %s withdrawn: the agent is stopping" % vip, NOTICE)
         except (OSError, XvsError) as e:
             self.log("xvs-agent: could not withdraw the VIPs: %s" % e, ERR)
@@ -303,7 +415,9 @@ class Agent(object):
                     "applied_at": self.applied_at, "apply_failures": self.apply_failures,
                     "service_up": dict((key, key not in self.services_down(self.down()))
                                        for key in self.services),
-                    "announced": dict(self.announced) if self.announcer else None}
+                    "announced": dict(self.announced) if self.announcer else None,
+                    "draining": set(self.draining), "maintenance": self.maintenance is not None,
+                    "phase": self.phase}
 
     def run(self, stop, every=None):
         """Check until stop (a threading.Event) is set; every(now) is called
@@ -334,6 +448,8 @@ class Agent(object):
                     self.pending = True
                 if self.pending and self.clock() >= self.retry_at and self.bpffs:
                     self.apply()
+                if (self.maintenance is not None) != (self.phase is not None) or self.phase == _maintenance.DRAINING:
+                    self.maintain()
                 if self.announce_due and self.clock() >= self.announce_at:
                     self.announce()
                 if every:

@@ -51,6 +51,8 @@ def _parser():
     parser.add_argument("--textfile-interval", type=float, default=15.0)
     parser.add_argument("--bgp-table", type=int, default=0,
                         help="announce VIPs as host routes in this kernel table (BIRD exports it)")
+    parser.add_argument("--bgp-drain-table", type=int, default=0,
+                        help="announce draining VIPs (maintenance) in this table (default: --bgp-table + 1)")
     parser.add_argument("--announce", choices=_announce.ANNOUNCE_POLICIES, default="any",
                         help="a VIP is announced while any (or all) of its services are up")
     parser.add_argument("--bird-socket", default="", help="BIRD's control socket, for the BGP metrics")
@@ -97,7 +99,7 @@ def main(argv, log=None):
     # systemd's watchdog restarts an agent whose loop stopped turning
     watchdog = _periodic(WATCHDOG_EVERY, lambda: _notify("WATCHDOG=1"))
     try:
-        announcer = _announce.Announcer(args.bgp_table) if args.bgp_table else None
+        announcer = _announce.Announcer(args.bgp_table, args.bgp_drain_table) if args.bgp_table else None
         agent = Agent(args.state_file, log, announcer=announcer, policy=args.announce,
                       alive=lambda: watchdog(time.monotonic()))
         if args.withdraw:

@@ -39,6 +39,7 @@ except ImportError:  # the agent reports it when announcing is asked for
 ROUTE_PROTO = 253
 RTN_BLACKHOLE = 6
 ANNOUNCE_POLICIES = ("any", "all")
+ANNOUNCED, DRAINING = "announced", "draining"     # a VIP's route, in which table
 
 
 def wanted(services_up, policy):
@@ -53,38 +54,61 @@ def wanted(services_up, policy):
 
 
 class Announcer(object):
-    """The agent's host routes in one kernel table."""
+    """The agent's host routes in two kernel tables: table holds the VIPs
+    announced, drain_table (table + 1 unless given) the VIPs announced
+    for a graceful shutdown (RFC 8326): the role's BIRD configuration
+    learns it with a higher preference and exports its routes with the
+    GRACEFUL_SHUTDOWN community and a lowered preference, so the routers
+    move the traffic to the other balancers before the route is withdrawn
+    (see _maintenance)."""
 
-    def __init__(self, table):
+    def __init__(self, table, drain_table=None):
         if IPRoute is None:
             raise XvsError("announcing VIPs needs pyroute2")
         self.table = table
+        self.drain_table = drain_table or table + 1
+        self.tables = {ANNOUNCED: self.table, DRAINING: self.drain_table}
+
+    def _present(self, ipr):
+        """{(vip, state)} of the agent's routes in the two tables."""
+        return set((r.get_attr("RTA_DST"), state) for state in (ANNOUNCED, DRAINING)
+                   for family in (socket.AF_INET, socket.AF_INET6)
+                   for r in ipr.get_routes(family=family, table=self.tables[state])
+                   if r["proto"] == ROUTE_PROTO)
+
+    def routes(self):
+        """{vip: ANNOUNCED or DRAINING} of the routes in the tables now (a
+        VIP in both, for the instant of a move, is draining)."""
+        with IPRoute() as ipr:
+            return dict(sorted(self._present(ipr), key=lambda p: p[1] == DRAINING))
 
     def announced(self):
-        """The VIPs whose routes are in the table now."""
-        out = set()
-        with IPRoute() as ipr:
-            for family in (socket.AF_INET, socket.AF_INET6):
-                for r in ipr.get_routes(family=family, table=self.table):
-                    if r["proto"] == ROUTE_PROTO:
-                        out.add(r.get_attr("RTA_DST"))
-        return out
+        """The VIPs whose routes are in either table now."""
+        return set(self.routes())
 
-    def _route(self, ipr, op, vip):
+    def _route(self, ipr, op, vip, state):
         v6 = ipaddress.ip_address(vip).version == 6
         ipr.route(op, dst=vip, dst_len=128 if v6 else 32, family=socket.AF_INET6 if v6 else socket.AF_INET,
-                  table=self.table, proto=ROUTE_PROTO, type=RTN_BLACKHOLE)
+                  table=self.tables[state], proto=ROUTE_PROTO, type=RTN_BLACKHOLE)
 
-    def set(self, vips):
-        """Exactly these VIPs announced: (added, removed)."""
-        vips, have = set(vips), self.announced()
-        added, removed = sorted(vips - have), sorted(have - vips)
+    def set(self, vips, draining=()):
+        """Exactly these VIPs announced, and those of draining (VIPs not in
+        vips) announced for a graceful shutdown: {vip: (state before, state
+        after)} of the VIPs that changed, None for not announced.  Every
+        route is added before any is removed, so a VIP moving between the
+        tables is never withdrawn on the way."""
+        want = dict((vip, ANNOUNCED) for vip in vips)
+        want.update((vip, DRAINING) for vip in draining)
         with IPRoute() as ipr:
-            for vip in added:
-                self._route(ipr, "add", vip)
-            for vip in removed:
-                self._route(ipr, "del", vip)
-        return added, removed
+            present = self._present(ipr)
+            have = dict(sorted(present, key=lambda p: p[1] == DRAINING))
+            wanted = set(want.items())
+            for vip, state in sorted(wanted - present):
+                self._route(ipr, "add", vip, state)
+            for vip, state in sorted(present - wanted):
+                self._route(ipr, "del", vip, state)
+        return dict((vip, (have.get(vip), want.get(vip))) for vip in sorted(set(have) | set(want))
+                    if have.get(vip) != want.get(vip))
 
 
 # ---- BIRD's control socket ------------------------------------------------------

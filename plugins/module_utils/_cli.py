@@ -21,7 +21,7 @@ import json
 import sys
 import time
 
-from ansible_collections.xvs.lb.plugins.module_utils import _health, _layout as L, _maglev, _planner, _spec
+from ansible_collections.xvs.lb.plugins.module_utils import _health, _layout as L, _maglev, _maintenance, _planner, _spec
 from ansible_collections.xvs.lb.plugins.module_utils._balancer import Balancer
 from ansible_collections.xvs.lb.plugins.module_utils._dataplane import flow_owner
 from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
@@ -79,7 +79,7 @@ def status(bpffs, state_file, stats=False):
             services.append(svc)
         return {"bpffs": bal.root, "interfaces": bal.status["interfaces"], "program": bal.status["program"],
                 "flow_table": dict(dp.flow_table(census), entries_by_family=census["entries"]),
-                "services": services}
+                "maintenance": _maintenance.view(state_file, bal.root), "services": services}
 
 
 def rates(first, second, seconds):
@@ -109,6 +109,12 @@ def render(st, stats=False, rate=False):
     where = ", ".join("%s (%s)" % kv for kv in sorted(st["interfaces"].items())) or "no interface"
     lines = ["xvs.lb at %s on %s: program %s, live flows %d of %d"
              % (st["bpffs"], where, st["program"]["id"], table["entries"], table["capacity"])]
+    m = st["maintenance"]
+    if m["in_maintenance"]:
+        said = (m["agent"] or {}).get("maintenance")
+        lines.append("IN MAINTENANCE since %s (drain %gs, rate %g/s): %s" % (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["since"])), m["drain_timeout"], m["drain_rate"],
+            "VIPs %s" % said if said else "no agent announcing"))
     extra = ("  %12s %14s %9s" % ("Packets", "Bytes", "NewFlows") if stats else
              "  %10s %12s %10s" % ("PPS", "BPS", "NewFlow/s") if rate else "")
     lines.append(SERVICE_ROW % ("Prot", "LocalAddress:Port", "Forward", "Table") + extra)

@@ -66,14 +66,28 @@ def load(state_file):
     return down
 
 
-def save(state_file, down, services_down=()):
+def announcements(state_file):
+    """What the agent last wrote of its announcements: {"announced": {vip:
+    "announced" or "draining"}, "maintenance": None, "draining" or
+    "withdrawn"}, or None when no agent has written health for this state
+    of record (or it announces nothing: no BGP)."""
+    try:
+        with open(path_for(state_file)) as f:
+            data = json.load(f)
+    except (IOError, OSError, ValueError):
+        return None
+    return data.get("announce") if isinstance(data, dict) else None
+
+
+def save(state_file, down, services_down=(), announce=None):
     """Write the health of the state of record at state_file atomically
-    (root only): down as load() returns it, and the keys of the services
-    that have fewer healthy destinations than their min_healthy."""
+    (root only): down as load() returns it, the keys of the services
+    that have fewer healthy destinations than their min_healthy, and the
+    agent's announcements as announcements() returns them."""
     items = [{"address": k[0], "port": k[1], "protocol": k[2], "destination": d, "reason": r}
              for k in sorted(down) for d, r in sorted(down[k].items())]
     body = {"format": FORMAT, "state_file": os.path.abspath(state_file), "down": items,
-            "services_down": [label(k) for k in sorted(services_down)]}
+            "services_down": [label(k) for k in sorted(services_down)], "announce": announce}
     _state.replace_file(path_for(state_file),
                         (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
 

@@ -69,7 +69,7 @@ class Collector(object):
         snap = self.agent.snapshot()
         bpffs, desired, targets, service_up = (snap["bpffs"], snap["services"], snap["targets"],
                                                snap["service_up"])
-        yield from self._bgp(snap["announced"], GaugeMetricFamily)
+        yield from self._bgp(snap, GaugeMetricFamily)
         yield from self._agent(snap, CounterMetricFamily, GaugeMetricFamily)
         up = GaugeMetricFamily("xvs_dataplane_up", "1 when the program's maps could be read.")
         try:
@@ -132,13 +132,20 @@ class Collector(object):
                     family.add_metric([key[0], str(key[1]), key[2], address, state], 1 if state == now else 0)
         return family
 
-    def _bgp(self, announced, Gauge):
+    def _bgp(self, snap, Gauge):
+        yield Gauge("xvs_maintenance", "1 while the state of record has the balancer out for maintenance.",
+                    value=1 if snap["maintenance"] else 0)
+        announced = snap["announced"]
         if announced is not None:
             vips = Gauge("xvs_vip_announced", "1 while the VIP's host route is offered to BIRD for BGP.",
                          labels=["vip"])
+            draining = Gauge("xvs_vip_draining", "1 while the VIP is announced for a graceful shutdown "
+                             "(GRACEFUL_SHUTDOWN community, lowered preference).", labels=["vip"])
             for vip, on in sorted(announced.items()):
                 vips.add_metric([vip], 1 if on else 0)
+                draining.add_metric([vip], 1 if vip in snap["draining"] else 0)
             yield vips
+            yield draining
         if not self.bird_socket:
             return
         bird = Gauge("xvs_bird_up", "1 when BIRD's control socket answered.")

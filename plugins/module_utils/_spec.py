@@ -22,6 +22,7 @@ from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
 
 DEFAULT_BPFFS = "/sys/fs/bpf/xvs"
 DEFAULT_STATE_FILE = "/etc/xvs/state.json"
+DEFAULT_BGP_TABLE = 4242     # the kernel table xvs-agent announces VIPs in (the role's xvs_bgp_table)
 MAX_WEIGHT = 65535
 # What an option left out means for a service that does not exist yet (and,
 # with state replaced or overridden, for every listed one); with merged an

@@ -15,7 +15,10 @@ record, never half of one):
      "services": [the services in the config shape of xvs_services: address,
                   port, protocol, sticky, destinations [{address, weight[,
                   mac]}], and where not at their default check, min_healthy,
-                  forwarding and its parameters (_spec.SERVICE_FIELDS)]}
+                  forwarding and its parameters (_spec.SERVICE_FIELDS)],
+     "maintenance": {"since": Unix time, "drain_timeout": s, "drain_rate": new
+                  flows per second}, only while the balancer is out for maintenance
+                  (see _maintenance)}
 
 One record belongs to one pin root: it names its bpffs, and a run with
 another bpffs is refused, so two balancers on one host (two pin roots)
@@ -121,8 +124,19 @@ def attach_section_from_status(st):
                           st["sizes"], st["vlans"], st["tunnel_source"])
 
 
-def make(bpffs, attach, services):
-    return {"format": FORMAT, "bpffs": bpffs, "attach": attach, "services": services}
+def make(bpffs, attach, services, maintenance=None):
+    """A record; maintenance is the old record's (every run but
+    xvs_maintenance's carries it over unchanged: see maintenance_of)."""
+    record = {"format": FORMAT, "bpffs": bpffs, "attach": attach, "services": services}
+    if maintenance:          # absent in service: a record from before stays unchanged
+        record["maintenance"] = maintenance
+    return record
+
+
+def maintenance_of(record):
+    """The record's maintenance section (None: in service, also for a
+    record older than maintenance and for no record)."""
+    return (record or {}).get("maintenance")
 
 
 def save(path, record):

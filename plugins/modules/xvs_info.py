@@ -176,6 +176,36 @@ source_prefixes:
   sample:
     - prefix: 198.51.96.0/20
       packets: 1200
+maintenance:
+  description:
+    - The balancer's maintenance (M(xvs.lb.xvs_maintenance)) as the state of record keeps it, and what
+      xvs-agent last said of its announcements.
+  returned: success
+  type: dict
+  contains:
+    in_maintenance:
+      description: Whether the record has the balancer out for maintenance.
+      type: bool
+    since:
+      description: When it went into maintenance (Unix time); null in service.
+      type: float
+    drain_timeout:
+      description: The drain's timeout in seconds; null in service.
+      type: float
+    drain_rate:
+      description: The new-flow rate that ends the drain; null in service.
+      type: float
+    agent:
+      description:
+        - What the agent last wrote; null where no agent announces VIPs (no BGP).
+      type: dict
+      contains:
+        maintenance:
+          description: C(draining), C(withdrawn), or null in service.
+          type: str
+        announced:
+          description: The VIPs announced, each C(announced) or C(draining) (GRACEFUL_SHUTDOWN).
+          type: dict
 failing:
   description:
     - The destinations xvs-agent's health checks found failing (see O(xvs.lb.xvs_services#module:config[].check)),
@@ -222,7 +252,8 @@ flow_table:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.xvs.lb.plugins.module_utils import _balancer, _health, _loader, _module, _planner, _spec, _state
+from ansible_collections.xvs.lb.plugins.module_utils import (_balancer, _health, _loader, _maintenance, _module, _planner,
+                                                              _spec, _state)
 from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
 
 
@@ -241,12 +272,14 @@ def main():
             # as other *_info modules report absence: attached false, nothing read
             record = _state.load(p["state_file"], p["bpffs"])
             desired = _planner.from_config(record["services"], p["state_file"]) if record else {}
-            return dict(UNATTACHED, desired=_planner.to_config(desired), failing=failing)
+            return dict(UNATTACHED, desired=_planner.to_config(desired), failing=failing,
+                        maintenance=_maintenance.view(p["state_file"], p["bpffs"]))
         # under the lock: a consistent read, no run half-way through a change
         with _balancer.Balancer(p["bpffs"]) as bal:
             result = _balancer.info(bal, p["source_prefixes"])
             desired = _planner.recorded(bal, p["state_file"])[1]
-            result.update(attached=True, desired=_planner.to_config(desired), failing=failing)
+            result.update(attached=True, desired=_planner.to_config(desired), failing=failing,
+                          maintenance=_maintenance.view(p["state_file"], p["bpffs"]))
             result["unresolved"] = [{"address": k[0], "port": k[1], "protocol": k[2], "destination": a}
                                     for k, a in _planner.unresolved(desired, bal.dp.services())]
             return result

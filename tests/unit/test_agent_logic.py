@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from ansible_collections.xvs.lb.plugins.module_utils import (_agent, _agent_cli, _announce, _health, _journal, _metrics,
-                                                             _spec, _state)
+from ansible_collections.xvs.lb.plugins.module_utils import (_agent, _agent_cli, _announce, _errors, _health, _journal,
+                                                             _maintenance, _metrics, _spec, _state)
 
 VIP = "203.0.113.10"
 KEY = (VIP, 80, "tcp")
@@ -234,17 +234,20 @@ def test_every_global_counter_has_a_metric_with_help():
 
 
 class FakeAnnouncer(object):
-    """The kernel table as a set: set() makes it hold exactly vips."""
+    """The two kernel tables as {vip: state}: set() makes them hold exactly
+    vips (announced) and draining, and returns the changes as the real one."""
 
     def __init__(self):
-        self.table, self.calls = set(), 0
+        self.table, self.calls = {}, 0
 
-    def set(self, vips):
+    def set(self, vips, draining=()):
         self.calls += 1
-        vips = set(vips)
-        added, removed = sorted(vips - self.table), sorted(self.table - vips)
-        self.table = vips
-        return added, removed
+        want = dict.fromkeys(vips, _announce.ANNOUNCED)
+        want.update(dict.fromkeys(draining, _announce.DRAINING))
+        changes = dict((v, (self.table.get(v), want.get(v))) for v in set(self.table) | set(want)
+                       if self.table.get(v) != want.get(v))
+        self.table = want
+        return changes
 
 
 def test_a_vip_is_decided_once_its_own_destinations_were_checked(tmp_path):
@@ -258,10 +261,10 @@ def test_a_vip_is_decided_once_its_own_destinations_were_checked(tmp_path):
     a, lines = agent(path, announcer=announcer)
     a.service_up = {KEY: True, ("203.0.113.11", 80, "tcp"): True}
     a.announce()
-    assert announcer.table == set() and a.announce_due     # nothing checked yet: nothing announced
+    assert announcer.table == {} and a.announce_due     # nothing checked yet: nothing announced
     a.result(a.targets[(KEY, "192.0.2.21")], True, "connected", 0.01)
     a.announce()
-    assert announcer.table == {VIP} and a.announce_due
+    assert announcer.table == {VIP: _announce.ANNOUNCED} and a.announce_due
     assert lines[-1] == "xvs-agent: VIP %s announced" % VIP and lines.priorities[-1] == _journal.NOTICE
     calls = announcer.calls
     a.announce()                      # nothing new decided: the kernel is not asked again
@@ -270,7 +273,7 @@ def test_a_vip_is_decided_once_its_own_destinations_were_checked(tmp_path):
         a.result(a.targets[(("203.0.113.11", 80, "tcp"), address)], False, "no answer", 2.0)
     a.service_up[("203.0.113.11", 80, "tcp")] = False        # as apply() finds it after the falls
     a.announce()
-    assert announcer.table == {VIP} and not a.announce_due
+    assert announcer.table == {VIP: _announce.ANNOUNCED} and not a.announce_due
 
 
 @pytest.mark.parametrize("journal", [True, False])
@@ -340,3 +343,100 @@ def test_check_failures_transitions_and_applies_reach_the_metrics(tmp_path, monk
             for s in fam.samples if s.name == "xvs_build_info"]
     from ansible_collections.xvs.lb.plugins.module_utils import _layout as L
     assert [(s.labels, s.value) for s in info] == [({"version": L.VERSION, "abi": str(L.ABI_VERSION), "tag": ""}, 1)]
+
+
+def in_maintenance(path, drain_timeout=10.0, drain_rate=0.0):
+    """The record at path put into maintenance as xvs_maintenance does."""
+    r = _maintenance.MaintenanceRun(path, "/sys/fs/bpf/xvs", True, drain_timeout, drain_rate)
+    r.apply()
+    assert r.changed
+    os.utime(path, ns=(0, os.stat(path).st_mtime_ns + 10 ** 9))    # the agent's reload sees a change
+
+
+def test_maintenance_drains_until_the_new_flow_rate_falls_then_stays_out_across_a_restart(tmp_path):
+    """Entering maintenance moves the announced VIP to the drain table; it
+    is withdrawn at the first one-second sample with no new flow (not at
+    the one with 50), stays out across a restart of the agent while its
+    checks go on, and is announced again once the record is back in
+    service."""
+    path = record(tmp_path, [svc(80, "192.0.2.21", check={"type": "tcp"})])
+    now, flows = [100.0], [1000]
+    announcer = FakeAnnouncer()
+    a, lines = agent(path, announcer=announcer, clock=lambda: now[0])
+    a._new_flows = lambda: flows[0]
+    a.result(a.targets[(KEY, "192.0.2.21")], True, "connected", 0.01)
+    a.service_up = {KEY: True}
+    a.announce()
+    assert announcer.table == {VIP: _announce.ANNOUNCED}
+
+    in_maintenance(path)
+    assert a.reload() and a.maintenance["drain_timeout"] == 10.0
+    a.maintain()
+    assert announcer.table == {VIP: _announce.DRAINING} and a.phase == _maintenance.DRAINING
+    assert _health.announcements(path) == {"maintenance": "draining", "announced": {VIP: "draining"}}
+    a.announce_due = True
+    a.announce()                                   # maintenance decides, not the services' health
+    assert announcer.table == {VIP: _announce.DRAINING}
+    now[0], flows[0] = 100.5, 1030
+    a.maintain()                                   # no sample yet
+    now[0], flows[0] = 101.0, 1050
+    a.maintain()                                   # 50 new flows in the second: still draining
+    assert a.phase == _maintenance.DRAINING
+    now[0] = 102.0
+    a.maintain()
+    assert announcer.table == {} and a.phase == _maintenance.WITHDRAWN
+    assert lines[-1] == "xvs-agent: maintenance: every VIP withdrawn: the new-flow rate fell to 0.0/s after 2.0s"
+    assert _health.announcements(path) == {"maintenance": "withdrawn", "announced": {}}
+    snap = a.snapshot()
+    assert snap["maintenance"] and snap["phase"] == "withdrawn" and snap["announced"] == {VIP: False}
+
+    # a restarted agent (a route a killed one left behind) stays out, and checks
+    announcer.table = {VIP: _announce.ANNOUNCED}
+    b, lines = agent(path, announcer=announcer, clock=lambda: now[0])
+    b.maintain()
+    assert announcer.table == {} and b.phase == _maintenance.WITHDRAWN
+    b.result(b.targets[(KEY, "192.0.2.21")], True, "connected", 0.01)
+    b.service_up = {KEY: True}
+    b.announce()
+    assert announcer.table == {}
+
+    r = _maintenance.MaintenanceRun(path, "/sys/fs/bpf/xvs", False)
+    r.apply()
+    os.utime(path, ns=(0, os.stat(path).st_mtime_ns + 2 * 10 ** 9))
+    assert r.changed and "maintenance" not in _state.load(path) and b.reload()
+    b.maintain()
+    assert b.phase is None and b.announce_due
+    b.announce()
+    assert announcer.table == {VIP: _announce.ANNOUNCED}
+
+
+def test_a_drain_ends_at_its_timeout_while_new_flows_keep_coming(tmp_path):
+    path = record(tmp_path, [svc(80, "192.0.2.21")])
+    now, flows = [0.0], [0]
+    announcer = FakeAnnouncer()
+    a, lines = agent(path, announcer=announcer, clock=lambda: now[0])
+    a._new_flows = lambda: flows[0]
+    a.service_up = {KEY: True}
+    a.announce()
+    in_maintenance(path, drain_timeout=3, drain_rate=5)
+    a.reload()
+    a.maintain()
+    for dummy in range(3):
+        now[0] += 1.0
+        flows[0] += 6                  # above drain_rate 5
+        a.maintain()
+    assert announcer.table == {} and a.phase == _maintenance.WITHDRAWN
+    assert lines[-1] == "xvs-agent: maintenance: every VIP withdrawn: drain_timeout 3s passed (new-flow rate 6.0/s)"
+
+
+def test_maintenance_in_the_record_is_kept_by_every_run_and_checked():
+    """The attach's and the services' runs carry maintenance over; a record
+    without it (older) is in service and unchanged by a run."""
+    m = _maintenance.section(30, 2, 1800000000.0)
+    assert _state.make("/b", None, [], m)["maintenance"] == m
+    assert "maintenance" not in _state.make("/b", None, [])
+    assert _state.maintenance_of({"format": 1, "services": []}) is None
+    with pytest.raises(_errors.XvsError, match="drain_timeout=-1: must be 0 or more seconds"):
+        _maintenance.section(-1, 0, 0)
+    with pytest.raises(_errors.XvsError, match="drain_rate=-0.5: must be 0 or more new flows per second"):
+        _maintenance.section(1, -0.5, 0)
