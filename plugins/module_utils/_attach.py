@@ -12,7 +12,8 @@ __metaclass__ = type
 import os
 
 from ansible_collections.xvs.lb.plugins.module_utils import _layout as L, _loader, _netinfo, _planner, _spec, _state
-from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane
+from ansible_collections.xvs.lb.plugins.module_utils._dataplane import DataPlane, pinned_abi
+from ansible_collections.xvs.lb.plugins.module_utils._balancer import Balancer
 from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
 
 
@@ -28,9 +29,20 @@ class AttachPlan(object):
         self.params = params
         self.check_mode, self.warnings = check_mode, []
         self.allow_reset = params.get("allow_flow_table_reset", False)
-        self.status = _loader.status(self.root) if os.path.isdir(self.root) else None
-        current = dict(self.status["interfaces"]) if self.status else {}
-        self.before = self._view(self.status) if self.status else {}
+        # maps of another data-plane layout: refused (DataPlane says why and
+        # the way on) unless this run may replace them (an upgrade)
+        abi = pinned_abi(self.root) if os.path.isdir(self.root) else None
+        self.upgrade_from = abi if abi not in (None, L.ABI_VERSION) and params.get("allow_layout_upgrade") else None
+        if self.upgrade_from is not None and params["state"] == "present":
+            self.status = None
+            current = _loader.attached(self.root)
+            self.before = {"abi": abi, "interfaces": dict(current), "bpffs": self.root}
+        else:
+            self.upgrade_from = None
+            self.status = _loader.status(self.root) if os.path.isdir(self.root) else None
+            current = dict(self.status["interfaces"]) if self.status else {}
+            self.before = self._view(self.status) if self.status else {}
+        self.upgrade_interfaces = dict(current)
         self.load = False
         self.unpin = False
         self.to_attach = {}
@@ -153,11 +165,28 @@ class AttachRun(object):
                 services = _planner.to_config(_planner.from_maps(dp.services()))
         else:
             services = []
-        self.new_record = _state.make(attach_plan.root, section, services)
+        if attach_plan.upgrade_from is not None and self.record is None:
+            raise XvsError("allow_layout_upgrade: %s holds maps of data-plane ABI %d, and state_file=%s "
+                           "has no state of record to put the services back from; nothing was changed"
+                           % (attach_plan.root, attach_plan.upgrade_from, state_file))
+        self.new_record = _state.make(attach_plan.root, section, services,
+                                     _state.maintenance_of(self.record))
         self.record_changed = self.record != self.new_record
         self.changed = attach_plan.changed or self.record_changed
 
     def apply(self):
-        self.plan.apply()
+        if self.plan.upgrade_from is None:
+            self.plan.apply()
+        else:
+            # the new maps are filled from the record the moment the new
+            # program is attached (as the boot restore does); a failure on
+            # the way puts the old program back
+            with _loader.layout_upgrade(self.plan.root, self.plan.upgrade_interfaces):
+                self.plan.apply()
+                _state.save(self.state_file, self.new_record)
+                with Balancer(self.plan.root) as bal:
+                    _planner.Run(bal, self.state_file, lambda before: before, strict=False,
+                                 record_required=True).plan.apply()
+            return
         if self.record_changed:
             _state.save(self.state_file, self.new_record)

@@ -14,6 +14,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -366,6 +367,42 @@ def status(root):
             "build_id": "".join("%08x" % w for w in meta.build_id),
             "interfaces": _netinfo.xdp_interfaces(info["id"]),
             "sizes": sizes, "vlans": vlans, "tunnel_source": tunnel_source, "bpffs": root}
+
+
+UPGRADE_ASIDE = "before_upgrade"    # where a layout upgrade keeps the old pins (bpffs names take no dots)
+
+
+@contextlib.contextmanager
+def layout_upgrade(root, interfaces):
+    """Set the pins of another data-plane layout aside for the block, which
+    loads, fills and attaches the new program under root.  The old program
+    serves meanwhile (an attached program holds its maps).  When the block
+    fails, its pins are removed and the old ones put back and re-attached
+    to interfaces ({name: mode}); when it succeeds, the old ones go."""
+    aside = os.path.join(root, UPGRADE_ASIDE)
+    if os.path.exists(aside):
+        raise LoaderError("%s is left from a layout upgrade that did not finish: check what %s holds, "
+                          "remove it and run again" % (aside, root))
+    os.mkdir(aside)
+    old = [n for n in os.listdir(root) if n != UPGRADE_ASIDE]
+    for name in old:
+        os.rename(os.path.join(root, name), os.path.join(aside, name))
+    try:
+        yield
+    except BaseException:
+        for name in os.listdir(root):
+            if name != UPGRADE_ASIDE:
+                os.unlink(os.path.join(root, name))
+        for name in old:
+            os.rename(os.path.join(aside, name), os.path.join(root, name))
+        os.rmdir(aside)
+        with open_pinned(root) as prog:
+            for name, mode in sorted(interfaces.items()):
+                attach_fd(prog.fd, ENTRY, name, mode)
+        raise
+    for name in old:
+        os.unlink(os.path.join(aside, name))
+    os.rmdir(aside)
 
 
 def unpin_all(root):

@@ -148,6 +148,19 @@ options:
         flows select again and counters restart).
     type: bool
     default: false
+  allow_layout_upgrade:
+    description:
+      - Allow an upgrade across a data-plane layout change. Without it, maps pinned by a program of
+        another layout (another data-plane ABI) are refused with the way on.
+      - With it, the old pins are set aside (the old program keeps serving), the new program is
+        loaded with new maps, attached in place of the old one, and every service of the state of
+        record (O(state_file)) is put back, in one run; the old pins are then removed. If a step
+        fails, the old program is put back where it ran. Only this balancer's flow table (and its
+        counters) is lost, so take the balancer out of the fleet first (M(xvs.lb.xvs_maintenance)).
+      - Needs a state of record; with maps of the current layout it changes nothing.
+    type: bool
+    default: false
+    version_added: 0.4.0
   state:
     description:
       - C(present) loads and attaches; C(absent) detaches, and removes every pin once the
@@ -251,6 +264,7 @@ def main():
             library=dict(type="path"),
             library_source=dict(type="path"),
             allow_flow_table_reset=dict(type="bool", default=False),
+            allow_layout_upgrade=dict(type="bool", default=False),
             state=dict(type="str", default="present", choices=["present", "absent"]),
             **_spec.COMMON_OPTIONS
         ),
