@@ -169,8 +169,7 @@ class AttachRun(object):
             raise XvsError("allow_layout_upgrade: %s holds maps of data-plane ABI %d, and state_file=%s "
                            "has no state of record to put the services back from; nothing was changed"
                            % (attach_plan.root, attach_plan.upgrade_from, state_file))
-        self.new_record = _state.make(attach_plan.root, section, services,
-                                     _state.maintenance_of(self.record))
+        self.new_record = _state.make(attach_plan.root, section, services, _state.maintenance_of(self.record))
         self.record_changed = self.record != self.new_record
         self.changed = attach_plan.changed or self.record_changed
 

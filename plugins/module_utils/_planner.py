@@ -362,7 +362,7 @@ class Run(object):
         self.plan = Plan(bal, before, transform(before), option_labels, strict, current,
                          _health.load(state_file))
         self.new_record = _state.make(bal.root, attach, to_config(self.plan.after),
-                                     _state.maintenance_of(self.record))
+                                      _state.maintenance_of(self.record))
         self.record_changed = self.record != self.new_record
         self.changed = self.plan.changed or self.record_changed
 

@@ -253,7 +253,7 @@ flow_table:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.xvs.lb.plugins.module_utils import (_balancer, _health, _loader, _maintenance, _module, _planner,
-                                                              _spec, _state)
+                                                             _spec, _state)
 from ansible_collections.xvs.lb.plugins.module_utils._errors import XvsError
 
 

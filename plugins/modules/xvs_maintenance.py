@@ -75,6 +75,8 @@ options:
       - The kernel table the agent announces draining VIPs in; by default O(bgp_table) + 1 (the
         role's C(xvs_bgp_drain_table)).
     type: int
+author:
+  - xvs.lb contributors (@xvs-lb)
 '''
 
 EXAMPLES = r'''
