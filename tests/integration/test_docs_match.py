@@ -96,7 +96,9 @@ def test_every_module_returns_what_it_documents(hosts, tmp_path):
                                      "weight": 0, "wait_drained": {"timeout": 5, "max_flows": 0}}),
         run(bal, "xvs_services", {"config": [SERVICE], "state": "replaced",
                                   "wait_drained": {"timeout": 5, "max_flows": 0}}),
+        run(bal, "xvs_maintenance", {"state": "present", "drain_timeout": 5}),
         run(bal, "xvs_info", {"source_prefixes": 2}),
+        run(bal, "xvs_maintenance", {"state": "absent"}),
         run(bal, "xvs_attach", {"interfaces": ["eth0"], "state": "absent"}),
         run(rs, "xvs_decap", {"interfaces": ["eth0"], "decap": "ipip", "vips": [VIP], "mode": "generic",
                               "bpffs": rs.root, "config_file": str(tmp_path / "decap.json")}, defaults=False),
@@ -106,10 +108,19 @@ def test_every_module_returns_what_it_documents(hosts, tmp_path):
     for name, res in results:
         problems += mismatches(documented(name), res, name)
     assert problems == []
-    assert results[0][1]["attached"] is False and results[7][1]["attached"] is True
+    assert results[0][1]["attached"] is False and results[8][1]["attached"] is True
+    assert results[7][1]["maintenance"]["drain_timeout"] == 5.0 and results[8][1]["maintenance"]["in_maintenance"]
+    assert results[9][1]["changed"] and results[9][1]["maintenance"] is None
 
 
 def test_xvs_info_refuses_a_negative_source_prefixes(hosts):
     bal, rs = hosts
     rc, res = bal.call("xvs_info", {"source_prefixes": -3})
     assert rc == 1 and res["msg"] == "source_prefixes=-3: must be 0 or more", res
+
+
+def test_xvs_maintenance_refuses_a_negative_drain_timeout_and_changes_nothing(hosts):
+    bal, rs = hosts
+    rc, res = bal.call("xvs_maintenance", {"drain_timeout": -1})
+    assert rc == 1 and res["msg"] == "drain_timeout=-1.0: must be 0 or more seconds", res
+    assert not os.path.exists(bal.state_file)

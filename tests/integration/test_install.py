@@ -120,7 +120,7 @@ def test_readme_role_example_from_the_installed_tarball(tarball, tmp_path, core,
             r = subprocess.run(play[:-1] + [os.path.join(ROOT, "tests", "integration", "playbooks", "modules.yml")],
                                env=env, capture_output=True, text=True, timeout=600, check=False)
             assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-3000:]
-            assert re.search(r"lb1\s+: ok=\d+\s+changed=4\s+unreachable=0\s+failed=0\s+skipped=0\s+rescued=0\s+"
+            assert re.search(r"lb1\s+: ok=\d+\s+changed=6\s+unreachable=0\s+failed=0\s+skipped=0\s+rescued=0\s+"
                              r"ignored=2", r.stdout), r.stdout[-3000:]
     finally:
         subprocess.run(["umount", "-l", os.path.join(work, "bpffs")], check=False)

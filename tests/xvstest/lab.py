@@ -185,8 +185,12 @@ protocol device { }
 # every balancer's route for a VIP becomes one next hop of a multipath route
 protocol kernel { merge paths on; ipv4 { import none; export all; }; }
 protocol kernel { merge paths on; ipv6 { import none; export all; }; }
-template bgp balancer { local as %(router_as)d; ipv4 { import all; export none; }; }
-template bgp balancer6 { local as %(router_as)d; ipv6 { import all; export none; }; }
+# RFC 8326, as a receiving router is asked to: a route with GRACEFUL_SHUTDOWN
+# gets LOCAL_PREF 0, so it leaves the multipath route while it is still announced
+filter graceful_shutdown { if (65535, 0) ~ bgp_community then bgp_local_pref = 0; accept; }
+protocol bfd { interface "*" { min rx interval 100 ms; min tx interval 100 ms; multiplier 3; }; }
+template bgp balancer { local as %(router_as)d; bfd on; ipv4 { import filter graceful_shutdown; export none; }; }
+template bgp balancer6 { local as %(router_as)d; ipv6 { import filter graceful_shutdown; export none; }; }
 %(neighbours)s
 """
 
