@@ -76,11 +76,16 @@ class Announcer(object):
                    for r in ipr.get_routes(family=family, table=self.tables[state])
                    if r["proto"] == ROUTE_PROTO)
 
+    @staticmethod
+    def _by_vip(present):
+        """{vip: state} of _present()'s pairs; a VIP in both tables, for the
+        instant of a move, is draining."""
+        return dict(sorted(present, key=lambda p: p[1] == DRAINING))
+
     def routes(self):
-        """{vip: ANNOUNCED or DRAINING} of the routes in the tables now (a
-        VIP in both, for the instant of a move, is draining)."""
+        """{vip: ANNOUNCED or DRAINING} of the routes in the tables now."""
         with IPRoute() as ipr:
-            return dict(sorted(self._present(ipr), key=lambda p: p[1] == DRAINING))
+            return self._by_vip(self._present(ipr))
 
     def announced(self):
         """The VIPs whose routes are in either table now."""
@@ -101,7 +106,7 @@ class Announcer(object):
         want.update((vip, DRAINING) for vip in draining)
         with IPRoute() as ipr:
             present = self._present(ipr)
-            have = dict(sorted(present, key=lambda p: p[1] == DRAINING))
+            have = self._by_vip(present)
             wanted = set(want.items())
             for vip, state in sorted(wanted - present):
                 self._route(ipr, "add", vip, state)

@@ -32,13 +32,14 @@ class AttachPlan(object):
         # maps of another data-plane layout: refused (DataPlane says why and
         # the way on) unless this run may replace them (an upgrade)
         abi = pinned_abi(self.root) if os.path.isdir(self.root) else None
-        self.upgrade_from = abi if abi not in (None, L.ABI_VERSION) and params.get("allow_layout_upgrade") else None
-        if self.upgrade_from is not None and params["state"] == "present":
+        upgrading = (abi not in (None, L.ABI_VERSION) and params.get("allow_layout_upgrade")
+                     and params["state"] == "present")
+        self.upgrade_from = abi if upgrading else None
+        if upgrading:
             self.status = None
             current = _loader.attached(self.root)
             self.before = {"abi": abi, "interfaces": dict(current), "bpffs": self.root}
         else:
-            self.upgrade_from = None
             self.status = _loader.status(self.root) if os.path.isdir(self.root) else None
             current = dict(self.status["interfaces"]) if self.status else {}
             self.before = self._view(self.status) if self.status else {}

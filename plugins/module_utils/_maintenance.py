@@ -49,14 +49,13 @@ def section(drain_timeout, drain_rate, since):
     return {"since": since, "drain_timeout": float(drain_timeout), "drain_rate": float(drain_rate)}
 
 
-def wanted(record, enabled, drain_timeout=DRAIN_TIMEOUT, drain_rate=DRAIN_RATE, now=None):
+def wanted(record, enabled, drain_timeout=DRAIN_TIMEOUT, drain_rate=DRAIN_RATE):
     """The maintenance section the record should hold: None in service; a
     balancer already in maintenance keeps its since."""
     if not enabled:
         return None
     old = _state.maintenance_of(record)
-    since = old["since"] if old else (now if now is not None else time.time())
-    return section(drain_timeout, drain_rate, since)
+    return section(drain_timeout, drain_rate, old["since"] if old else time.time())
 
 
 class MaintenanceRun(object):
@@ -72,9 +71,8 @@ class MaintenanceRun(object):
             # the services will fill, out of service from the start
             self.new_record = _state.make(bpffs, None, [], self.maintenance) if enabled else None
         else:
-            base = dict((k, v) for k, v in self.record.items() if k != "maintenance")
-            self.new_record = _state.make(base["bpffs"] or bpffs, base["attach"], base["services"],
-                                          self.maintenance)
+            self.new_record = _state.make(self.record["bpffs"] or bpffs, self.record["attach"],
+                                          self.record["services"], self.maintenance)
         self.changed = self.new_record is not None and self.new_record != self.record
 
     def apply(self):

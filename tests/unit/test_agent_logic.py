@@ -440,3 +440,27 @@ def test_maintenance_in_the_record_is_kept_by_every_run_and_checked():
         _maintenance.section(-1, 0, 0)
     with pytest.raises(_errors.XvsError, match="drain_rate=-0.5: must be 0 or more new flows per second"):
         _maintenance.section(1, -0.5, 0)
+
+
+def test_the_modules_wait_fails_at_its_timeout_naming_what_is_left(tmp_path):
+    """An agent that never acts (hung, or not running while its last word
+    says announced): the wait ends at wait_timeout with the routes left and
+    what the agent last said; the record keeps what the run wrote."""
+    path = record(tmp_path, [svc(80, "192.0.2.21")])
+    _health.save(path, {}, (), {"maintenance": None, "announced": {VIP: "announced"}})
+    now = [0.0]
+
+    def sleep(s):
+        now[0] += s
+    with pytest.raises(_errors.XvsError) as e:
+        _maintenance.wait(path, True, lambda: {VIP: _announce.ANNOUNCED}, 3, clock=lambda: now[0], sleep=sleep)
+    assert str(e.value) == ("wait_timeout=3: after 3s the VIPs are still announced (%s announced; xvs-agent says "
+                            "nothing): is xvs-agent running? The record keeps the balancer in maintenance" % VIP)
+    assert 3.0 <= now[0] < 3.5
+    with pytest.raises(_errors.XvsError, match="after 2s xvs-agent still says withdrawn: is it running"):
+        _health.save(path, {}, (), {"maintenance": "withdrawn", "announced": {}})
+        _maintenance.wait(path, False, dict, 2, clock=lambda: now[0], sleep=sleep)
+    # an agent that withdrew and says so: done at once, also with no agent at all
+    assert _maintenance.wait(path, True, dict, 0, clock=lambda: now[0], sleep=sleep)["maintenance"] == "withdrawn"
+    _health.remove(path)
+    assert _maintenance.wait(path, True, dict, 0, clock=lambda: now[0], sleep=sleep) is None
