@@ -501,7 +501,9 @@ class RouteWatch(object):
 
 
 def old_release(tmp_path):
-    """The collection of the 0.2.0 release, from this repository's history."""
+    """The collection of the 0.2.0 release, from this repository's history
+    (git, which setup-host installs; a shallow clone without that commit
+    fails here, loudly)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     dest = tmp_path / "old" / "ansible_collections" / "xvs" / "lb"
     dest.mkdir(parents=True)
