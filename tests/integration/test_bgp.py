@@ -81,12 +81,16 @@ class Balancer(object):
             json.dump([{"hosts": "localhost", "gather_facts": False,
                         "tasks": [{"ansible.builtin.include_role": {"name": "xvs.lb.xvs"}}]}], f)
 
+    def run_role(self, *args):
+        """ansible-playbook applying the role in this namespace, args added."""
+        return subprocess.run(["ip", "netns", "exec", self.ns, os.path.join(BIN, "ansible-playbook"), "-i",
+                               "localhost,", "-c", "local", "-e", json.dumps(self.vars), self.playbook] + list(args),
+                              env=ansible_env(), capture_output=True, text=True, timeout=300, check=False)
+
     def role(self, *args):
         """Apply the role: its changed count; with args (ansible-playbook's),
         (changed, everything it printed)."""
-        r = subprocess.run(["ip", "netns", "exec", self.ns, os.path.join(BIN, "ansible-playbook"), "-i",
-                            "localhost,", "-c", "local", "-e", json.dumps(self.vars), self.playbook] + list(args),
-                           env=ansible_env(), capture_output=True, text=True, timeout=300, check=False)
+        r = self.run_role(*args)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "This host has no systemd: BIRD is configured but not started" in r.stdout
         changed = int(re.search(r"localhost\s+:.*changed=(\d+)", r.stdout).group(1))
@@ -707,6 +711,13 @@ def test_bird_include_mode_bfd_and_hidden_passwords(fleet, tmp_path):
     b.vars.update(xvs_bird_mode="include", xvs_bird_conf=str(host_conf), xvs_bird_include=include,
                   xvs_services=services()[:2])
     b.vars["xvs_bgp"] = dict(b.vars["xvs_bgp"], neighbors=[{"address": ROUTER, "remote_as": 65000, "bfd": True}])
+    # a host configuration that xvs.lb's protocols would break is refused by
+    # bird -p before anything is written
+    host_conf.write_text(own + "filter xvs_export { accept; }\n")
+    r = b.run_role()
+    assert r.returncode != 0 and "Symbol 'xvs_export' already defined" in r.stdout, r.stdout[-3000:]
+    assert not os.path.exists(include) and host_conf.read_text() == own + "filter xvs_export { accept; }\n"
+    host_conf.write_text(own)
     assert b.role() > 0
     assert host_conf.read_text() == own + 'include "%s";\n' % include
     with open(include) as f:
